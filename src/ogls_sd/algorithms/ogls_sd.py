@@ -1,0 +1,328 @@
+"""OGLS-SD: on-policy self-distillation with outcome-guided logit steering (method.md §3).
+
+One step, as the trainer drives it::
+
+    plan = algo.plan(batch)                 # pools, gating, contexts, global directions (no grad)
+    for micro in plan.micro_batches(m):     # gradient accumulation
+        loss, metrics = algo.loss(plan, micro); loss.backward()
+
+Per prompt: pools P (correct) and N (incorrect) from the verified rollouts; for every target
+rollout y_i (the incorrect ones by default) the steered teacher
+
+    z̃_t = z0_t + λ · d_t,   d_t = mean_{j∈P'} log p_φ(·|ctx(x, y_j), y_i,<t) − mean_{k∈N'} (same)
+
+is distilled into the student with the (clipped) divergence of ``loss``; short correct rollouts
+add the positive-tail SFT term μ · NLL(last ``tail_tokens`` tokens). OPSD is the configuration
+``pooling=global, λ=0, anchor=privileged, distill_on=all, tail_weight=0`` (see ``opsd.py``).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..config import LossConfig, SteeringConfig
+from ..losses import DivergenceSpec, TeacherTarget, mean_log_softmax
+from ..losses.dispatch import get_distill_loss, get_token_logprobs
+from ..modeling import SeqBatch, completion_hidden, lm_head
+from ..templates import PromptBuilder, join_completion
+from ..teacher import Teacher
+from .base import StepBatch
+
+
+@dataclass
+class TargetPlan:
+    """How rollout ``i`` is distilled. ``pos``/``neg`` are context prompt ids (attempt spliced in)."""
+
+    rollout: int
+    anchor_prompt: list[int] | None  # None -> z0 = 0
+    pos: list[list[int]] = field(default_factory=list)
+    neg: list[list[int]] = field(default_factory=list)
+    strength: float = 1.0
+    direction: int = -1  # index into plan.directions (global pooling), -1 for none
+
+
+@dataclass
+class Plan:
+    batch: StepBatch
+    targets: dict[int, TargetPlan]  # rollout index -> plan
+    tail: list[int]  # rollouts contributing the positive-tail SFT term
+    directions: Tensor | None  # [D, V] global pooling
+    distill_norm: float  # denominators of the global token means
+    tail_norm: float
+    n_seq_targets: int
+    metrics: dict[str, float]
+
+    def micro_batches(self, size: int) -> list[list[int]]:
+        work = sorted(set(self.targets) | set(self.tail))
+        return [work[s : s + size] for s in range(0, len(work), size)]
+
+
+class OGLSSD:
+    """The OGLS-SD algorithm (also serves OPSD and SDPO-style configurations)."""
+
+    name = "ogls_sd"
+
+    def __init__(self, policy, teacher: Teacher, prompts: PromptBuilder, steering: SteeringConfig,
+                 loss: LossConfig, max_new_tokens: int, seed: int = 0):
+        self.policy, self.teacher, self.prompts = policy, teacher, prompts
+        self.s, self.l = steering, loss
+        self.max_new_tokens = max_new_tokens
+        self.spec = DivergenceSpec(loss.divergence, loss.beta, loss.top_k, loss.clip, loss.clip_tau, loss.temperature)
+        self.distill = get_distill_loss(loss.impl, loss.chunk_size)
+        self.token_logprobs = get_token_logprobs(loss.impl, loss.chunk_size)
+        self.seed = seed
+        self.pad_id = prompts.pad_id
+
+    # ------------------------------------------------------------------ planning (no grad)
+    def _ctx(self, g, attempt_ids: list[int]) -> list[int]:
+        return self.prompts.context_ids(g.example, attempt_ids, self.s.max_context_tokens, self.s.strip_think)
+
+    def _n_distill(self, i: int, batch: StepBatch) -> int:
+        return min(len(batch.rollouts[i].ids), self.l.max_distill_tokens)
+
+    @torch.no_grad()
+    def plan(self, batch: StepBatch, step: int) -> Plan:
+        s = self.s
+        rng = random.Random(f"{self.seed}/{step}")
+        targets: dict[int, TargetPlan] = {}
+        tail: list[int] = []
+        directions: list[Tensor] = []
+        n_all_correct = n_all_wrong = n_mixed = 0
+        fired = {"skip": 0, "reference": 0, "opsd": 0}
+        for gi, g in enumerate(batch.groups):
+            P, N = batch.pools(gi)
+            if not N:
+                n_all_correct += 1
+            elif not P:
+                n_all_wrong += 1
+            else:
+                n_mixed += 1
+            # positive-tail SFT on short correct rollouts (ended with EOS before the limit)
+            if s.tail_weight > 0:
+                tail += [i for i in P if batch.rollouts[i].finished]
+            cand = N if s.distill_on == "incorrect" else list(g.rollouts)
+            if not cand:
+                continue
+            anchor = {"unprivileged": g.student_prompt, "privileged": g.teacher_prompt, "none": None}[s.anchor]
+            strength, fallback_opsd = s.strength, False
+            pos_attempts: list[list[int]] = [batch.rollouts[j].ids for j in P]
+            if not P:
+                fired[s.no_positive] += 1
+                if s.no_positive == "skip":
+                    continue
+                if s.no_positive == "reference":
+                    pos_attempts = [self.prompts.text_ids(g.example.reference)]
+                else:  # opsd: the privileged teacher is the target
+                    anchor, strength, fallback_opsd = g.teacher_prompt, 0.0, True
+            if s.pooling == "context":
+                pos_sel = _subset(pos_attempts, s.max_contexts, rng)
+                pos_ctx = [] if fallback_opsd else [self._ctx(g, a) for a in pos_sel]
+                for i in cand:
+                    neg_pool = [k for k in N if k != i]
+                    neg_sel = _subset(neg_pool, s.max_contexts, rng) if s.negative_pool else []
+                    targets[i] = TargetPlan(
+                        i, anchor, pos=pos_ctx,
+                        neg=[] if fallback_opsd else [self._ctx(g, batch.rollouts[k].ids) for k in neg_sel],
+                        strength=strength,
+                    )
+            else:  # global pooling: one vocabulary vector per group
+                d_idx = -1
+                if strength != 0.0 and not fallback_opsd:
+                    d = self._global_direction(g, batch, P, N, pos_attempts)
+                    directions.append(d)
+                    d_idx = len(directions) - 1
+                for i in cand:
+                    targets[i] = TargetPlan(i, anchor, strength=strength, direction=d_idx)
+
+        distill_norm = float(sum(self._n_distill(i, batch) for i in targets))
+        tail_norm = float(sum(min(len(batch.rollouts[i].ids), s.tail_tokens) for i in tail))
+        G = max(1, len(batch.groups))
+        metrics = {
+            "groups/all_correct": n_all_correct / G,
+            "groups/all_incorrect": n_all_wrong / G,
+            "groups/mixed": n_mixed / G,
+            "no_positive/skip": float(fired["skip"]),
+            "no_positive/reference": float(fired["reference"]),
+            "no_positive/opsd": float(fired["opsd"]),
+            "targets": float(len(targets)),
+            "tail_rollouts": float(len(tail)),
+            "pool/pos_mean": sum(len(t.pos) for t in targets.values()) / max(1, len(targets)),
+            "pool/neg_mean": sum(len(t.neg) for t in targets.values()) / max(1, len(targets)),
+        }
+        dirs = torch.stack(directions) if directions else None
+        return Plan(batch, targets, tail, dirs, distill_norm, tail_norm, len(targets), metrics)
+
+    def _global_direction(self, g, batch: StepBatch, P: list[int], N: list[int], pos_attempts) -> Tensor:
+        """``mean_{i∈P,t} log p_φ(·|teacher_prompt, y_i,<t) − mean_{i∈N,t} (same)`` → ``[V]``.
+
+        The mean runs jointly over all tokens of a pool [choice]. With no negatives d = zpos − zpos = 0.
+        """
+        w, b = self.teacher.head()
+
+        def pooled(attempts: list[list[int]]) -> Tensor:
+            seqs = [join_completion(g.teacher_prompt, a) for a in attempts]
+            sb = SeqBatch([q for q, _ in seqs], [st for _, st in seqs], [len(a) for a in attempts])
+            h = self.teacher.hidden(sb, self.pad_id)
+            return mean_log_softmax(h, w, b, self.l.chunk_size)
+
+        zpos = pooled(pos_attempts)
+        if not N:
+            return torch.zeros_like(zpos)
+        return zpos - pooled([batch.rollouts[k].ids for k in N])
+
+    # ------------------------------------------------------------------ loss of one micro-batch
+    def loss(self, plan: Plan, micro: list[int]) -> tuple[Tensor, dict[str, float]]:
+        """Loss terms of the rollouts ``micro``, normalised by the whole step's token counts.
+
+        Summing ``loss`` over all micro-batches of a step gives the step's objective.
+        """
+        batch = plan.batch
+        ro = [batch.rollouts[i] for i in micro]
+        sp = [batch.groups[r.group].student_prompt for r in ro]
+        # Student: one pass over full completions; rows are selected below.
+        joined = [join_completion(p, r.ids) for p, r in zip(sp, ro)]
+        full = SeqBatch([q for q, _ in joined], [st for _, st in joined], [len(r.ids) for r in ro])
+        h_s = completion_hidden(self.policy, full, self.pad_id)
+        w_s, b_s = lm_head(self.policy)
+        offsets = [0]
+        for r in ro:
+            offsets.append(offsets[-1] + len(r.ids))
+
+        total = h_s.sum() * 0.0
+        m: dict[str, float] = {}
+        # --- distillation rows -------------------------------------------------------------
+        tgt_ids = [i for i in micro if i in plan.targets]
+        if tgt_ids and plan.distill_norm > 0:
+            rows, ids, weights = [], [], []
+            for i in tgt_ids:
+                k = micro.index(i)
+                n = self._n_distill(i, batch)
+                rows.append(torch.arange(offsets[k], offsets[k] + n))
+                ids += batch.rollouts[i].ids[:n]
+                if self.l.reduction == "token_mean":
+                    weights += [1.0 / plan.distill_norm] * n
+                else:
+                    weights += [1.0 / (n * plan.n_seq_targets)] * n
+            rows_t = torch.cat(rows).to(h_s.device)
+            target = self._teacher_target([plan.targets[i] for i in tgt_ids], batch, plan)
+            out = self.distill(
+                h_s[rows_t], w_s, b_s, target, self.spec,
+                torch.tensor(weights, dtype=h_s.dtype, device=h_s.device),
+                torch.tensor(ids, device=h_s.device),
+            )
+            total = total + out.loss
+            st = out.stats
+            m.update({
+                "distill_loss": float(out.loss.detach()),
+                "kl_sum": float(st["kl"].sum()), "teacher_entropy_sum": float(st["teacher_entropy"].sum()),
+                "student_entropy_sum": float(st["student_entropy"].sum()), "steer_rms_sum": float(st["steer_rms"].sum()),
+                "clipped_sum": float(st["clipped"].sum()), "clip_den_sum": float(st["vocab"].sum()),
+                "distill_rows": float(len(ids)),
+            })
+        # --- positive-tail SFT ---------------------------------------------------------------
+        tail_ids = [i for i in micro if i in set(plan.tail)]
+        if tail_ids and plan.tail_norm > 0:
+            rows, ids = [], []
+            for i in tail_ids:
+                k = micro.index(i)
+                L = len(batch.rollouts[i].ids)
+                n = min(L, self.s.tail_tokens)
+                rows.append(torch.arange(offsets[k] + L - n, offsets[k] + L))
+                ids += batch.rollouts[i].ids[L - n :]
+            rows_t = torch.cat(rows).to(h_s.device)
+            lp = self.token_logprobs(h_s[rows_t], w_s, b_s, torch.tensor(ids, device=h_s.device))
+            nll = -lp.sum() / plan.tail_norm
+            total = total + self.s.tail_weight * nll
+            m["tail_nll"] = float(nll.detach())
+        return total, m
+
+    @torch.no_grad()
+    def _teacher_target(self, tps: list[TargetPlan], batch: StepBatch, plan: Plan) -> TeacherTarget:
+        """Teacher hidden states for the distilled rows of ``tps`` (in that order)."""
+        w, b = self.teacher.head()
+        lens = [self._n_distill(tp.rollout, batch) for tp in tps]
+        n_rows = sum(lens)
+        H = w.shape[1]
+        dev = w.device
+
+        def run(prompts: list[list[int]], tpi: list[int]) -> Tensor:
+            seqs = [join_completion(p, batch.rollouts[tps[t].rollout].ids) for p, t in zip(prompts, tpi)]
+            sb = SeqBatch([q for q, _ in seqs], [st for _, st in seqs], [lens[t] for t in tpi])
+            return self.teacher.hidden(sb, self.pad_id)
+
+        # anchor
+        anchor_hidden = anchor_scale = None
+        with_anchor = [t for t, tp in enumerate(tps) if tp.anchor_prompt is not None]
+        if with_anchor:
+            anchor_hidden = torch.zeros(n_rows, H, dtype=w.dtype, device=dev)
+            anchor_scale = torch.zeros(n_rows, dtype=w.dtype, device=dev)
+            h = run([tps[t].anchor_prompt for t in with_anchor], with_anchor)
+            off = _offsets(lens)
+            c = 0
+            for t in with_anchor:
+                anchor_hidden[off[t] : off[t] + lens[t]] = h[c : c + lens[t]]
+                anchor_scale[off[t] : off[t] + lens[t]] = 1.0
+                c += lens[t]
+        strength = torch.cat([torch.full((n,), tp.strength, dtype=w.dtype) for tp, n in zip(tps, lens)]).to(dev)
+        tgt = TeacherTarget(weight=w, bias=b, anchor_hidden=anchor_hidden, anchor_scale=anchor_scale,
+                            negative_pool=self.s.negative_pool, strength=strength, normalize=self.s.normalize)
+        if self.s.pooling == "context":
+            tgt.pos_hidden, tgt.pos_mask = self._pool_hidden([tp.pos for tp in tps], lens, run, dev, w.dtype)
+            tgt.neg_hidden, tgt.neg_mask = self._pool_hidden([tp.neg for tp in tps], lens, run, dev, w.dtype)
+            if tgt.pos_hidden is None:  # no positive context anywhere (opsd fallback rows only)
+                tgt.pos_hidden = torch.zeros(0, n_rows, H, dtype=w.dtype, device=dev)
+                tgt.pos_mask = torch.zeros(0, n_rows, dtype=torch.bool, device=dev)
+        elif plan.directions is not None:
+            tgt.direction = torch.cat([plan.directions, torch.zeros_like(plan.directions[:1])])
+            zero = plan.directions.shape[0]
+            tgt.row_direction = torch.cat([
+                torch.full((n,), tp.direction if tp.direction >= 0 else zero, dtype=torch.long) for tp, n in zip(tps, lens)
+            ]).to(dev)
+        if anchor_hidden is None and tgt.pos_hidden is None and tgt.direction is None:
+            tgt.anchor_hidden = torch.zeros(n_rows, H, dtype=w.dtype, device=dev)  # z0 = 0: uniform target
+            tgt.anchor_scale = torch.zeros(n_rows, dtype=w.dtype, device=dev)
+        return tgt
+
+    @staticmethod
+    def _pool_hidden(ctx_lists, lens, run, dev, dtype):
+        """Stack per-target context passes into ``[K, rows, H]`` with a validity mask ``[K, rows]``."""
+        K = max((len(c) for c in ctx_lists), default=0)
+        if K == 0:
+            return None, None
+        prompts, tpi, slots = [], [], []
+        for t, cl in enumerate(ctx_lists):
+            for k, p in enumerate(cl):
+                prompts.append(p)
+                tpi.append(t)
+                slots.append(k)
+        h = run(prompts, tpi)
+        n_rows, H = sum(lens), h.shape[1]
+        hid = torch.zeros(K, n_rows, H, dtype=dtype, device=dev)
+        mask = torch.zeros(K, n_rows, dtype=torch.bool, device=dev)
+        off = _offsets(lens)
+        c = 0
+        for t, k in zip(tpi, slots):
+            hid[k, off[t] : off[t] + lens[t]] = h[c : c + lens[t]]
+            mask[k, off[t] : off[t] + lens[t]] = True
+            c += lens[t]
+        return hid, mask
+
+
+def _offsets(lens: list[int]) -> list[int]:
+    out, acc = [], 0
+    for n in lens:
+        out.append(acc)
+        acc += n
+    return out
+
+
+def _subset(items: list, cap: int, rng: random.Random) -> list:
+    """A seeded random subset of at most ``cap`` items (order kept)."""
+    if len(items) <= cap:
+        return list(items)
+    keep = sorted(rng.sample(range(len(items)), cap))
+    return [items[i] for i in keep]

@@ -1,0 +1,367 @@
+"""Configuration: dataclasses with help text, validation, YAML loading and dotted overrides.
+
+Every field carries its help text in ``metadata["help"]`` (shown by ``ogls-sd train --help``) and,
+for enumerations, its allowed values in ``metadata["choices"]``. Validation happens in
+``__post_init__`` and raises :class:`ConfigError` naming the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value. The message names the key (``section.field``)."""
+
+
+def opt(default: Any, help: str, choices: tuple | None = None, factory: Any = None) -> Any:
+    """A dataclass field with help text and optional allowed values."""
+    md = {"help": help}
+    if choices is not None:
+        md["choices"] = tuple(choices)
+    if factory is not None:
+        return field(default_factory=factory, metadata=md)
+    return field(default=default, metadata=md)
+
+
+class _Section:
+    """Mixin: validates ``choices`` and positivity constraints after init."""
+
+    _section = ""
+    _positive: tuple[str, ...] = ()
+    _nonneg: tuple[str, ...] = ()
+    _unit: tuple[str, ...] = ()  # values in [0, 1]
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            key = f"{self._section}.{f.name}"
+            ch = f.metadata.get("choices")
+            if ch is not None and v not in ch:
+                raise ConfigError(f"{key}: {v!r} is not one of {', '.join(map(str, ch))}")
+            if f.name in self._positive and not (v > 0):
+                raise ConfigError(f"{key}: must be > 0, got {v!r}")
+            if f.name in self._nonneg and not (v >= 0):
+                raise ConfigError(f"{key}: must be >= 0, got {v!r}")
+            if f.name in self._unit and not (0 <= v <= 1):
+                raise ConfigError(f"{key}: must be in [0, 1], got {v!r}")
+        self.validate()
+
+    def validate(self) -> None:  # section-specific checks
+        pass
+
+
+@dataclass
+class ModelConfig(_Section):
+    _section = "model"
+    _positive = ("tiny_hidden", "tiny_layers", "tiny_heads", "tiny_intermediate", "lora_r", "lora_alpha")
+    name: str = opt("tiny", "'tiny' (built-in char-level Llama, warm-started on the task), a Hugging Face hub id, or a local path.")
+    gguf_file: str = opt("", "GGUF file name inside `name` (loaded with transformers' gguf_file=); empty for none.")
+    dtype: str = opt("float32", "Parameter dtype.", choices=("float32", "bfloat16", "float16"))
+    trust_remote_code: bool = opt(False, "Allow custom model code from the hub. Off unless you trust the source.")
+    tiny_hidden: int = opt(128, "Built-in tiny model: hidden size.")
+    tiny_layers: int = opt(4, "Built-in tiny model: number of layers.")
+    tiny_heads: int = opt(4, "Built-in tiny model: attention heads.")
+    tiny_intermediate: int = opt(512, "Built-in tiny model: MLP width.")
+    lora: bool = opt(False, "Train a LoRA adapter (peft) instead of all weights; the frozen teacher is then the model with the adapter disabled.")
+    lora_r: int = opt(64, "LoRA rank.")
+    lora_alpha: int = opt(128, "LoRA alpha.")
+    lora_dropout: float = opt(0.0, "LoRA dropout.")
+    lora_target_modules: list = opt(None, "Modules LoRA adapts.", factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+
+
+@dataclass
+class DataConfig(_Section):
+    _section = "data"
+    _positive = ("arith_digits", "arith_terms", "eval_size")
+    task: str = opt("arith", "Training data: 'arith' (built-in generator).")
+    arith_digits: int = opt(3, "arith: digits per operand.")
+    arith_terms: int = opt(2, "arith: number of operands added.")
+    eval_size: int = opt(200, "Held-out problems for accuracy before/after training.")
+    seed: int = opt(0, "Seed of the data generator (held-out problems use a disjoint stream).")
+
+
+@dataclass
+class WarmStartConfig(_Section):
+    _section = "warmstart"
+    _positive = ("batch_size", "lr")
+    _nonneg = ("steps",)
+    steps: int = opt(500, "SFT steps of the built-in tiny model's warm start (0 = train from random init).")
+    batch_size: int = opt(64, "Warm-start batch size (sequences).")
+    lr: float = opt(3e-3, "Warm-start learning rate (AdamW, cosine decay).")
+    student_fraction: float = opt(0.4, "Share of warm-start sequences in the student format (problem only).")
+    reference_fraction: float = opt(0.3, "Share in the privileged format (reference solution in context); the rest use the earlier-attempt template with right and wrong attempts.")
+    cache_dir: str = opt(".cache/ogls_sd/warmstart", "Where warm-started models are cached, keyed by a hash of everything that determines them.")
+
+    def validate(self) -> None:
+        if self.student_fraction + self.reference_fraction > 1 + 1e-9:
+            raise ConfigError("warmstart.student_fraction + warmstart.reference_fraction must be <= 1")
+
+
+DEFAULT_TEACHER_TEMPLATE = (
+    "{problem}\n\nHere is a reference solution:\n<reference>\n{reference}\n</reference>\n"
+    "Understand the reasoning of the reference rather than copying it, and derive the same final "
+    "answer in your own words.\n{answer_format}"
+)
+DEFAULT_CONTEXT_TEMPLATE = (
+    "{problem}\n\nHere is an earlier attempt at this problem:\n<attempt>\n{attempt}\n</attempt>\n"
+    "Solve the problem in your own words.\n{answer_format}"
+)
+
+
+@dataclass
+class TemplateConfig(_Section):
+    _section = "templates"
+    student: str = opt("{problem}\n{answer_format}", "Student user message; placeholders {problem}, {answer_format}. The task may supply its own default (see `task_defaults`).")
+    teacher: str = opt(DEFAULT_TEACHER_TEMPLATE, "OPSD teacher user message; placeholders {problem}, {reference}, {answer_format}.")
+    context: str = opt(DEFAULT_CONTEXT_TEMPLATE, "OGLS-SD context-pooling user message, ONE template for both pools; placeholders {problem}, {attempt}, {answer_format}.")
+    answer_format: str = opt("Put the final answer in \\boxed{}.", "Answer-format instruction given to student and teacher alike.")
+    task_defaults: bool = opt(True, "Use the task's own compact templates (e.g. arith's) unless a template above is set explicitly.")
+    student_thinking: bool = opt(False, "enable_thinking passed to the chat template for student prompts.")
+    teacher_thinking: bool = opt(False, "enable_thinking passed to the chat template for teacher and context prompts.")
+    system: str = opt("", "Optional system message for every prompt.")
+
+
+@dataclass
+class RolloutConfig(_Section):
+    _section = "rollout"
+    _positive = ("num_generations", "max_new_tokens", "temperature")
+    _unit = ("top_p",)
+    backend: str = opt("hf", "Generation backend.", choices=("hf",))
+    num_generations: int = opt(8, "Rollouts per prompt (G).")
+    max_new_tokens: int = opt(64, "Generation limit per rollout.")
+    temperature: float = opt(1.0, "Sampling temperature.")
+    top_p: float = opt(1.0, "Nucleus sampling threshold (1 = off).")
+    top_k: int = opt(0, "Top-k sampling (0 = off).")
+    batch_size: int = opt(64, "Sequences generated per generate() call.")
+
+
+@dataclass
+class TeacherConfig(_Section):
+    _section = "teacher"
+    _unit = ("ema_decay",)
+    kind: str = opt("frozen", "Teacher weights: frozen initial policy, EMA of the policy, or the live policy (detached).", choices=("frozen", "ema", "live"))
+    ema_decay: float = opt(0.999, "EMA decay when teacher.kind=ema: phi <- decay*phi + (1-decay)*theta after every optimizer step.")
+
+
+@dataclass
+class LossConfig(_Section):
+    _section = "loss"
+    _positive = ("temperature", "max_distill_tokens", "chunk_size")
+    _nonneg = ("clip_tau",)
+    _unit = ("beta",)
+    divergence: str = opt("forward_kl", "Per-position divergence between teacher and student.", choices=("forward_kl", "reverse_kl", "jsd", "sampled_token", "topk"))
+    beta: float = opt(0.5, "JSD beta in TRL's convention: m = beta*p_T + (1-beta)*p_S; 0 = forward KL, 1 = reverse KL.")
+    top_k: int = opt(20, "divergence=topk: teacher top-k tokens plus one tail bucket.")
+    clip: str = opt("none", "Clip of forward-KL summands: per vocabulary entry (published), per position, or none (default; see method.md hazard).", choices=("none", "entry", "token"))
+    clip_tau: float = opt(0.05, "Clip threshold tau.")
+    temperature: float = opt(1.0, "Both logits are divided by this before log-softmax.")
+    max_distill_tokens: int = opt(1024, "Only the first N completion tokens are distilled.")
+    reduction: str = opt("token_mean", "token_mean over all valid tokens of the global batch, or per-sequence mean then batch mean.", choices=("token_mean", "sequence_mean"))
+    impl: str = opt("reference", "Loss implementation: plain full-vocabulary reference, or chunked (never materialises [T, V]).", choices=("reference", "chunked"))
+    chunk_size: int = opt(1024, "Rows per block in the chunked loss.")
+
+
+@dataclass
+class SteeringConfig(_Section):
+    _section = "steering"
+    _positive = ("max_contexts", "max_context_tokens")
+    _nonneg = ("tail_tokens", "tail_weight")
+    anchor: str = opt("unprivileged", "Anchor logits z0: teacher weights on the student prompt, the OPSD privileged teacher, or none (zero).", choices=("unprivileged", "privileged", "none"))
+    pooling: str = opt("context", "Steering direction: per-position contrast of contexts built from correct vs incorrect rollouts, or one global vocabulary vector per group.", choices=("context", "global"))
+    strength: float = opt(1.0, "lambda: z_steered = z0 + lambda * d.")
+    normalize: str = opt("none", "Rescale d to unit RMS over the vocabulary before lambda.", choices=("none", "rms"))
+    max_contexts: int = opt(4, "Cap on contexts per pool (seeded random subset).")
+    max_context_tokens: int = opt(256, "Context rollouts are truncated to this many tokens.")
+    strip_think: bool = opt(True, "Strip <think>...</think> blocks from context rollouts.")
+    negative_pool: bool = opt(True, "Subtract the negative pool (False: d = zpos).")
+    distill_on: str = opt("incorrect", "Which rollouts receive the distillation term.", choices=("incorrect", "all"))
+    tail_tokens: int = opt(128, "Positive-tail SFT: last N tokens of short correct rollouts.")
+    tail_weight: float = opt(1.0, "mu: weight of the positive-tail SFT term (0 = off).")
+    no_positive: str = opt("skip", "All-incorrect groups: drop distillation, use the reference solution as the single positive context, or fall back to the OPSD target.", choices=("skip", "reference", "opsd"))
+
+
+ALGORITHMS = ("ogls_sd", "opsd")
+
+
+@dataclass
+class TrainConfig(_Section):
+    _section = "train"
+    _positive = ("steps", "prompts_per_step", "lr", "micro_batch_size")
+    _nonneg = ("weight_decay", "max_grad_norm", "warmup_steps", "save_every", "keep_last")
+    algorithm: str = opt("ogls_sd", "Training algorithm.", choices=ALGORITHMS)
+    steps: int = opt(40, "Optimizer steps.")
+    prompts_per_step: int = opt(8, "Prompts per optimizer step (each gets rollout.num_generations rollouts).")
+    micro_batch_size: int = opt(16, "Sequences per forward/backward micro-batch (gradient accumulation inside a step).")
+    lr: float = opt(1e-4, "AdamW learning rate.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 = off).")
+    warmup_steps: int = opt(0, "Linear learning-rate warm-up steps (then constant).")
+    seed: int = opt(0, "Seed for sampling, context subsets and initialisation.")
+    output_dir: str = opt("runs/default", "Run directory: resolved config, metrics.jsonl, checkpoints, summary.json.")
+    save_every: int = opt(0, "Save a checkpoint every N steps (0 = only at the end).")
+    keep_last: int = opt(2, "Checkpoints kept (older ones are deleted).")
+    device: str = opt("auto", "Device: auto (accelerate's choice), cpu, cuda.", choices=("auto", "cpu", "cuda"))
+    mixed_precision: str = opt("no", "accelerate mixed precision.", choices=("no", "bf16", "fp16"))
+
+
+@dataclass
+class EvalConfig(_Section):
+    _section = "eval"
+    _positive = ("max_new_tokens", "batch_size")
+    before_after: bool = opt(True, "Measure held-out greedy accuracy before and after training.")
+    max_new_tokens: int = opt(64, "Generation limit during evaluation.")
+    batch_size: int = opt(100, "Problems per generate() call during evaluation.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
+    templates: TemplateConfig = field(default_factory=TemplateConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    steering: SteeringConfig = field(default_factory=SteeringConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    # ---------------------------------------------------------------- (de)serialisation
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "Config":
+        if d is None:
+            d = {}
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(d).__name__}")
+        sections = {}
+        for f in dataclasses.fields(cls):
+            sections[f.name] = f
+        unknown = set(d) - set(sections)
+        if unknown:
+            raise ConfigError(f"{source}: unknown section(s) {', '.join(sorted(unknown))}; known: {', '.join(sections)}")
+        kwargs = {}
+        for name, f in sections.items():
+            sec_cls = f.default_factory  # type: ignore[misc]
+            raw = d.get(name, {}) or {}
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{source}: section '{name}' must be a mapping")
+            known = {sf.name: sf for sf in dataclasses.fields(sec_cls)}
+            bad = set(raw) - set(known)
+            if bad:
+                raise ConfigError(f"{source}: unknown key(s) {', '.join(f'{name}.{k}' for k in sorted(bad))}")
+            vals = {k: _coerce(f"{name}.{k}", v, known[k], sec_cls) for k, v in raw.items()}
+            try:
+                kwargs[name] = sec_cls(**vals)
+            except ConfigError as e:
+                raise ConfigError(f"{source}: {e}") from None
+        return cls(**kwargs)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> "Config":
+        """Load YAML (optional) then apply ``section.key=value`` overrides (values parsed as YAML)."""
+        d: dict = {}
+        source = "config"
+        if path is not None:
+            p = Path(path)
+            source = str(p)
+            if not p.is_file():
+                raise ConfigError(f"{p}: config file not found")
+            try:
+                d = yaml.safe_load(p.read_text()) or {}
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                raise ConfigError(f"{p}:{where} malformed YAML: {getattr(e, 'problem', e)}") from None
+            if not isinstance(d, dict):
+                raise ConfigError(f"{p}: top level must be a mapping of sections")
+        for ov in overrides or []:
+            if "=" not in ov:
+                raise ConfigError(f"override {ov!r}: expected section.key=value")
+            key, val = ov.split("=", 1)
+            parts = key.strip().split(".")
+            if len(parts) != 2:
+                raise ConfigError(f"override {ov!r}: key must be section.key, e.g. loss.clip=entry")
+            try:
+                parsed = yaml.safe_load(val) if val != "" else ""
+            except yaml.YAMLError:
+                parsed = val
+            d.setdefault(parts[0], {})
+            if not isinstance(d[parts[0]], dict):
+                raise ConfigError(f"override {ov!r}: section '{parts[0]}' is not a mapping")
+            d[parts[0]][parts[1]] = parsed
+        return cls.from_dict(d, source=source if not overrides else f"{source} (+ overrides)")
+
+    def hash(self, *sections: str) -> str:
+        """Stable short hash of the given sections (all when none given)."""
+        d = self.to_dict()
+        if sections:
+            d = {s: d[s] for s in sections}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _coerce(key: str, value: Any, f: dataclasses.Field, owner: type) -> Any:
+    """Check and lightly coerce a value to the field's declared type."""
+    hints = typing.get_type_hints(owner)
+    t = hints.get(f.name, type(f.default))
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if t is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if t is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if t is str:
+        if not isinstance(value, str):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if t is list or typing.get_origin(t) is list:
+        if isinstance(value, str):
+            return [s.strip() for s in value.split(",") if s.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return value
+    return value
+
+
+def describe_fields() -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every config field, in declaration order."""
+    out = []
+    for sf in dataclasses.fields(Config):
+        sec_cls = sf.default_factory  # type: ignore[misc]
+        inst = sec_cls()
+        for f in dataclasses.fields(sec_cls):
+            h = f.metadata.get("help", "")
+            ch = f.metadata.get("choices")
+            if ch:
+                h = f"{h} [{'|'.join(map(str, ch))}]"
+            out.append((f"{sf.name}.{f.name}", repr(getattr(inst, f.name)), h))
+    return out

@@ -1,0 +1,560 @@
+"""Memory-efficient distillation loss: the reference values and gradients, one row block at a time.
+
+``distill_loss`` here has the contract of :func:`ogls_sd.losses.reference.distill_loss` (same loss,
+same per-row stats, same gradients w.r.t. ``student_hidden``, ``student_weight`` and
+``student_bias``) but never materialises ``[N, V]`` logits. Rows are processed in blocks of at most
+``chunk_size``; for each block, under ``no_grad``:
+
+1. the steered teacher log-probs ``log p̃ [n, V]`` (anchor logits, every positive and negative
+   context's log-softmax accumulated into the direction ``d`` one context at a time, fallback,
+   RMS normalisation, ``z0 + λ d``, temperature, log-softmax),
+2. the student log-probs ``log p_S [n, V]`` from ``h W^T + b``,
+3. the per-row divergence, the stats, and ``G = dL/dlogits [n, V]`` in closed form (forward KL with
+   every clip, reverse KL, generalized JSD, sampled-token) or by a local autograd call on the block
+   (top-k, and any block whose log-probs contain ``-inf``),
+4. ``grad_hidden[block] = G W``, ``grad_weight += Gᵀ h``, ``grad_bias += Σ_rows G``.
+
+The gradients are stored on the autograd context and scaled by ``grad_output`` in backward (the
+approach of Liger-Kernel's fused linear losses). At most four (five for JSD with ``0 < β < 1``)
+``[chunk_size, V]`` work buffers are alive, allocated once per call and reused by every block, plus
+``grad_weight [V, H]`` when the weight needs a gradient.
+
+Closed forms used (``w`` row weight, ``T`` temperature, ``s = log p_S``, ``t = log p̃``, ``p_S = e^s``,
+``p_T = e^t``; the gradient is w.r.t. the raw student logits ``x`` with ``s = log_softmax(x / T)``):
+
+* forward KL, ``L = Σ_v f(ℓ_v)``, ``ℓ_v = p_T(v)(t_v − s_v)``: with ``q = p_T · m``,
+  ``m_v = [ℓ_v ≤ τ]`` for the entry clip (a clamped summand has zero gradient) and ``m = 1``
+  otherwise, ``dL/dx = (w/T) (p_S Σ_v q_v − q)``; the token clip multiplies the row by
+  ``[L ≤ τ]``.
+* reverse KL, ``L = Σ p_S (s − t)``: ``dL/dx = (w/T) p_S (s − t − L + 1 − Σ p_S)``.
+* JSD, ``0 < β < 1``: ``dL/dx = (w/T)(1 − β) p_S (s − log m − KL(p_S‖m))``; β = 0 and β = 1 are
+  forward and reverse KL.
+* sampled-token, ``L = −A s_y`` with ``A = sg(t_y − s_y)``: ``dL/dx = (w/T) A (p_S − onehot(y))``.
+
+The computation runs in the dtype of the inputs (as the reference does); low-precision weights get a
+float32 ``grad_weight`` accumulator, cast back at the end.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from . import reference as _reference
+from .divergence import DivergenceSpec, divergence_rows
+from .reference import DistillOutput, row_stats
+from .target import RMS_EPS, TeacherTarget, lm_logits, steered_logits
+
+STAT_KEYS = ("kl", "clipped", "vocab", "teacher_entropy", "student_entropy", "steer_rms")
+IMPLS = ("reference", "chunked")
+
+
+# ----------------------------------------------------------------------------------------------
+# small helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise dot product of two ``[n, V]`` tensors → ``[n]`` without a ``[n, V]`` temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _linear_into(out: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``out[n, V] = hidden[n, H] @ weight[V, H]^T + bias`` written into the work buffer ``out``."""
+    if hidden.dtype == weight.dtype == out.dtype and (bias is None or bias.dtype == out.dtype):
+        if bias is None:
+            return torch.mm(hidden, weight.t(), out=out)
+        return torch.addmm(bias, hidden, weight.t(), out=out)
+    return out.copy_(lm_logits(hidden, weight, bias))
+
+
+def _log_softmax_into(out: Tensor, x: Tensor) -> Tensor:
+    """``out = log_softmax(x, -1)`` (``out`` and ``x`` are distinct buffers)."""
+    return torch.log_softmax(x, -1, out=out)
+
+
+def _col(v: Tensor) -> Tensor:
+    return v.unsqueeze(-1)
+
+
+def auto_chunk_size(vocab_size: int, budget_bytes: int = 256 * 2**20, element_size: int = 4, max_rows: int = 1024) -> int:
+    """Rows per block such that one ``[rows, V]`` work buffer takes about ``budget_bytes``.
+
+    A power of two between 16 and ``max_rows``. With the default budget: 256 rows at V = 152k,
+    1024 rows at V = 32k (float32).
+    """
+    rows = max(1, budget_bytes // max(1, vocab_size * element_size))
+    rows = 1 << (rows.bit_length() - 1)
+    return int(min(max_rows, max(16, rows)))
+
+
+def _accumulate_grads(Gw, G, h, weight, grad_h, grad_w, grad_b, sl: slice) -> None:
+    """``grad_h[sl] = Gw W``, ``grad_w += Gwᵀ h``, ``grad_b += Σ_rows G`` (each when not None).
+
+    ``G [n, V]`` is dL/dlogits of the block, ``Gw`` the same in the weight's dtype.
+    """
+    if grad_h is not None:
+        if grad_h.dtype == Gw.dtype:
+            torch.mm(Gw, weight, out=grad_h[sl])
+        else:
+            grad_h[sl] = (Gw @ weight).to(grad_h.dtype)
+    if grad_w is not None:
+        if grad_w.dtype == Gw.dtype == h.dtype:
+            grad_w.addmm_(Gw.t(), h)
+        else:
+            grad_w.add_((Gw.t() @ h.to(Gw.dtype)).to(grad_w.dtype))
+    if grad_b is not None:
+        grad_b.add_(G.sum(0).to(grad_b.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# teacher side: steered log-probs of one block, in work buffers
+# ----------------------------------------------------------------------------------------------
+
+
+def _pool_into(
+    d: Tensor, lp_raw: Tensor, lp: Tensor, hidden: Tensor, mask: Tensor, tgt: TeacherTarget, sign: float
+) -> Tensor:
+    """``d += sign · mean_{k valid} log_softmax(h_k W^T + b)`` per row; returns the count ``[n]``.
+
+    ``hidden [K, n, H]``, ``mask [K, n]``; the mean over an empty set is 0 (the caller handles it).
+    One context at a time: only ``lp_raw`` and ``lp`` are needed besides ``d``.
+    """
+    count = mask.sum(0).to(d.dtype)
+    wts = mask.to(d.dtype) / count.clamp(min=1)
+    if sign != 1.0:
+        wts = wts * sign
+    for k in range(hidden.shape[0]):
+        mk = mask[k]
+        if not bool(mk.any()):
+            continue  # no row of this block uses context k: skip its GEMM
+        _linear_into(lp_raw, hidden[k], tgt.weight, tgt.bias)
+        _log_softmax_into(lp, lp_raw)
+        if not bool(mk.all()):
+            lp.index_fill_(0, (~mk).nonzero().squeeze(1), 0.0)
+        d.addcmul_(lp, _col(wts[k]))
+    return count
+
+
+def _teacher_block(tgt: TeacherTarget, temperature: float, bufs: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Steered teacher log-probs ``log softmax(z̃ / T)`` for the rows of ``tgt`` (already cut to the block).
+
+    Uses ``bufs[0..3]`` (each ``[n, V]``); returns ``(t_logp, steer_rms [n])`` with ``t_logp`` in
+    ``bufs[2]``; ``bufs[0]``, ``bufs[1]`` and ``bufs[3]`` are free afterwards. Same formulas as
+    :func:`ogls_sd.losses.target.steered_logits` (see there).
+    """
+    z0, d, lp, lp_raw = bufs[0], bufs[1], bufs[2], bufs[3]
+    n, V = z0.shape
+    dtype = z0.dtype
+    if tgt.anchor_hidden is not None:
+        _linear_into(z0, tgt.anchor_hidden, tgt.weight, tgt.bias)
+        if tgt.anchor_scale is not None:
+            z0.mul_(_col(tgt.anchor_scale.to(dtype)))
+    else:
+        z0.zero_()
+
+    have_d = False
+    if tgt.pos_hidden is not None:
+        have_d = True
+        d.zero_()
+        npos = _pool_into(d, lp_raw, lp, tgt.pos_hidden, tgt.pos_mask, tgt, 1.0)
+        if tgt.negative_pool:
+            if tgt.neg_hidden is not None and tgt.neg_hidden.shape[0] > 0:
+                nneg = _pool_into(d, lp_raw, lp, tgt.neg_hidden, tgt.neg_mask, tgt, -1.0)
+            else:
+                nneg = torch.zeros(n, dtype=dtype, device=z0.device)
+            fallback = (nneg == 0).nonzero().squeeze(1)
+            if fallback.numel() > 0:  # no valid negative context: zneg := log_softmax(z0)
+                _log_softmax_into(lp, z0)
+                d.index_add_(0, fallback, lp.index_select(0, fallback), alpha=-1.0)
+        invalid = (npos == 0).nonzero().squeeze(1)
+        if invalid.numel() > 0:  # no valid positive context: d = 0
+            d.index_fill_(0, invalid, 0.0)
+    elif tgt.direction is not None:
+        have_d = True
+        direction = tgt.direction if tgt.direction.dtype == dtype else tgt.direction.to(dtype)
+        torch.index_select(direction, 0, tgt.row_direction, out=d)
+
+    if have_d:
+        rms = (_rowdot(d, d) / V).sqrt()
+        if tgt.normalize == "rms":
+            d.div_(_col(rms + RMS_EPS))
+            rms = (_rowdot(d, d) / V).sqrt()
+        lam = tgt.strength
+        if isinstance(lam, Tensor):
+            z0.addcmul_(d, _col(lam.to(dtype)))
+        else:
+            z0.add_(d, alpha=float(lam))
+    else:
+        rms = torch.zeros(n, dtype=dtype, device=z0.device)
+    if temperature != 1.0:
+        z0.div_(temperature)
+    return _log_softmax_into(lp, z0), rms
+
+
+# ----------------------------------------------------------------------------------------------
+# one block: value, stats and dL/dlogits
+# ----------------------------------------------------------------------------------------------
+
+
+def _generic_block(h, W, b, tgt, spec, w, ids):
+    """Any divergence, by the reference's own functions and a local autograd call on the block.
+
+    Returns ``(value [n], stats dict, G [n, V])`` with ``G = d(Σ w·value)/d logits``.
+    """
+    T = spec.temperature
+    with torch.no_grad():
+        z, rms = steered_logits(tgt)
+        t_logp = torch.log_softmax(z / T, -1)
+        del z
+    with torch.enable_grad():
+        x = lm_logits(h, W, b).detach().requires_grad_(True)
+        s_logp = torch.log_softmax(x / T, -1)
+        value, clipped = divergence_rows(t_logp, s_logp, spec, ids)
+        (g,) = torch.autograd.grad((value * w).sum(), x)
+    stats = row_stats(t_logp, s_logp.detach(), clipped, rms, spec)
+    return value.detach(), stats, g
+
+
+def _fast_block(h, W, b, tgt, spec, w, ids, bufs):
+    """Closed-form value, stats and ``G [n, V]`` for forward/reverse KL, JSD and sampled-token.
+
+    Returns ``None`` when a log-prob is ``-inf`` (the caller then uses :func:`_generic_block`, which
+    reproduces the reference's ``0·log 0 = 0`` handling exactly).
+    """
+    T = spec.temperature
+    n, V = bufs[0].shape
+    tl, rms = _teacher_block(tgt, T, bufs)  # in bufs[2]
+    B0, B1, B3 = bufs[0], bufs[1], bufs[3]
+    _linear_into(B3, h, W, b)
+    if T != 1.0:
+        B3.div_(T)
+    sl = _log_softmax_into(B1, B3)  # student log-probs in B1; free: B0, B3
+
+    P = torch.exp(tl, out=B0)
+    t_ent = -_rowdot(P, tl)
+    if bool(torch.isnan(t_ent).any()):
+        return None
+    div, clip, tau = spec.divergence, spec.clip, spec.clip_tau
+    if div == "jsd" and spec.beta == 0.0:
+        div = "forward_kl"
+    elif div == "jsd" and spec.beta == 1.0:
+        div = "reverse_kl"
+
+    t_y = s_y = None
+    if div == "sampled_token":
+        if ids is None:
+            raise ValueError("divergence=sampled_token needs target_ids")
+        t_y = tl.gather(1, _col(ids)).squeeze(1)
+        s_y = sl.gather(1, _col(ids)).squeeze(1)
+
+    D = torch.sub(tl, sl, out=B3) if div == "jsd" else tl.sub_(sl)  # t − s
+    kl = _rowdot(P, D)
+    coef = w / T
+    zeros = torch.zeros_like(kl)
+    clipped = zeros
+
+    if div == "forward_kl":
+        if clip == "entry":
+            M = bufs[3]
+            D.mul_(P)  # summands ℓ
+            torch.le(D, tau, out=M)  # 1.0 where the summand is not clamped
+            clipped = V - M.sum(-1)
+            value = D.clamp_(max=tau).sum(-1)
+            q = P.mul_(M)
+        else:
+            value = kl
+            q = P
+        G = torch.exp(sl, out=D)  # p_S (D is free)
+        s_ent = -_rowdot(G, sl)
+        G.mul_(_col(q.sum(-1))).sub_(q)
+    elif div == "reverse_kl":
+        G = torch.exp(sl, out=P)  # p_S
+        s_ent = -_rowdot(G, sl)
+        value = -_rowdot(G, D)
+        c = 1.0 - value - G.sum(-1)
+        G.mul_(D.neg_().add_(_col(c)))  # p_S (s − t − L + 1 − Σ p_S)
+    elif div == "sampled_token":
+        G = torch.exp(sl, out=P)
+        s_ent = -_rowdot(G, sl)
+        adv = t_y - s_y
+        value = -adv * s_y
+    elif div == "jsd":
+        beta = spec.beta
+        B4 = bufs[4]
+        torch.add(sl, math.log1p(-beta), out=B4)
+        torch.add(tl, math.log(beta), out=D)
+        log_m = torch.logaddexp(D, B4, out=D)
+        kl_t = _rowdot(P, torch.sub(tl, log_m, out=B4))
+        PS = torch.exp(sl, out=P)
+        s_ent = -_rowdot(PS, sl)
+        G = torch.sub(sl, log_m, out=B4)  # s − log m
+        kl_s = _rowdot(PS, G)
+        value = beta * kl_t + (1.0 - beta) * kl_s
+        G.sub_(_col(kl_s)).mul_(PS)
+        coef = coef * (1.0 - beta)
+    else:  # pragma: no cover - topk goes to the generic path
+        raise ValueError(div)
+
+    if bool(torch.isnan(s_ent).any()):
+        return None
+    if clip == "token":
+        over = value > tau
+        clipped = over.to(value.dtype)
+        coef = coef * (~over).to(coef.dtype)
+        value = torch.clamp(value, max=tau)
+    if div == "sampled_token":
+        a = adv * coef
+        G.mul_(_col(a))
+        G.scatter_add_(1, _col(ids), _col(-a))
+    else:
+        G.mul_(_col(coef))
+
+    width = V if clip == "entry" else 1
+    stats = {
+        "kl": kl,
+        "clipped": clipped,
+        "vocab": torch.full_like(kl, float(width)),
+        "teacher_entropy": t_ent,
+        "student_entropy": s_ent,
+        "steer_rms": rms,
+    }
+    return value, stats, G
+
+
+# ----------------------------------------------------------------------------------------------
+# the autograd function
+# ----------------------------------------------------------------------------------------------
+
+
+class _ChunkedDistill(torch.autograd.Function):
+    """Forward computes loss, stats and all student gradients block by block; backward scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, row_weight, target_ids, target, spec, chunk_size):  # noqa: D401
+        N, H = hidden.shape
+        V = weight.shape[0]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        dtype = torch.promote_types(hidden.dtype, target.weight.dtype)
+        dev = hidden.device
+        rw = row_weight.to(device=dev, dtype=dtype)
+
+        acc_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=dev) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc_dtype, device=dev) if need_b else None
+        stats = {k: torch.empty(N, dtype=dtype, device=dev) for k in STAT_KEYS}
+        loss = torch.zeros((), dtype=dtype, device=dev)
+
+        rows = max(1, min(int(chunk_size), N))
+        fast = spec.divergence != "topk"
+        n_bufs = 5 if (spec.divergence == "jsd" and 0.0 < spec.beta < 1.0) else 4
+        work = [torch.empty(rows, V, dtype=dtype, device=dev) for _ in range(n_bufs)] if fast and N > 0 else []
+
+        for s in range(0, N, rows):
+            e = min(N, s + rows)
+            n = e - s
+            sl = slice(s, e)
+            tgt = target.rows(sl)
+            h = hidden[sl]
+            w = rw[sl]
+            ids = target_ids[sl] if target_ids is not None else None
+            out = None
+            if fast:
+                out = _fast_block(h, weight, bias, tgt, spec, w, ids, [buf[:n] for buf in work])
+            if out is None:
+                out = _generic_block(h, weight, bias, tgt, spec, w, ids)
+            value, st, G = out
+            loss += (value * w).sum()
+            for k in STAT_KEYS:
+                stats[k][sl] = st[k]
+            if need_h or need_w or need_b:
+                Gw = G if G.dtype == weight.dtype else G.to(weight.dtype)
+                _accumulate_grads(Gw, G, h, weight, grad_h, grad_w, grad_b, sl)
+            del out, G, value, st
+        del work
+
+        if grad_w is not None and grad_w.dtype != weight.dtype:
+            grad_w = grad_w.to(weight.dtype)
+        if grad_b is not None and grad_b.dtype != bias.dtype:
+            grad_b = grad_b.to(bias.dtype)
+        ctx.grads = [grad_h, grad_w, grad_b]
+        stat_list = [stats[k] for k in STAT_KEYS]
+        ctx.mark_non_differentiable(*stat_list)
+        return (loss, *stat_list)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        grads = ctx.grads
+        if grads is None:
+            raise RuntimeError("the chunked distillation loss stores its gradients once: backward can run only once")
+        ctx.grads = None  # let autograd take the tensors without copying them
+        if not bool(grad_loss == 1):
+            grads = [g * grad_loss.to(g.dtype) if g is not None else None for g in grads]
+        return grads[0], grads[1], grads[2], None, None, None, None, None
+
+
+def distill_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    student_bias: Tensor | None,
+    target: TeacherTarget,
+    spec: DivergenceSpec,
+    row_weight: Tensor,
+    target_ids: Tensor | None = None,
+    chunk_size: int = 1024,
+) -> DistillOutput:
+    """Chunked distillation loss with the reference's values, stats and gradients.
+
+    Args:
+        student_hidden: ``[N, H]`` final hidden states of the student at the distilled positions.
+        student_weight: ``[V, H]`` student lm-head weight; ``student_bias``: ``[V]`` or None.
+        target: the teacher inputs for the ``N`` rows (``TeacherTarget``; never receives a gradient).
+        spec: divergence, clip, temperature.
+        row_weight: ``[N]`` per-row weights (masking, gating and reduction).
+        target_ids: ``[N]`` sampled tokens (needed for ``sampled_token``).
+        chunk_size: rows per block; peak extra memory is about ``4 · chunk_size · V`` elements plus
+            ``grad_weight [V, H]`` (see :func:`auto_chunk_size`).
+    Returns:
+        ``DistillOutput(loss, stats)``: ``loss`` a scalar with grad, ``stats`` detached ``[N]``
+        tensors (see :class:`ogls_sd.losses.reference.DistillOutput`).
+    """
+    if student_hidden.dim() != 2:
+        raise ValueError(f"student_hidden must be [N, H], got {tuple(student_hidden.shape)}")
+    if row_weight.shape != student_hidden.shape[:1]:
+        raise ValueError(f"row_weight must be [N]={student_hidden.shape[0]}, got {tuple(row_weight.shape)}")
+    if spec.divergence == "sampled_token" and target_ids is None:
+        raise ValueError("divergence=sampled_token needs target_ids")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    loss, *stat_list = _ChunkedDistill.apply(
+        student_hidden, student_weight, student_bias, row_weight, target_ids, target, spec, chunk_size
+    )
+    return DistillOutput(loss, dict(zip(STAT_KEYS, stat_list)))
+
+
+# ----------------------------------------------------------------------------------------------
+# token log-probs (tail SFT / NLL terms)
+# ----------------------------------------------------------------------------------------------
+
+
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    """``log softmax((h W^T + b)/T)[ids]`` per row; backward recomputes the logits block by block."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, temperature, chunk_size):
+        N = hidden.shape[0]
+        V = weight.shape[0]
+        out = torch.empty(N, dtype=hidden.dtype, device=hidden.device)
+        rows = max(1, min(int(chunk_size), N))
+        if N > 0:
+            raw = torch.empty(rows, V, dtype=hidden.dtype, device=hidden.device)
+            lp = torch.empty_like(raw)
+            for s in range(0, N, rows):
+                e = min(N, s + rows)
+                x = _linear_into(raw[: e - s], hidden[s:e], weight, bias)
+                if temperature != 1.0:
+                    x.div_(temperature)
+                out[s:e] = _log_softmax_into(lp[: e - s], x).gather(1, _col(ids[s:e])).squeeze(1)
+        ctx.save_for_backward(hidden, weight, bias, ids)
+        ctx.temperature = temperature
+        ctx.rows = rows
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, ids = ctx.saved_tensors
+        T, rows = ctx.temperature, ctx.rows
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        N, V = hidden.shape[0], weight.shape[0]
+        acc_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc_dtype, device=weight.device) if need_b else None
+        if N > 0 and (need_h or need_w or need_b):
+            raw = torch.empty(rows, V, dtype=hidden.dtype, device=hidden.device)
+            G = torch.empty_like(raw)
+            for s in range(0, N, rows):
+                e = min(N, s + rows)
+                x = _linear_into(raw[: e - s], hidden[s:e], weight, bias)
+                if T != 1.0:
+                    x.div_(T)
+                g = G[: e - s]
+                torch.exp(_log_softmax_into(g, x), out=g)  # p, as log_softmax's backward uses it
+                go = grad_out[s:e].to(g.dtype) / T
+                g.mul_(_col(-go))
+                g.scatter_add_(1, _col(ids[s:e]), _col(go))  # d/dx = (onehot − p)·go/T
+                gw = g if g.dtype == weight.dtype else g.to(weight.dtype)
+                _accumulate_grads(gw, g, hidden[s:e], weight, grad_h, grad_w, grad_b, slice(s, e))
+        if grad_w is not None and grad_w.dtype != weight.dtype:
+            grad_w = grad_w.to(weight.dtype)
+        if grad_b is not None and grad_b.dtype != bias.dtype:
+            grad_b = grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    ids: Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """Chunked ``log softmax((hidden W^T + b)/T)`` gathered at ``ids``.
+
+    Args:
+        hidden: ``[N, H]``; weight: ``[V, H]``; bias: ``[V]`` or None; ids: ``[N]`` long.
+    Returns:
+        ``[N]`` log-probs with gradient w.r.t. ``hidden``, ``weight`` and ``bias`` (the backward pass
+        recomputes each ``[chunk_size, V]`` block of logits instead of storing them).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return _ChunkedTokenLogprobs.apply(hidden, weight, bias, ids, float(temperature), chunk_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# dispatch on ``loss.impl``
+# ----------------------------------------------------------------------------------------------
+
+
+def get_distill_loss(impl: str, chunk_size: int | None = None) -> Callable[..., DistillOutput]:
+    """The distillation loss for ``loss.impl`` (``"reference"`` or ``"chunked"``).
+
+    Both returned callables take ``(student_hidden, student_weight, student_bias, target, spec,
+    row_weight, target_ids=None)``. ``chunk_size`` (rows per block) applies to ``chunked``; None
+    picks :func:`auto_chunk_size` from the vocabulary size at call time.
+    """
+    if impl == "reference":
+        return _reference.distill_loss
+    if impl == "chunked":
+        if chunk_size is not None:
+            return functools.partial(distill_loss, chunk_size=chunk_size)
+
+        def _auto(student_hidden, student_weight, student_bias, target, spec, row_weight, target_ids=None):
+            cs = auto_chunk_size(student_weight.shape[0], element_size=student_hidden.element_size())
+            return distill_loss(student_hidden, student_weight, student_bias, target, spec, row_weight, target_ids, cs)
+
+        return _auto
+    raise ValueError(f"loss.impl: {impl!r} not in {IMPLS}")
+
+
+def get_token_logprobs(impl: str, chunk_size: int | None = None) -> Callable[..., Tensor]:
+    """``token_logprobs`` for ``loss.impl``; signature ``(hidden, weight, bias, ids, temperature=1.0)``."""
+    if impl == "reference":
+        return _reference.token_logprobs
+    if impl == "chunked":
+
+        def _tl(hidden, weight, bias, ids, temperature=1.0):
+            cs = chunk_size or auto_chunk_size(weight.shape[0], element_size=hidden.element_size())
+            return token_logprobs(hidden, weight, bias, ids, temperature, cs)
+
+        return _tl
+    raise ValueError(f"loss.impl: {impl!r} not in {IMPLS}")

@@ -1,0 +1,112 @@
+"""Built-in task ``arith``: column addition with a short chain of thought.
+
+A problem is ``a+b(+c...)`` with ``digits``-digit operands. The reference solution works column by
+column from the right, one step per column (digits, carry in, column sum), then the answer::
+
+    347+568  ->  7+8=15 4+6+1=11 3+5+1=9 A:915
+
+Completions are graded by the integer after the last ``A:``. The task also writes plausible wrong
+attempts (one dropped or invented carry) for the warm start of the context-pooling template.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+from ..data.example import Example
+
+ANSWER_RE = re.compile(r"A:(-?\d{1,40})")
+
+# Compact templates for the char-level model (each character is a token).
+TEMPLATES = {
+    "student": "{problem}",
+    "teacher": "{problem}\nRef:{reference}",
+    "context": "{problem}\nTry:{attempt}",
+    "answer_format": "",
+}
+
+
+@dataclass
+class ArithTask:
+    """Seeded generator of addition problems with worked solutions.
+
+    Args:
+        digits: digits per operand (leading digit non-zero).
+        terms: number of operands.
+    """
+
+    digits: int = 3
+    terms: int = 2
+    name: str = "arith"
+
+    def __post_init__(self) -> None:
+        if self.digits < 1 or self.terms < 2:
+            raise ValueError("arith needs digits >= 1 and terms >= 2")
+
+    # ------------------------------------------------------------------ generation
+    def sample_operands(self, rng: random.Random) -> list[int]:
+        lo, hi = 10 ** (self.digits - 1), 10**self.digits - 1
+        return [rng.randint(lo, hi) for _ in range(self.terms)]
+
+    @staticmethod
+    def solution(operands: list[int], drop_carry_at: int | None = None, add_carry_at: int | None = None) -> str:
+        """The column-by-column solution; optionally with one carry error (for wrong attempts)."""
+        width = max(len(str(x)) for x in operands)
+        digits = [[int(c) for c in str(x).zfill(width)[::-1]] for x in operands]
+        steps, out_digits, carry = [], [], 0
+        for col in range(width):
+            if drop_carry_at == col:
+                carry = 0
+            if add_carry_at == col:
+                carry += 1
+            col_digits = [d[col] for d in digits]
+            s = sum(col_digits) + carry
+            lhs = "+".join(str(d) for d in col_digits) + (f"+{carry}" if carry else "")
+            steps.append(f"{lhs}={s}")
+            out_digits.append(s % 10)
+            carry = s // 10
+        value = int(str(carry) + "".join(str(d) for d in reversed(out_digits))) if carry else int(
+            "".join(str(d) for d in reversed(out_digits))
+        )
+        return " ".join(steps) + f" A:{value}"
+
+    def make(self, operands: list[int], idx: str = "") -> Example:
+        problem = "+".join(str(x) for x in operands)
+        return Example(problem=problem, reference=self.solution(operands), answer=str(sum(operands)), id=idx)
+
+    def examples(self, n: int, seed: int, split: str = "train") -> list[Example]:
+        """``n`` problems from the stream ``(seed, split)``; ``train`` and ``test`` never overlap."""
+        rng = random.Random(f"arith/{self.digits}/{self.terms}/{seed}/{split}")
+        out = []
+        while len(out) < n:
+            ops = self.sample_operands(rng)
+            # Disjoint splits: a problem belongs to the split chosen by a hash of its operands.
+            in_test = random.Random("+".join(map(str, ops))).random() < 0.2
+            if in_test == (split == "test"):
+                out.append(self.make(ops, f"arith:{split}:{seed}:{len(out)}"))
+        return out
+
+    def wrong_attempt(self, ex: Example, rng: random.Random) -> str:
+        """A plausible wrong solution: one carry dropped or invented. Falls back to a wrong digit."""
+        ops = [int(x) for x in ex.problem.split("+")]
+        width = max(len(str(x)) for x in ops)
+        for _ in range(8):
+            col = rng.randrange(width)
+            sol = self.solution(ops, drop_carry_at=col) if rng.random() < 0.5 else self.solution(ops, add_carry_at=col)
+            if self.extract(sol) != ex.answer:
+                return sol
+        wrong = str(int(ex.answer) + rng.choice([-10, -1, 1, 10]))
+        return self.solution(ops).rsplit("A:", 1)[0] + f"A:{wrong}"
+
+    # ------------------------------------------------------------------ grading
+    @staticmethod
+    def extract(text: str) -> str | None:
+        m = ANSWER_RE.findall(text[-4096:])
+        return str(int(m[-1])) if m else None
+
+    def reward(self, completion: str, answer: str) -> float:
+        """1.0 when the integer after the last ``A:`` equals the answer, else 0.0."""
+        got = self.extract(completion)
+        return 1.0 if got is not None and got == str(int(answer)) else 0.0

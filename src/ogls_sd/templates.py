@@ -1,0 +1,117 @@
+"""Prompt construction on token ids.
+
+Invariants guaranteed here (tested in ``tests/test_templates.py``):
+
+* prompts are rendered through the tokenizer's chat template once and encoded once; a completion
+  is never decoded and re-encoded: contexts that contain an earlier rollout splice its ids in;
+* the sequence a teacher scores is ``teacher_prompt_ids + completion_ids`` and
+  :func:`join_completion` asserts that its completion slice is the student's ids, token for token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import TemplateConfig
+from .data.example import Example
+
+_SPLICE = "\u0000ATTEMPT\u0000"
+
+
+def join_completion(prompt_ids: list[int], completion_ids: list[int]) -> tuple[list[int], int]:
+    """Return ``(prompt_ids + completion_ids, start)``; asserts the completion slice is intact."""
+    seq = list(prompt_ids) + list(completion_ids)
+    start = len(prompt_ids)
+    if seq[start:] != list(completion_ids):  # pragma: no cover - guards future refactors
+        raise AssertionError("teacher/student completion slices differ")
+    return seq, start
+
+
+@dataclass
+class PromptBuilder:
+    """Builds student, teacher (reference) and context (earlier attempt) prompts as token ids."""
+
+    tokenizer: object
+    cfg: TemplateConfig
+    task_templates: dict | None = None
+
+    def __post_init__(self) -> None:
+        defaults = TemplateConfig()
+        t = dict(student=self.cfg.student, teacher=self.cfg.teacher, context=self.cfg.context,
+                 answer_format=self.cfg.answer_format)
+        if self.cfg.task_defaults and self.task_templates:
+            for k, v in self.task_templates.items():
+                if getattr(self.cfg, k) == getattr(defaults, k):  # not set explicitly
+                    t[k] = v
+        self.templates = t
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError(
+                "the tokenizer has no chat template: set one (tokenizer.chat_template) or use a chat/instruct model"
+            )
+        tok = self.tokenizer
+        self.think_open = _single_token_id(tok, "<think>")
+        self.think_close = _single_token_id(tok, "</think>")
+        self.eos_id = tok.eos_token_id
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    # ------------------------------------------------------------------ rendering
+    def _render(self, user: str, thinking: bool) -> str:
+        msgs = ([{"role": "system", "content": self.cfg.system}] if self.cfg.system else []) + [
+            {"role": "user", "content": user}
+        ]
+        return self.tokenizer.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=True, enable_thinking=thinking
+        )
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _fill(self, name: str, ex: Example, **extra: str) -> str:
+        return self.templates[name].format(
+            problem=ex.problem, reference=ex.reference, answer_format=self.templates["answer_format"], **extra
+        ).rstrip("\n")
+
+    def student_ids(self, ex: Example) -> list[int]:
+        """Student prompt: the problem only (``templates.student``), ``student_thinking``."""
+        return self._encode(self._render(self._fill("student", ex), self.cfg.student_thinking))
+
+    def teacher_ids(self, ex: Example) -> list[int]:
+        """OPSD teacher prompt: the problem with the reference solution, ``teacher_thinking``."""
+        return self._encode(self._render(self._fill("teacher", ex), self.cfg.teacher_thinking))
+
+    def context_ids(self, ex: Example, attempt_ids: list[int], max_tokens: int, strip_think: bool = True) -> list[int]:
+        """OGLS-SD context prompt: ONE template for both pools, the attempt's ids spliced in.
+
+        The attempt is cleaned on ids: trailing EOS/pad removed, ``<think>…</think>`` removed when
+        those are single tokens and ``strip_think``, then truncated to ``max_tokens``.
+        """
+        text = self._render(self._fill("context", ex, attempt=_SPLICE), self.cfg.teacher_thinking)
+        if text.count(_SPLICE) != 1:
+            raise ValueError("templates.context must contain {attempt} exactly once")
+        pre, post = text.split(_SPLICE)
+        return self._encode(pre) + self.clean_attempt(attempt_ids, max_tokens, strip_think) + self._encode(post)
+
+    def text_ids(self, text: str) -> list[int]:
+        """Encode plain text (a reference solution used as an attempt)."""
+        return self._encode(text)
+
+    def clean_attempt(self, ids: list[int], max_tokens: int, strip_think: bool = True) -> list[int]:
+        ids = list(ids)
+        while ids and ids[-1] in (self.eos_id, self.pad_id):
+            ids.pop()
+        if strip_think and self.think_open is not None and self.think_close is not None:
+            out, depth = [], 0
+            for t in ids:
+                if t == self.think_open:
+                    depth += 1
+                elif t == self.think_close and depth:
+                    depth -= 1
+                elif depth == 0:
+                    out.append(t)
+            ids = out if depth == 0 else out  # an unclosed block drops its tail
+        return ids[:max_tokens]
+
+
+def _single_token_id(tok, text: str) -> int | None:
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return ids[0] if len(ids) == 1 else None
