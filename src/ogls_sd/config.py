@@ -96,9 +96,9 @@ class WarmStartConfig(_Section):
     _section = "warmstart"
     _positive = ("batch_size", "lr")
     _nonneg = ("steps",)
-    steps: int = opt(500, "SFT steps of the built-in tiny model's warm start (0 = train from random init).")
+    steps: int = opt(280, "SFT steps of the built-in tiny model's warm start (0 = train from random init).")
     batch_size: int = opt(64, "Warm-start batch size (sequences).")
-    lr: float = opt(3e-3, "Warm-start learning rate (AdamW, cosine decay).")
+    lr: float = opt(3e-3, "Warm-start learning rate (AdamW, 20 warm-up steps, then constant).")
     student_fraction: float = opt(0.4, "Share of warm-start sequences in the student format (problem only).")
     reference_fraction: float = opt(0.3, "Share in the privileged format (reference solution in context); the rest use the earlier-attempt template with right and wrong attempts.")
     cache_dir: str = opt(".cache/ogls_sd/warmstart", "Where warm-started models are cached, keyed by a hash of everything that determines them.")

@@ -15,7 +15,6 @@ and loaded from there on later runs.
 from __future__ import annotations
 
 import json
-import math
 import random
 from pathlib import Path
 
@@ -77,9 +76,7 @@ def warm_start(cfg: Config, task, task_templates: dict | None, progress=None):
     if ws.steps > 0:
         rng = random.Random(f"warmstart/{cfg.train.seed}")
         opt = torch.optim.AdamW(model.parameters(), lr=ws.lr, weight_decay=0.01, betas=(0.9, 0.98))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, ws.steps) / ws.steps))
-        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))  # warm-up, then constant
         model.train()
         task_id = progress.add_task("warm start (SFT)", total=ws.steps, info="") if progress else None
         for step in range(ws.steps):

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..config import LossConfig, SteeringConfig
 from ..losses import DivergenceSpec, TeacherTarget, mean_log_softmax
-from ..losses.dispatch import get_distill_loss, get_token_logprobs
+from ..losses import get_distill_loss, get_token_logprobs
 from ..modeling import SeqBatch, completion_hidden, lm_head
 from ..templates import PromptBuilder, join_completion
 from ..teacher import Teacher

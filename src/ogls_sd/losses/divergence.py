@@ -44,6 +44,8 @@ class DivergenceSpec:
             raise ValueError(f"loss.clip: {self.clip!r} not in {CLIPS}")
         if self.clip == "entry" and self.divergence not in ("forward_kl", "topk"):
             raise ValueError("loss.clip=entry clamps forward-KL summands: use it with divergence forward_kl or topk")
+        if self.divergence == "topk" and self.top_k < 1:
+            raise ValueError(f"loss.top_k: must be >= 1, got {self.top_k}")
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"loss.beta: must be in [0, 1], got {self.beta}")
 
@@ -94,18 +96,22 @@ def generalized_jsd(t_logp: Tensor, s_logp: Tensor, beta: float) -> Tensor:
 
 
 def topk_buckets(t_logp: Tensor, s_logp: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Log-probs over the teacher's top-k tokens plus a tail bucket: ``([N, k+1], [N, k+1])``."""
-    k = min(k, t_logp.shape[-1])
+    """Log-probs over the teacher's top-k tokens plus a tail bucket: ``([N, k+1], [N, k+1])``.
+
+    The tail's log-mass is a logsumexp over the tokens outside the top-k (not ``log(1 − Σ top)``,
+    whose cancellation turns a small tail into rounding noise, or into ``log 0``, in float32).
+    With ``k >= V`` every token is its own bucket and there is no tail: ``([N, V], [N, V])``.
+    """
+    if k >= t_logp.shape[-1]:
+        return t_logp, s_logp
     idx = t_logp.topk(k, dim=-1).indices
     t_top = t_logp.gather(-1, idx)
     s_top = s_logp.gather(-1, idx)
 
-    def tail(top: Tensor) -> Tensor:
-        # log(1 - sum exp(top)), clamped so that a (numerically) full top-k gives a tiny tail.
-        mass = top.exp().sum(-1, keepdim=True).clamp(max=1.0)
-        return torch.log1p(-mass).clamp(min=torch.finfo(top.dtype).min)
+    def tail(logp: Tensor) -> Tensor:
+        return torch.logsumexp(logp.scatter(-1, idx, float("-inf")), -1, keepdim=True)
 
-    return torch.cat([t_top, tail(t_top)], -1), torch.cat([s_top, tail(s_top)], -1)
+    return torch.cat([t_top, tail(t_logp)], -1), torch.cat([s_top, tail(s_logp)], -1)
 
 
 def sampled_token_loss(t_tok_logp: Tensor, s_tok_logp: Tensor) -> Tensor:

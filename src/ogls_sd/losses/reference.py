@@ -48,7 +48,8 @@ def row_stats(t_logp: Tensor, s_logp: Tensor, clipped: Tensor, steer_rms: Tensor
         p_t = t_logp.exp()
         kl = (p_t * torch.where(torch.isneginf(t_logp), torch.zeros_like(t_logp), t_logp - s_logp)).sum(-1)
         if spec.clip == "entry":
-            width = min(spec.top_k, t_logp.shape[-1]) + 1 if spec.divergence == "topk" else t_logp.shape[-1]
+            V = t_logp.shape[-1]
+            width = spec.top_k + 1 if spec.divergence == "topk" and spec.top_k < V else V
         else:
             width = 1
         return {

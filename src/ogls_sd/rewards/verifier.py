@@ -83,7 +83,6 @@ class VerifyResult:
 # Tokens that matter to the brace matcher. Escaped braces (\{ and \}) come first so that they are
 # consumed as ordinary text; the box openers allow whitespace before their brace.
 _BRACE_TOKENS = re.compile(r"\\[{}]|\\(?:boxed|fbox)[ \t\n]{0,16}\{|[{}]")
-_BOX_PREFIXES = ("\\boxed", "\\fbox")
 # "Answer: X", "answer is X", "Final Answer: X", "**Answer:** X", "the answer is: X". Every
 # quantifier is bounded, so there is no catastrophic backtracking.
 _ANSWER_MARKER = re.compile(
@@ -155,7 +154,7 @@ def extract_answer(text: str) -> str | None:
     3. else the value after the last ``Answer: X`` / ``answer is X`` (case-insensitive; markdown
        bold, ``$...$``, ``\\(...\\)``, ``\\[...\\]`` and a trailing period are stripped).
 
-    Contract: runs in time linear in ``len(text)`` (no recursion proportional to nesting depth, no
+    Contract: runs in time linear in ``len(text)`` (a bounded number of passes, no recursion, no
     backtracking regexes), never raises on a ``str``, and returns a stripped, non-empty string or
     None. The result is not length-capped; :class:`Verifier` rejects over-long answers.
     """

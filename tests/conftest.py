@@ -1,0 +1,46 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from ogls_sd.config import Config
+from ogls_sd.tiny import char_tokenizer, tiny_llama
+
+# Small enough that a whole training step takes well under a second.
+TINY_OVERRIDES = [
+    "model.tiny_hidden=32", "model.tiny_layers=1", "model.tiny_heads=2", "model.tiny_intermediate=64",
+    "rollout.max_new_tokens=12", "rollout.num_generations=4", "train.prompts_per_step=2",
+    "data.eval_size=4", "eval.max_new_tokens=12", "warmstart.steps=2", "warmstart.batch_size=8",
+    "train.steps=1", "steering.max_contexts=2",
+]
+
+
+@pytest.fixture
+def tok():
+    return char_tokenizer()
+
+
+@pytest.fixture
+def tiny_model(tok):
+    torch.manual_seed(0)
+    m = tiny_llama(len(tok), hidden=32, layers=1, heads=2, intermediate=64,
+                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    # Larger weights than the default init, so that distributions are peaked and differ between
+    # contexts: losses are then far above float32 rounding.
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    return m
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    def make(*extra: str) -> Config:
+        return Config.load(None, TINY_OVERRIDES + [f"warmstart.cache_dir={tmp_path / 'ws'}",
+                                                   f"train.output_dir={tmp_path / 'run'}", *extra])
+    return make

@@ -1,0 +1,52 @@
+import pytest
+import yaml
+
+from ogls_sd.config import Config, ConfigError, describe_fields
+
+
+def test_defaults_validate_and_round_trip(tmp_path):
+    cfg = Config()
+    p = tmp_path / "c.yaml"
+    cfg.save(p)
+    again = Config.load(p)
+    assert again == cfg
+    assert again.hash() == cfg.hash()
+
+
+def test_overrides_are_typed_and_applied(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"loss": {"clip": "entry"}, "train": {"steps": 7}}))
+    cfg = Config.load(p, ["steering.strength=0.5", "train.steps=9", "model.lora_target_modules=q_proj,v_proj"])
+    assert cfg.loss.clip == "entry"
+    assert cfg.train.steps == 9
+    assert cfg.steering.strength == 0.5
+    assert cfg.model.lora_target_modules == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("override, key", [
+    (["loss.clip=sometimes"], "loss.clip"),
+    (["train.steps=0"], "train.steps"),
+    (["train.steps=abc"], "train.steps"),
+    (["teacher.ema_decay=1.5"], "teacher.ema_decay"),
+    (["loss.nonexistent=1"], "loss.nonexistent"),
+    (["nosection.x=1"], "nosection"),
+    (["model.lora=maybe"], "model.lora"),
+    (["warmstart.student_fraction=0.8", "warmstart.reference_fraction=0.5"], "warmstart.student_fraction"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        Config.load(None, override)
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  steps: 3\n  lr: [1,\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*line"):
+        Config.load(p)
+
+
+def test_every_field_has_help():
+    rows = describe_fields()
+    assert len(rows) > 50
+    for key, _default, h in rows:
+        assert h.strip(), f"{key} has no help text"
