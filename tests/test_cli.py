@@ -44,6 +44,6 @@ def test_train_end_to_end_writes_summary_metrics_and_checkpoint(tmp_path):
     assert (ckpt / "model" / "model.safetensors").is_file()
     # the warm start was cached: a second run reuses it
     assert len(list((tmp_path / "ws").iterdir())) == 1
-    res = runner.invoke(app, ["eval", *TINY_OVERRIDES, "--checkpoint", str(ckpt)])
+    res = runner.invoke(app, ["eval", *TINY_OVERRIDES, "--checkpoint", str(ckpt), "-o", str(tmp_path / "ev")])
     assert res.exit_code == 0, res.output
-    assert "accuracy=" in res.output
+    assert "avg@1" in json.loads((tmp_path / "ev" / "results.json").read_text())["benchmarks"]["arith"]

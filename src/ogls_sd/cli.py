@@ -65,21 +65,35 @@ def train(
 
 
 @app.command(cls=_RawEpilog, epilog=_fields_epilog(),
-             help="Evaluate a model or checkpoint on the configured task's held-out problems (greedy accuracy).")
+             help="Evaluate a model or checkpoint: k samples per problem on benchmarks; writes results.json "
+                  "(avg@k, pass@k, maj@k, format rate, every setting) and generations_*.jsonl.")
 def eval(
-    overrides: List[str] = typer.Argument(None, help="section.key=value overrides."),
+    overrides: List[str] = typer.Argument(None, help="section.key=value overrides (model, templates, rollout sampling, eval)."),
     config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config file."),
-    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="A checkpoint directory (…/checkpoints/step_N) or model path."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="A run checkpoint (…/checkpoints/step_N) or model directory; default: the configured model."),
+    benchmark: List[str] = typer.Option(["task"], "--benchmark", "-b", help="'task' (the configured task's held-out set), a registry name (math500, aime24, aime25, hmmt_feb25, amc23, gsm8k, amo_bench, beyond_aime), NAME=PATH for a local copy, or a data file. Repeatable."),
+    k: int = typer.Option(1, "--k", help="Samples per problem."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding (k copies are identical)."),
+    output_dir: str = typer.Option("runs/eval", "--output-dir", "-o", help="Where results.json and generations go."),
 ):
     cfg = _load(config, list(overrides or []))
-    from .evaluate import evaluate_checkpoint
+    if k < 1:
+        err.print("[red]error:[/] --k must be >= 1")
+        raise typer.Exit(2)
+    from pathlib import Path
+
+    from .eval_harness import BenchmarkSpec, evaluate_benchmarks
+    from .evaluate import load_for_eval
 
     try:
-        res = evaluate_checkpoint(cfg, checkpoint)
-    except (ValueError, FileNotFoundError, OSError) as e:
+        model, tok, task, tpl, info = load_for_eval(cfg, checkpoint)
+        res = evaluate_benchmarks(cfg, model, tok, task, tpl, [BenchmarkSpec.parse(b) for b in benchmark], k, seed,
+                                  Path(output_dir), info, greedy=greedy, console=Console())
+    except (ValueError, FileNotFoundError, OSError, KeyError) as e:
         err.print(f"[red]error:[/] {e}", highlight=False)
         raise typer.Exit(1)
-    print(f"accuracy={res.accuracy:.3f} n={res.n} mean_length={res.mean_length:.1f}")
+    print(f"results: {Path(output_dir) / 'results.json'}")
 
 
 def main() -> None:

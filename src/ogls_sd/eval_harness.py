@@ -1,0 +1,162 @@
+"""``ogls-sd eval``: k samples per problem on one or more benchmarks, scored by the same templates
+and verifier as training.
+
+Writes into the output directory:
+
+* ``results.json``: per benchmark ``avg@k``, ``pass@1``, ``pass@k`` (unbiased estimator),
+  ``maj@k``, ``format_rate``, ``mean_length``, ``n``; and every setting that determines them
+  (model, adapter, templates, thinking flags, sampling settings, k, max tokens, seed, verifier,
+  package versions);
+* ``generations_<benchmark>.jsonl``: every sample with its extracted answer, verdict and reason.
+
+With a fixed seed two runs give identical files (CPU; generation is seeded per benchmark).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .data.example import Example
+from .eval_metrics import format_rate, maj_at_k, pass_at_k
+from .rollout import HFBackend, SamplingParams
+from .templates import PromptBuilder
+
+
+@dataclasses.dataclass
+class BenchmarkSpec:
+    """``name`` is ``task`` (the configured task's held-out set), a registry name, or a file path;
+    ``path`` optionally points a registry benchmark at a local file."""
+
+    name: str
+    path: str | None = None
+
+    @classmethod
+    def parse(cls, s: str) -> "BenchmarkSpec":
+        name, _, path = s.partition("=")
+        return cls(name.strip(), path.strip() or None)
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("ogls-sd", "torch", "transformers", "peft", "math-verify", "datasets"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def load_eval_examples(spec: BenchmarkSpec, cfg: Config, task) -> tuple[str, list[Example], object]:
+    """``(label, examples, grader)``; the grader has ``extract(text)`` and ``reward(text, answer)``."""
+    from .data.benchmarks import get_benchmark, load_benchmark
+    from .tasks.dataset import DatasetTask
+
+    if spec.name == "task":
+        return cfg.data.task, task.examples(cfg.data.eval_size, seed=cfg.data.seed, split="test"), task
+    try:
+        bench = get_benchmark(spec.name)
+    except KeyError:
+        bench = None
+    if bench is not None:
+        res = load_benchmark(bench.name, spec.path)
+        grader = DatasetTask(res.examples, name=bench.name, mode=bench.answer_mode)
+        return bench.name, res.examples, grader
+    if Path(spec.name).is_file():
+        from .data.files import load_examples
+
+        cols = {"problem": cfg.data.problem_column, "answer": cfg.data.answer_column,
+                "reference": cfg.data.reference_column or None}
+        res = load_examples(spec.name, columns=cols, policy=cfg.data.policy, max_chars=cfg.data.max_chars)
+        return Path(spec.name).stem, res.examples, DatasetTask(res.examples, name=Path(spec.name).stem)
+    raise ValueError(f"--benchmark {spec.name!r}: not 'task', a known benchmark, or an existing file")
+
+
+def _extract(grader, text: str) -> str | None:
+    if hasattr(grader, "extract"):
+        return grader.extract(text)
+    from .rewards.verifier import extract_answer
+
+    return extract_answer(text)
+
+
+def evaluate_benchmarks(cfg: Config, model, tok, task, task_tpl, benchmarks: list[BenchmarkSpec], k: int,
+                        seed: int, out_dir: Path, model_info: dict, greedy: bool = False, console=None) -> dict:
+    """Evaluate ``model`` on every benchmark; write results.json and generations files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prompts = PromptBuilder(tok, cfg.templates, task_tpl)
+    params = SamplingParams(cfg.eval.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k,
+                            greedy=greedy)
+    backend = HFBackend(model, prompts.pad_id, prompts.eos_id, cfg.eval.batch_size)
+    results: dict = {
+        "model": model_info,
+        "templates": prompts.templates | {"system": cfg.templates.system},
+        "student_thinking": cfg.templates.student_thinking,
+        "sampling": dataclasses.asdict(params),
+        "k": k,
+        "max_new_tokens": cfg.eval.max_new_tokens,
+        "seed": seed,
+        "verifier": "task grader (arith: integer after last 'A:')" if task_tpl else
+                    "ogls_sd.rewards.verifier: last \\boxed{} / #### / Answer:, math-verify, process-pool time limit",
+        "versions": _versions(),
+        "benchmarks": {},
+    }
+    for spec in benchmarks:
+        label, examples, grader = load_eval_examples(spec, cfg, task)
+        torch.manual_seed(seed)
+        ids = [prompts.student_ids(ex) for ex in examples for _ in range(k)]
+        comps = backend.generate(ids, params)
+        texts = [tok.decode(c.ids, skip_special_tokens=True) for c in comps]
+        answers = [_extract(grader, t) for t in texts]
+        golds = [ex.answer for ex in examples for _ in range(k)]
+        if hasattr(grader, "rewards"):
+            correct = [r > 0.5 for r in grader.rewards(texts, golds)]
+        else:
+            correct = [grader.reward(t, g) > 0.5 for t, g in zip(texts, golds)]
+        per_pass1, per_passk, per_maj = [], [], []
+        with open(out_dir / f"generations_{label.replace('/', '_')}.jsonl", "w") as f:
+            for i, ex in enumerate(examples):
+                sl = slice(i * k, (i + 1) * k)
+                c = sum(correct[sl])
+                per_pass1.append(pass_at_k(k, c, 1))
+                per_passk.append(pass_at_k(k, c, k))
+                per_maj.append(float(maj_at_k(answers[sl], correct[sl], k)))
+                for j in range(k):
+                    idx = i * k + j
+                    f.write(json.dumps({"id": ex.id, "sample": j, "problem": ex.problem, "gold": ex.answer,
+                                        "completion": texts[idx], "extracted": answers[idx],
+                                        "correct": bool(correct[idx]), "length": len(comps[idx].ids),
+                                        "finished": comps[idx].finished}, sort_keys=True) + "\n")
+        n = max(1, len(examples))
+        results["benchmarks"][label] = {
+            "n": len(examples),
+            f"avg@{k}": sum(correct) / max(1, len(correct)),
+            "pass@1": sum(per_pass1) / n,
+            f"pass@{k}": sum(per_passk) / n,
+            f"maj@{k}": sum(per_maj) / n,
+            "format_rate": format_rate(answers),
+            "mean_length": sum(len(c.ids) for c in comps) / max(1, len(comps)),
+            "source": spec.path or spec.name,
+        }
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
+    if console is not None:
+        _print_table(results, k, console)
+    return results
+
+
+def _print_table(results: dict, k: int, console) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"ogls-sd eval (k={k}, seed={results['seed']})")
+    for col in ("benchmark", "n", f"avg@{k}", "pass@1", f"pass@{k}", f"maj@{k}", "format", "mean len"):
+        t.add_column(col, justify="right" if col != "benchmark" else "left")
+    for name, r in results["benchmarks"].items():
+        t.add_row(name, str(r["n"]), f"{r[f'avg@{k}']:.3f}", f"{r['pass@1']:.3f}", f"{r[f'pass@{k}']:.3f}",
+                  f"{r[f'maj@{k}']:.3f}", f"{r['format_rate']:.3f}", f"{r['mean_length']:.1f}")
+    console.print(t)

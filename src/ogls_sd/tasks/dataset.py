@@ -1,0 +1,62 @@
+"""A task over a fixed list of examples (a local file, a hub data set, reasoning-gym, CHAMP).
+
+Answers are graded by the shared verifier (``rewards/verifier.py``: last ``\\boxed{}``, ``####`` or
+``Answer:``, math-verify equivalence, hard time limit), the same one ``ogls-sd eval`` uses.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from ..data.example import Example
+from ..rewards.verifier import Verifier, get_default_verifier
+
+
+@dataclass
+class DatasetTask:
+    """Examples split once into train / test by a seeded permutation.
+
+    Args:
+        examples: all examples.
+        test_size: examples held out for ``split="test"`` (the last ones of the permutation).
+        name: a label for logs.
+        mode: verifier mode (``math`` or ``exact``).
+    """
+
+    all_examples: list[Example]
+    test_size: int = 0
+    name: str = "dataset"
+    mode: str = "math"
+    skipped: int = 0
+    verifier: Verifier | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.all_examples:
+            raise ValueError(f"{self.name}: no examples")
+        order = list(range(len(self.all_examples)))
+        random.Random(f"{self.name}/split").shuffle(order)
+        n_test = min(self.test_size, len(order) - 1)
+        self._test = [self.all_examples[i] for i in order[len(order) - n_test :]] if n_test > 0 else []
+        self._train = [self.all_examples[i] for i in order[: len(order) - n_test]]
+
+    def examples(self, n: int, seed: int, split: str = "train") -> list[Example]:
+        """``n`` examples. ``test``: the first ``n`` held-out ones (fixed). ``train``: a seeded
+        sample without replacement within a call (cycling when ``n`` exceeds the pool)."""
+        if split == "test":
+            return self._test[:n]
+        rng = random.Random(f"{self.name}/{seed}")
+        out: list[Example] = []
+        while len(out) < n:
+            pool = list(self._train)
+            rng.shuffle(pool)
+            out += pool[: n - len(out)]
+        return out
+
+    def reward(self, completion: str, answer: str) -> float:
+        v = self.verifier or get_default_verifier()
+        return 1.0 if v.verify(completion, answer, mode=self.mode).correct else 0.0
+
+    def rewards(self, completions: list[str], answers: list[str]) -> list[float]:
+        v = self.verifier or get_default_verifier()
+        return [1.0 if r.correct else 0.0 for r in v.verify_batch(completions, answers, mode=self.mode)]
