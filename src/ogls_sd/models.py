@@ -48,6 +48,12 @@ def load_tokenizer_and_model(name: str, gguf_file: str = "", dtype: str = "float
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **kw)
+    if gguf:
+        # transformers de-quantises GGUF weights to `dtype` on load: the result is a plain model.
+        # Drop the quantizer marker so that checkpoints can be saved as ordinary safetensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     return tok, model
 
 
