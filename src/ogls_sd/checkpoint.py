@@ -24,11 +24,29 @@ from safetensors.torch import load_file, save_file
 
 
 def rng_state() -> dict:
-    return {
+    """Every RNG the loop draws from, in a form ``torch.load(weights_only=True)`` accepts."""
+    np_state = np.random.get_state()
+    st = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
         "torch": torch.get_rng_state(),
     }
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    random.setstate(_tuplify(st["python"]))
+    name, keys, *rest = st["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, teacher, keep_last: int = 2,
@@ -48,7 +66,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sched
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "step": step,
-        "rng": {"torch": torch.get_rng_state()},
+        "rng": rng_state(),
     }, tmp / "trainer_state.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=1))
     shutil.rmtree(final, ignore_errors=True)
@@ -72,3 +90,45 @@ def load_trainer_state(ckpt: Path) -> dict:
 def load_ema(ckpt: Path) -> dict | None:
     p = ckpt / "teacher_ema.safetensors"
     return load_file(p) if p.is_file() else None
+
+
+def load_model_weights(ckpt: Path, model) -> None:
+    """Load the checkpoint's weights into ``model`` in place (full model or peft adapter)."""
+    mdir = Path(ckpt) / "model"
+    adapter = mdir / "adapter_model.safetensors"
+    if adapter.is_file():
+        from peft import set_peft_model_state_dict
+
+        res = set_peft_model_state_dict(model, load_file(adapter))
+        if getattr(res, "unexpected_keys", None):
+            raise ValueError(f"{adapter}: unexpected adapter keys {res.unexpected_keys[:5]}")
+        return
+    files = sorted(mdir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{mdir}: no *.safetensors weights")
+    from .modeling import unwrap
+
+    target = unwrap(model)
+    sd = {}
+    for f in files:
+        sd.update(load_file(f))
+    missing, unexpected = target.load_state_dict(sd, strict=False)
+    tied = set(getattr(target, "_tied_weights_keys", None) or [])
+    if isinstance(getattr(target, "_tied_weights_keys", None), dict):
+        tied = set(target._tied_weights_keys)
+    bad_missing = [k for k in missing if k not in tied]
+    if unexpected or bad_missing:
+        raise ValueError(f"{mdir}: weights do not match the model (missing {bad_missing[:5]}, unexpected {unexpected[:5]})")
+
+
+def resolve_resume(run_dir: Path, resume: str) -> Path | None:
+    """``resume`` is '' (no resume), 'latest' (newest checkpoint of the run, None if there is none),
+    or a checkpoint path."""
+    if not resume:
+        return None
+    if resume == "latest":
+        return latest_checkpoint(run_dir)
+    p = Path(resume)
+    if not (p / "trainer_state.pt").is_file():
+        raise FileNotFoundError(f"--resume {resume}: not a checkpoint directory (no trainer_state.pt)")
+    return p

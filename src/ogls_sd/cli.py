@@ -1,4 +1,4 @@
-"""Command line: ``ogls-sd train``, ``ogls-sd eval``. Parses arguments and nothing else."""
+"""Command line: ``ogls-sd train``, ``eval``, ``compare``, ``report``. Parses arguments and nothing else."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
+from .compare import DEFAULT_METHODS
 from .config import Config, ConfigError, describe_fields
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
@@ -94,6 +95,60 @@ def eval(
         err.print(f"[red]error:[/] {e}", highlight=False)
         raise typer.Exit(1)
     print(f"results: {Path(output_dir) / 'results.json'}")
+
+
+@app.command(help="Run the miniature comparison (docs/experiments.md): SFT, RFT, GRPO, OPSD, OPSD+GRPO, OGLS-SD "
+                  "context and global at equal budgets for several seeds on the built-in arith task, each run in "
+                  "OUT/<method>/seed<k>/, then write OUT/report.md, report.json and PNG plots.")
+def compare(
+    overrides: List[str] = typer.Argument(None, help="extra section.key=value overrides applied to every run"),
+    output_dir: str = typer.Option("runs/compare", "--output-dir", "-o", help="Output directory."),
+    methods: str = typer.Option(",".join(DEFAULT_METHODS), "--methods",
+                                help="Comma-separated methods (sft, rft, grpo, opsd, opsd_grpo, ogls_context, ogls_global, "
+                                     "ogls_context_refpos, ogls_context_skip); missing algorithms are skipped with a warning."),
+    seeds: int = typer.Option(3, "--seeds", help="Number of seeds (0..N-1)."),
+    seed_list: Optional[str] = typer.Option(None, "--seed-list", help="Explicit comma-separated seeds (overrides --seeds)."),
+    steps: int = typer.Option(60, "--steps", help="Optimizer steps per run (the same for every method)."),
+    style: str = typer.Option("templated", "--style", help="data.arith_style: templated (references carry a check template) or plain."),
+    eval_every: int = typer.Option(5, "--eval-every", help="Held-out accuracy every N steps (eval.every)."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Accuracy threshold for 'rollout tokens to reach'; default: start + 0.1."),
+    fresh: bool = typer.Option(False, "--fresh", help="Rerun runs that already finished with the same config (default: reuse them)."),
+):
+    from .compare import run_compare
+
+    sl = [int(x) for x in seed_list.split(",") if x.strip()] if seed_list else list(range(seeds))
+    if style not in ("plain", "templated"):
+        err.print("[red]error:[/] --style must be plain or templated")
+        raise typer.Exit(2)
+    try:
+        rep = run_compare(output_dir, [m.strip() for m in methods.split(",") if m.strip()], sl, style, steps, eval_every,
+                          list(overrides or []), threshold, console=Console(), resume=not fresh)
+    except (ConfigError, ValueError, FileNotFoundError, OSError) as e:
+        err.print(f"[red]error:[/] {e}", highlight=False)
+        raise typer.Exit(1)
+    from .report import markdown_table
+
+    print(markdown_table(rep))
+    print(f"report: {os.path.join(output_dir, 'report.md')}")
+
+
+@app.command(help="Redraw the report (report.md, report.json, PNG plots) from the metrics.jsonl of any runs: each "
+                  "RUN_DIR is a run directory or a directory containing runs (e.g. a compare output).")
+def report(
+    run_dirs: List[str] = typer.Argument(..., help="Run directories or parents of run directories."),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Where to write (default: the first RUN_DIR)."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Accuracy threshold for 'rollout tokens to reach'; default: start + 0.1."),
+):
+    from .report import markdown_table, write_report
+
+    out = output_dir or run_dirs[0]
+    try:
+        rep = write_report(run_dirs, out, threshold=threshold)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        err.print(f"[red]error:[/] {e}", highlight=False)
+        raise typer.Exit(1)
+    print(markdown_table(rep))
+    print(f"report: {os.path.join(out, 'report.md')}")
 
 
 def main() -> None:

@@ -95,6 +95,7 @@ class DataConfig(_Section):
     size: int = opt(2000, "reasoning_gym: number of generated problems.")
     arith_digits: int = opt(3, "arith: digits per operand.")
     arith_terms: int = opt(2, "arith: number of operands added.")
+    arith_style: str = opt("plain", "arith: reference style. plain = the reference is written like the student's own solution; templated = every step of the REFERENCE is followed by a check segment ('chk:15-8=7 ok') the student never uses (docs/experiments.md). Pair templated with rollout.max_new_tokens / eval.max_new_tokens of a plain solution's length.", choices=("plain", "templated"))
     eval_size: int = opt(200, "Held-out problems for accuracy before/after training.")
     seed: int = opt(0, "Seed of the data generator (held-out problems use a disjoint stream).")
 
@@ -143,15 +144,27 @@ class TemplateConfig(_Section):
 @dataclass
 class RolloutConfig(_Section):
     _section = "rollout"
-    _positive = ("num_generations", "max_new_tokens", "temperature")
-    _unit = ("top_p",)
-    backend: str = opt("hf", "Generation backend.", choices=("hf",))
+    _positive = ("num_generations", "max_new_tokens", "temperature", "vllm_timeout_s", "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size")
+    _nonneg = ("vllm_max_model_len",)
+    _unit = ("top_p", "vllm_gpu_memory_utilization")
+    backend: str = opt("hf", "Generation backend: hf (transformers generate with the training model; CPU or GPU) or vllm (vLLM engine, GPU only; see rollout.vllm_*). Both take prompt token ids and return the sampled token ids.", choices=("hf", "vllm"))
     num_generations: int = opt(8, "Rollouts per prompt (G).")
     max_new_tokens: int = opt(64, "Generation limit per rollout.")
     temperature: float = opt(1.0, "Sampling temperature.")
     top_p: float = opt(1.0, "Nucleus sampling threshold (1 = off).")
     top_k: int = opt(0, "Top-k sampling (0 = off).")
     batch_size: int = opt(64, "Sequences generated per generate() call.")
+    vllm_mode: str = opt("colocate", "backend=vllm: colocate (an in-process vllm.LLM sharing the training GPU, asleep between rollouts) or server (HTTP to a running vLLM OpenAI-compatible server at rollout.vllm_server_url).", choices=("colocate", "server"))
+    vllm_server_url: str = opt("http://127.0.0.1:8000", "vllm_mode=server: base URL of the vLLM server (its /v1/completions receives token-id prompts). Weight sync needs the server to read rollout.vllm_sync_dir: full weights via /collective_rpc reload_weights (start it with VLLM_SERVER_DEV_MODE=1), LoRA adapters via /v1/load_lora_adapter (--enable-lora, VLLM_ALLOW_RUNTIME_LORA_UPDATING=True).")
+    vllm_server_model: str = opt("", "vllm_mode=server: served model name ('' = the first one listed by /v1/models).")
+    vllm_gpu_memory_utilization: float = opt(0.3, "vllm_mode=colocate: fraction of GPU memory vLLM may take (weights + KV cache); the rest stays for training.")
+    vllm_timeout_s: float = opt(600.0, "backend=vllm: time limit in seconds of every engine operation (a generate call, a weight sync, a server request); exceeding it raises RolloutTimeout naming the operation instead of hanging.")
+    vllm_max_model_len: int = opt(0, "backend=vllm: engine maximum sequence length (prompt + completion); 0 = the model's own. Prompts that do not fit with rollout.max_new_tokens are an error, never truncated.")
+    vllm_sleep: bool = opt(True, "vllm_mode=colocate: put the engine to sleep (weights offloaded, KV cache freed) between rollouts so training gets the GPU memory back.")
+    vllm_enforce_eager: bool = opt(False, "backend=vllm (colocate): disable CUDA graphs (faster start, slower decoding).")
+    vllm_tensor_parallel_size: int = opt(1, "vllm_mode=colocate: GPUs per vLLM engine (tensor parallel); each group of that many training processes shares one engine.")
+    vllm_lora_sync: str = opt("adapter", "model.lora=true: after each optimizer step push only the LoRA adapter (vLLM LoRA support, a fresh adapter id each time) or the merged full weights.", choices=("adapter", "merged"))
+    vllm_sync_dir: str = opt("", "Directory for exported weights / adapters the engine loads (must be visible to a vLLM server); '' = <train.output_dir>/vllm.")
 
 
 @dataclass
@@ -197,9 +210,39 @@ class SteeringConfig(_Section):
     tail_tokens: int = opt(128, "Positive-tail SFT: last N tokens of short correct rollouts.")
     tail_weight: float = opt(1.0, "mu: weight of the positive-tail SFT term (0 = off).")
     no_positive: str = opt("skip", "All-incorrect groups: drop distillation, use the reference solution as the single positive context, or fall back to the OPSD target.", choices=("skip", "reference", "opsd"))
+    fallback_reference: str = opt("reference", "no_positive=reference: which reference is the positive context: the privileged reference as given, or the task's plain (student-style) reference when it provides one (method.md §3 item 7, §7).", choices=("reference", "plain"))
 
 
-ALGORITHMS = ("ogls_sd", "opsd")
+@dataclass
+class GRPOConfig(_Section):
+    _section = "grpo"
+    _positive = ("eps", "clip_eps", "inner_steps")
+    _nonneg = ("clip_eps_high", "kl_coef")
+    scale_std: bool = opt(True, "Divide group-centred rewards by (std + eps): A_i = (r_i - mean r)/(std r + eps). False = Dr. GRPO (A_i = r_i - mean r).")
+    std: str = opt("sample", "Std convention of the group-reward std: sample (n-1 denominator; torch.std, as TRL and verl) or population (n denominator). Groups of one rollout have zero spread.", choices=("sample", "population"))
+    eps: float = opt(1e-4, "epsilon added to the std in the advantage denominator.")
+    clip_eps: float = opt(0.2, "PPO ratio clipping: the ratio pi_theta/pi_old is clipped to [1 - clip_eps, 1 + clip_eps_high].")
+    clip_eps_high: float = opt(0.0, "Upper clip range (DAPO 'clip-higher'); 0 = same as clip_eps.")
+    inner_steps: int = opt(1, "Optimizer steps on the same rollouts (PPO epochs); old log-probs are those of the policy before the first of them.")
+    kl_coef: float = opt(0.0, "Coefficient of a k3 KL penalty exp(q - p) - (q - p) - 1 per token against the teacher weights on the student prompt (frozen teacher = initial policy); 0 = no KL term (default).")
+    reduction: str = opt("token_mean", "Policy-gradient reduction: token mean over all completion tokens of the step (DAPO / Dr. GRPO style), or per-sequence mean then mean over sequences (original GRPO).", choices=("token_mean", "sequence_mean"))
+
+
+@dataclass
+class HybridConfig(_Section):
+    _section = "hybrid"
+    _nonneg = ("alpha",)
+    alpha: float = opt(1.0, "train.algorithm=opsd_grpo: L = L_GRPO + alpha * L_OPSD.")
+
+
+@dataclass
+class SFTConfig(_Section):
+    _section = "sft"
+    _nonneg = ("max_tokens",)
+    max_tokens: int = opt(0, "train.algorithm=sft: reference solutions are truncated to this many tokens (no EOS appended when truncated); 0 = no limit.")
+
+
+ALGORITHMS = ("ogls_sd", "opsd", "sft", "rft", "grpo", "opsd_grpo")
 
 
 @dataclass
@@ -207,7 +250,7 @@ class TrainConfig(_Section):
     _section = "train"
     _positive = ("steps", "prompts_per_step", "lr", "micro_batch_size")
     _nonneg = ("weight_decay", "max_grad_norm", "warmup_steps", "save_every", "keep_last")
-    algorithm: str = opt("ogls_sd", "Training algorithm.", choices=ALGORITHMS)
+    algorithm: str = opt("ogls_sd", "Training algorithm: ogls_sd (method.md §3), opsd (§1), sft (NLL on reference solutions), rft (NLL on correct rollouts), grpo (RLVR), opsd_grpo (L_GRPO + hybrid.alpha * L_OPSD).", choices=ALGORITHMS)
     steps: int = opt(40, "Optimizer steps.")
     prompts_per_step: int = opt(8, "Prompts per optimizer step (each gets rollout.num_generations rollouts).")
     micro_batch_size: int = opt(16, "Sequences per forward/backward micro-batch (gradient accumulation inside a step).")
@@ -221,13 +264,17 @@ class TrainConfig(_Section):
     keep_last: int = opt(2, "Checkpoints kept (older ones are deleted).")
     device: str = opt("auto", "Device: auto (accelerate's choice), cpu, cuda.", choices=("auto", "cpu", "cuda"))
     mixed_precision: str = opt("no", "accelerate mixed precision.", choices=("no", "bf16", "fp16"))
+    report_to: str = opt("tensorboard", "Experiment tracker that also receives every metrics record: TensorBoard event files under <output_dir>/tb, none, wandb or trackio (the last two must be installed).", choices=("tensorboard", "none", "wandb", "trackio"))
+    reflection_markers: list = opt(None, "Reflection markers counted per completion (case-insensitive) as markers/reflection (method.md §6).", factory=lambda: ["wait", "hmm", "let me check", "actually", "alternatively", "verify"])
 
 
 @dataclass
 class EvalConfig(_Section):
     _section = "eval"
     _positive = ("max_new_tokens", "batch_size")
+    _nonneg = ("every",)
     before_after: bool = opt(True, "Measure held-out greedy accuracy before and after training.")
+    every: int = opt(0, "Record held-out greedy accuracy as eval/accuracy in metrics.jsonl every N steps (and at step 0 when before_after); 0 = off.")
     max_new_tokens: int = opt(64, "Generation limit during evaluation.")
     batch_size: int = opt(100, "Problems per generate() call during evaluation.")
 
@@ -242,6 +289,9 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     steering: SteeringConfig = field(default_factory=SteeringConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    hybrid: HybridConfig = field(default_factory=HybridConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

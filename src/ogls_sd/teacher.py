@@ -67,8 +67,20 @@ class Teacher:
             pt.mul_(self.decay).add_(ps.detach().to(pt.dtype), alpha=1.0 - self.decay)
 
     def state_dict(self) -> dict[str, Tensor] | None:
-        """The EMA weights (saved in checkpoints); None for other kinds (frozen is reproducible from θ₀)."""
-        return self.copy.state_dict() if self.kind == "ema" else None
+        """The EMA weights (saved in checkpoints); None for other kinds (frozen is reproducible from θ₀).
+
+        Tensors that share storage (tied input/output embeddings) are cloned, so that the dict can
+        be written with safetensors, which refuses shared tensors; loading it back re-ties nothing
+        and needs nothing re-tied (both keys hold the same values).
+        """
+        if self.kind != "ema":
+            return None
+        out, seen = {}, set()
+        for k, v in self.copy.state_dict().items():
+            ptr = v.untyped_storage().data_ptr()
+            out[k] = v.clone() if ptr in seen else v
+            seen.add(ptr)
+        return out
 
     def load_state_dict(self, sd: dict[str, Tensor]) -> None:
         if self.kind == "ema":

@@ -1,12 +1,15 @@
 """Warm start of the built-in tiny model: a short SFT so that it solves some problems alone and has
 learned to read every context template the algorithms use.
 
-The SFT mix (fractions from ``warmstart``):
+The SFT mix (fractions from ``warmstart``), with ``y*`` the privileged reference and ``ŷ`` the
+same solution in the student's own style (``task.plain_reference``; ``ŷ = y*`` unless the task
+writes its references in another template, as ``arith_style=templated`` does):
 
-* student format: ``student_prompt(x) -> y*``;
-* privileged format: ``teacher_prompt(x, y*) -> y*`` (the model learns to use a reference);
-* earlier-attempt format (OGLS-SD context pooling): ``context_prompt(x, a) -> y*`` where the
-  attempt ``a`` is right (``y*``) or wrong (a plausible carry error) with equal probability.
+* student format: ``student_prompt(x) -> ŷ``;
+* privileged format: ``teacher_prompt(x, y*) -> y*`` (the model learns to use a reference — and,
+  when ``y*`` is templated, to reproduce its template: the teacher "drifts toward that template");
+* earlier-attempt format (OGLS-SD context pooling): ``context_prompt(x, a) -> ŷ`` where the
+  attempt ``a`` is right (``ŷ``) or wrong (a plausible carry error, plain) with equal probability.
 
 The result is cached under ``warmstart.cache_dir/<hash>`` (hash of everything that determines it)
 and loaded from there on later runs.
@@ -38,24 +41,39 @@ def cache_key(cfg: Config) -> str:
         "templates": d["templates"],
         "seed": d["train"]["seed"],
     }
+    if keep["data"].get("arith_style", "plain") == "plain":  # caches made before the style existed stay valid
+        keep["data"].pop("arith_style", None)
     import hashlib
 
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _sft_pairs(task, prompts: PromptBuilder, examples: list[Example], cfg: Config, rng: random.Random):
+def plain_reference(task, ex: Example) -> str:
+    """``ex``'s solution in the student's own style (the task's ``plain_reference`` hook, if any)."""
+    hook = getattr(task, "plain_reference", None)
+    return hook(ex) if hook is not None else ex.reference
+
+
+def sft_pairs(task, prompts: PromptBuilder, examples: list[Example], cfg: Config, rng: random.Random):
+    """Yield ``(kind, prompt_ids, target_ids)`` of the warm-start mix; kind is student|privileged|context."""
     ws = cfg.warmstart
     for ex in examples:
-        target = prompts.text_ids(ex.reference) + [prompts.eos_id]
+        plain = plain_reference(task, ex)
         u = rng.random()
         if u < ws.student_fraction:
-            p = prompts.student_ids(ex)
+            kind, p, sol = "student", prompts.student_ids(ex), plain
         elif u < ws.student_fraction + ws.reference_fraction:
-            p = prompts.teacher_ids(ex)
+            kind, p, sol = "privileged", prompts.teacher_ids(ex), ex.reference  # templated stays templated
         else:
-            attempt = ex.reference if rng.random() < 0.5 else task.wrong_attempt(ex, rng)
+            attempt = plain if rng.random() < 0.5 else task.wrong_attempt(ex, rng)
+            kind, sol = "context", plain
             p = prompts.context_ids(ex, prompts.text_ids(attempt), cfg.steering.max_context_tokens)
-        yield p, target
+        yield kind, p, prompts.text_ids(sol) + [prompts.eos_id]
+
+
+def _sft_pairs(task, prompts: PromptBuilder, examples: list[Example], cfg: Config, rng: random.Random):
+    for _, p, t in sft_pairs(task, prompts, examples, cfg, rng):
+        yield p, t
 
 
 def warm_start(cfg: Config, task, task_templates: dict | None, progress=None):

@@ -40,3 +40,42 @@ class StepBatch:
         """``(P, N)``: indices of correct and incorrect rollouts of group ``g``."""
         idx = self.groups[g].rollouts
         return [i for i in idx if self.rollouts[i].correct], [i for i in idx if not self.rollouts[i].correct]
+
+
+class Algorithm:
+    """What the trainer expects of an algorithm (besides ``plan`` and ``loss``).
+
+    * ``plan(batch, step) -> plan`` (no grad) where ``plan.micro_batches(size) -> list[list[int]]``
+      and ``plan.metrics: dict[str, float]``;
+    * ``loss(plan, micro) -> (loss, metrics)``; the losses of all micro-batches of a step sum to
+      the step's objective, and the trainer sums the ``metrics`` over micro-batches;
+    * ``needs_rollouts``: False when the step needs no generation (SFT): the batch then has groups
+      and no rollouts;
+    * ``inner_steps``: optimizer steps the trainer takes on one plan (PPO epochs; 1 for all but GRPO);
+    * ``step_metrics(agg)``: per-step metrics from the summed loss metrics ``agg`` (the trainer
+      merges them into ``metrics.jsonl``).
+    """
+
+    name = ""
+    needs_rollouts = True
+    inner_steps = 1
+
+    def step_metrics(self, agg: dict[str, float]) -> dict[str, float]:
+        return {}
+
+
+def student_hidden(policy, batch: StepBatch, micro: list[int], pad_id: int):
+    """The student's final hidden states at every completion position of the rollouts ``micro``
+    (student prompt + full completion), ``[Σ len, H]``, and the row offset of each rollout
+    (``offsets[k]`` .. ``offsets[k + 1]`` are rollout ``micro[k]``)."""
+    from ..modeling import SeqBatch, completion_hidden
+    from ..templates import join_completion
+
+    ro = [batch.rollouts[i] for i in micro]
+    joined = [join_completion(batch.groups[r.group].student_prompt, r.ids) for r in ro]
+    sb = SeqBatch([q for q, _ in joined], [st for _, st in joined], [len(r.ids) for r in ro])
+    h = completion_hidden(policy, sb, pad_id)
+    offsets = [0]
+    for r in ro:
+        offsets.append(offsets[-1] + len(r.ids))
+    return h, offsets

@@ -27,10 +27,10 @@ from torch import Tensor
 from ..config import LossConfig, SteeringConfig
 from ..losses import DivergenceSpec, TeacherTarget, mean_log_softmax
 from ..losses import get_distill_loss, get_token_logprobs
-from ..modeling import SeqBatch, completion_hidden, lm_head
+from ..modeling import SeqBatch, lm_head
 from ..templates import PromptBuilder, join_completion
 from ..teacher import Teacher
-from .base import StepBatch
+from .base import Algorithm, StepBatch, student_hidden
 
 
 @dataclass
@@ -61,7 +61,7 @@ class Plan:
         return [work[s : s + size] for s in range(0, len(work), size)]
 
 
-class OGLSSD:
+class OGLSSD(Algorithm):
     """The OGLS-SD algorithm (also serves OPSD and SDPO-style configurations)."""
 
     name = "ogls_sd"
@@ -115,7 +115,10 @@ class OGLSSD:
                 if s.no_positive == "skip":
                     continue
                 if s.no_positive == "reference":
-                    pos_attempts = [self.prompts.text_ids(g.example.reference)]
+                    ref = g.example.reference
+                    if s.fallback_reference == "plain":  # the task's student-style reference (method.md §7)
+                        ref = getattr(g.example, "plain_reference", "") or ref
+                    pos_attempts = [self.prompts.text_ids(ref)]
                 else:  # opsd: the privileged teacher is the target
                     anchor, strength, fallback_opsd = g.teacher_prompt, 0.0, True
             if s.pooling == "context":
@@ -180,18 +183,15 @@ class OGLSSD:
 
         Summing ``loss`` over all micro-batches of a step gives the step's objective.
         """
-        batch = plan.batch
-        ro = [batch.rollouts[i] for i in micro]
-        sp = [batch.groups[r.group].student_prompt for r in ro]
-        # Student: one pass over full completions; rows are selected below.
-        joined = [join_completion(p, r.ids) for p, r in zip(sp, ro)]
-        full = SeqBatch([q for q, _ in joined], [st for _, st in joined], [len(r.ids) for r in ro])
-        h_s = completion_hidden(self.policy, full, self.pad_id)
-        w_s, b_s = lm_head(self.policy)
-        offsets = [0]
-        for r in ro:
-            offsets.append(offsets[-1] + len(r.ids))
+        # Student: one pass over full completions; rows are selected in ``loss_on_hidden``.
+        h_s, offsets = student_hidden(self.policy, plan.batch, micro, self.pad_id)
+        return self.loss_on_hidden(plan, micro, h_s, offsets)
 
+    def loss_on_hidden(self, plan: Plan, micro: list[int], h_s: Tensor, offsets: list[int]) -> tuple[Tensor, dict[str, float]]:
+        """:meth:`loss` given the student's hidden states of ``micro`` (see
+        :func:`~ogls_sd.algorithms.base.student_hidden`); hybrids share one student pass this way."""
+        batch = plan.batch
+        w_s, b_s = lm_head(self.policy)
         total = h_s.sum() * 0.0
         m: dict[str, float] = {}
         # --- distillation rows -------------------------------------------------------------

@@ -15,9 +15,11 @@ same per-row stats, same gradients w.r.t. ``student_hidden``, ``student_weight``
 4. ``grad_hidden[block] = G W``, ``grad_weight += Gᵀ h``, ``grad_bias += Σ_rows G``.
 
 The gradients are stored on the autograd context and scaled by ``grad_output`` in backward (the
-approach of Liger-Kernel's fused linear losses). At most four (five for JSD with ``0 < β < 1``)
-``[chunk_size, V]`` work buffers are alive, allocated once per call and reused by every block, plus
-``grad_weight [V, H]`` when the weight needs a gradient.
+approach of Liger-Kernel's fused linear losses). Three ``[chunk_size, V]`` work buffers (five for
+JSD with ``0 < β < 1``; plus a bool ``[chunk_size, V]`` mask for the entry clip) are alive,
+allocated once per call and reused by every block, plus ``grad_weight [V, H]`` when the weight
+needs a gradient. Top-k uses the reference's functions on each block (a few more block-sized
+temporaries).
 
 Closed forms used (``w`` row weight, ``T`` temperature, ``s = log p_S``, ``t = log p̃``, ``p_S = e^s``,
 ``p_T = e^t``; the gradient is w.r.t. the raw student logits ``x`` with ``s = log_softmax(x / T)``):
@@ -72,9 +74,15 @@ def _linear_into(out: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | Non
     return out.copy_(lm_logits(hidden, weight, bias))
 
 
-def _log_softmax_into(out: Tensor, x: Tensor) -> Tensor:
-    """``out = log_softmax(x, -1)`` (``out`` and ``x`` are distinct buffers)."""
-    return torch.log_softmax(x, -1, out=out)
+def _log_softmax_(x: Tensor) -> Tensor:
+    """``x ← log_softmax(x, -1)`` in place.
+
+    On CPU the kernel reads each row (max, sum of exp) before it writes it, so the output may alias
+    the input; elsewhere a temporary is used.
+    """
+    if x.device.type == "cpu":
+        return torch.log_softmax(x, -1, out=x)
+    return x.copy_(torch.log_softmax(x, -1))
 
 
 def _col(v: Tensor) -> Tensor:
@@ -116,13 +124,11 @@ def _accumulate_grads(Gw, G, h, weight, grad_h, grad_w, grad_b, sl: slice) -> No
 # ----------------------------------------------------------------------------------------------
 
 
-def _pool_into(
-    d: Tensor, lp_raw: Tensor, lp: Tensor, hidden: Tensor, mask: Tensor, tgt: TeacherTarget, sign: float
-) -> Tensor:
+def _pool_into(d: Tensor, lp: Tensor, hidden: Tensor, mask: Tensor, tgt: TeacherTarget, sign: float) -> Tensor:
     """``d += sign · mean_{k valid} log_softmax(h_k W^T + b)`` per row; returns the count ``[n]``.
 
     ``hidden [K, n, H]``, ``mask [K, n]``; the mean over an empty set is 0 (the caller handles it).
-    One context at a time: only ``lp_raw`` and ``lp`` are needed besides ``d``.
+    One context at a time: only the work buffer ``lp`` is needed besides ``d``.
     """
     count = mask.sum(0).to(d.dtype)
     wts = mask.to(d.dtype) / count.clamp(min=1)
@@ -132,8 +138,7 @@ def _pool_into(
         mk = mask[k]
         if not bool(mk.any()):
             continue  # no row of this block uses context k: skip its GEMM
-        _linear_into(lp_raw, hidden[k], tgt.weight, tgt.bias)
-        _log_softmax_into(lp, lp_raw)
+        _log_softmax_(_linear_into(lp, hidden[k], tgt.weight, tgt.bias))
         if not bool(mk.all()):
             lp.index_fill_(0, (~mk).nonzero().squeeze(1), 0.0)
         d.addcmul_(lp, _col(wts[k]))
@@ -143,11 +148,11 @@ def _pool_into(
 def _teacher_block(tgt: TeacherTarget, temperature: float, bufs: list[Tensor]) -> tuple[Tensor, Tensor]:
     """Steered teacher log-probs ``log softmax(z̃ / T)`` for the rows of ``tgt`` (already cut to the block).
 
-    Uses ``bufs[0..3]`` (each ``[n, V]``); returns ``(t_logp, steer_rms [n])`` with ``t_logp`` in
-    ``bufs[2]``; ``bufs[0]``, ``bufs[1]`` and ``bufs[3]`` are free afterwards. Same formulas as
+    Uses ``bufs[0..2]`` (each ``[n, V]``); returns ``(t_logp, steer_rms [n])`` with ``t_logp`` in
+    ``bufs[0]``; ``bufs[1]`` and ``bufs[2]`` are free afterwards. Same formulas as
     :func:`ogls_sd.losses.target.steered_logits` (see there).
     """
-    z0, d, lp, lp_raw = bufs[0], bufs[1], bufs[2], bufs[3]
+    z0, d, lp = bufs[0], bufs[1], bufs[2]
     n, V = z0.shape
     dtype = z0.dtype
     if tgt.anchor_hidden is not None:
@@ -161,15 +166,15 @@ def _teacher_block(tgt: TeacherTarget, temperature: float, bufs: list[Tensor]) -
     if tgt.pos_hidden is not None:
         have_d = True
         d.zero_()
-        npos = _pool_into(d, lp_raw, lp, tgt.pos_hidden, tgt.pos_mask, tgt, 1.0)
+        npos = _pool_into(d, lp, tgt.pos_hidden, tgt.pos_mask, tgt, 1.0)
         if tgt.negative_pool:
             if tgt.neg_hidden is not None and tgt.neg_hidden.shape[0] > 0:
-                nneg = _pool_into(d, lp_raw, lp, tgt.neg_hidden, tgt.neg_mask, tgt, -1.0)
+                nneg = _pool_into(d, lp, tgt.neg_hidden, tgt.neg_mask, tgt, -1.0)
             else:
                 nneg = torch.zeros(n, dtype=dtype, device=z0.device)
             fallback = (nneg == 0).nonzero().squeeze(1)
             if fallback.numel() > 0:  # no valid negative context: zneg := log_softmax(z0)
-                _log_softmax_into(lp, z0)
+                _log_softmax_(lp.copy_(z0))
                 d.index_add_(0, fallback, lp.index_select(0, fallback), alpha=-1.0)
         invalid = (npos == 0).nonzero().squeeze(1)
         if invalid.numel() > 0:  # no valid positive context: d = 0
@@ -193,7 +198,7 @@ def _teacher_block(tgt: TeacherTarget, temperature: float, bufs: list[Tensor]) -
         rms = torch.zeros(n, dtype=dtype, device=z0.device)
     if temperature != 1.0:
         z0.div_(temperature)
-    return _log_softmax_into(lp, z0), rms
+    return _log_softmax_(z0), rms
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,22 +225,24 @@ def _generic_block(h, W, b, tgt, spec, w, ids):
     return value.detach(), stats, g
 
 
-def _fast_block(h, W, b, tgt, spec, w, ids, bufs):
+def _fast_block(h, W, b, tgt, spec, w, ids, bufs, mask):
     """Closed-form value, stats and ``G [n, V]`` for forward/reverse KL, JSD and sampled-token.
 
-    Returns ``None`` when a log-prob is ``-inf`` (the caller then uses :func:`_generic_block`, which
-    reproduces the reference's ``0·log 0 = 0`` handling exactly).
+    ``bufs``: three ``[n, V]`` work buffers (five for JSD with 0 < β < 1); ``mask``: a ``[n, V]``
+    bool buffer for the entry clip (else None). Returns ``None`` when a log-prob is ``-inf`` (the
+    caller then uses :func:`_generic_block`, which reproduces the reference's ``0·log 0 = 0``
+    handling exactly).
     """
     T = spec.temperature
     n, V = bufs[0].shape
-    tl, rms = _teacher_block(tgt, T, bufs)  # in bufs[2]
-    B0, B1, B3 = bufs[0], bufs[1], bufs[3]
-    _linear_into(B3, h, W, b)
+    tl, rms = _teacher_block(tgt, T, bufs)  # teacher log-probs in B0
+    B1, B2 = bufs[1], bufs[2]
+    _linear_into(B1, h, W, b)
     if T != 1.0:
-        B3.div_(T)
-    sl = _log_softmax_into(B1, B3)  # student log-probs in B1; free: B0, B3
+        B1.div_(T)
+    sl = _log_softmax_(B1)  # student log-probs in B1
 
-    P = torch.exp(tl, out=B0)
+    P = torch.exp(tl, out=B2)
     t_ent = -_rowdot(P, tl)
     if bool(torch.isnan(t_ent).any()):
         return None
@@ -252,20 +259,18 @@ def _fast_block(h, W, b, tgt, spec, w, ids, bufs):
         t_y = tl.gather(1, _col(ids)).squeeze(1)
         s_y = sl.gather(1, _col(ids)).squeeze(1)
 
-    D = torch.sub(tl, sl, out=B3) if div == "jsd" else tl.sub_(sl)  # t − s
+    D = torch.sub(tl, sl, out=bufs[3]) if div == "jsd" else tl.sub_(sl)  # t − s
     kl = _rowdot(P, D)
     coef = w / T
-    zeros = torch.zeros_like(kl)
-    clipped = zeros
+    clipped = torch.zeros_like(kl)
 
     if div == "forward_kl":
         if clip == "entry":
-            M = bufs[3]
-            D.mul_(P)  # summands ℓ
-            torch.le(D, tau, out=M)  # 1.0 where the summand is not clamped
-            clipped = V - M.sum(-1)
+            D.mul_(P)  # the summands ℓ
+            torch.le(D, tau, out=mask)  # not clamped: these keep their gradient
+            clipped = V - mask.sum(-1).to(D.dtype)
             value = D.clamp_(max=tau).sum(-1)
-            q = P.mul_(M)
+            q = P.mul_(mask)
         else:
             value = kl
             q = P
@@ -352,9 +357,10 @@ class _ChunkedDistill(torch.autograd.Function):
         loss = torch.zeros((), dtype=dtype, device=dev)
 
         rows = max(1, min(int(chunk_size), N))
-        fast = spec.divergence != "topk"
-        n_bufs = 5 if (spec.divergence == "jsd" and 0.0 < spec.beta < 1.0) else 4
-        work = [torch.empty(rows, V, dtype=dtype, device=dev) for _ in range(n_bufs)] if fast and N > 0 else []
+        fast = spec.divergence != "topk" and N > 0
+        n_bufs = 5 if (spec.divergence == "jsd" and 0.0 < spec.beta < 1.0) else 3
+        work = [torch.empty(rows, V, dtype=dtype, device=dev) for _ in range(n_bufs)] if fast else []
+        mask = torch.empty(rows, V, dtype=torch.bool, device=dev) if fast and spec.clip == "entry" else None
 
         for s in range(0, N, rows):
             e = min(N, s + rows)
@@ -366,7 +372,7 @@ class _ChunkedDistill(torch.autograd.Function):
             ids = target_ids[sl] if target_ids is not None else None
             out = None
             if fast:
-                out = _fast_block(h, weight, bias, tgt, spec, w, ids, [buf[:n] for buf in work])
+                out = _fast_block(h, weight, bias, tgt, spec, w, ids, [buf[:n] for buf in work], mask[:n] if mask is not None else None)
             if out is None:
                 out = _generic_block(h, weight, bias, tgt, spec, w, ids)
             value, st, G = out
@@ -377,7 +383,7 @@ class _ChunkedDistill(torch.autograd.Function):
                 Gw = G if G.dtype == weight.dtype else G.to(weight.dtype)
                 _accumulate_grads(Gw, G, h, weight, grad_h, grad_w, grad_b, sl)
             del out, G, value, st
-        del work
+        del work, mask
 
         if grad_w is not None and grad_w.dtype != weight.dtype:
             grad_w = grad_w.to(weight.dtype)
@@ -418,8 +424,8 @@ def distill_loss(
         spec: divergence, clip, temperature.
         row_weight: ``[N]`` per-row weights (masking, gating and reduction).
         target_ids: ``[N]`` sampled tokens (needed for ``sampled_token``).
-        chunk_size: rows per block; peak extra memory is about ``4 · chunk_size · V`` elements plus
-            ``grad_weight [V, H]`` (see :func:`auto_chunk_size`).
+        chunk_size: rows per block; peak extra memory is about ``3 · chunk_size · V`` elements
+            (+ a bool block for the entry clip) plus ``grad_weight [V, H]`` (see :func:`auto_chunk_size`).
     Returns:
         ``DistillOutput(loss, stats)``: ``loss`` a scalar with grad, ``stats`` detached ``[N]``
         tensors (see :class:`ogls_sd.losses.reference.DistillOutput`).
@@ -454,13 +460,12 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         rows = max(1, min(int(chunk_size), N))
         if N > 0:
             raw = torch.empty(rows, V, dtype=hidden.dtype, device=hidden.device)
-            lp = torch.empty_like(raw)
             for s in range(0, N, rows):
                 e = min(N, s + rows)
                 x = _linear_into(raw[: e - s], hidden[s:e], weight, bias)
                 if temperature != 1.0:
                     x.div_(temperature)
-                out[s:e] = _log_softmax_into(lp[: e - s], x).gather(1, _col(ids[s:e])).squeeze(1)
+                out[s:e] = _log_softmax_(x).gather(1, _col(ids[s:e])).squeeze(1)
         ctx.save_for_backward(hidden, weight, bias, ids)
         ctx.temperature = temperature
         ctx.rows = rows
@@ -479,14 +484,12 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         grad_b = torch.zeros(bias.shape, dtype=acc_dtype, device=weight.device) if need_b else None
         if N > 0 and (need_h or need_w or need_b):
             raw = torch.empty(rows, V, dtype=hidden.dtype, device=hidden.device)
-            G = torch.empty_like(raw)
             for s in range(0, N, rows):
                 e = min(N, s + rows)
-                x = _linear_into(raw[: e - s], hidden[s:e], weight, bias)
+                g = _linear_into(raw[: e - s], hidden[s:e], weight, bias)
                 if T != 1.0:
-                    x.div_(T)
-                g = G[: e - s]
-                torch.exp(_log_softmax_into(g, x), out=g)  # p, as log_softmax's backward uses it
+                    g.div_(T)
+                _log_softmax_(g).exp_()  # p = exp(log_softmax), as log_softmax's backward computes it
                 go = grad_out[s:e].to(g.dtype) / T
                 g.mul_(_col(-go))
                 g.scatter_add_(1, _col(ids[s:e]), _col(go))  # d/dx = (onehot − p)·go/T

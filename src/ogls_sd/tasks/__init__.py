@@ -13,7 +13,8 @@ def get_task(data_cfg):
 
     t = data_cfg.task
     if t == "arith":
-        return ArithTask(digits=data_cfg.arith_digits, terms=data_cfg.arith_terms)
+        return ArithTask(digits=data_cfg.arith_digits, terms=data_cfg.arith_terms,
+                         style=getattr(data_cfg, "arith_style", "plain"))
     if t.startswith("reasoning_gym:"):
         res = files.load_reasoning_gym(t.split(":", 1)[1], size=data_cfg.size, seed=data_cfg.seed)
     elif t == "champ":

@@ -7,6 +7,15 @@ column from the right, one step per column (digits, carry in, column sum), then 
 
 Completions are graded by the integer after the last ``A:``. The task also writes plausible wrong
 attempts (one dropped or invented carry) for the warm start of the context-pooling template.
+
+Style ``templated`` (``data.arith_style``; see ``docs/experiments.md``): the REFERENCE solution
+follows every step with a check segment the student never uses (``TEMPLATE_MARKER``)::
+
+    347+568  ->  7+8=15 chk:15-8=7 ok 4+6+1=11 chk:11-6-1=4 ok 3+5+1=9 chk:9-5-1=3 ok A:915
+
+while the student's own format (:meth:`ArithTask.plain_reference`, wrong attempts, what the warm
+start teaches for the student prompt) stays plain. A rollout limit of :meth:`ArithTask.plain_max_tokens`
+then cuts off any completion that copies the template (reward 0).
 """
 
 from __future__ import annotations
@@ -16,6 +25,9 @@ import re
 from dataclasses import dataclass
 
 from ..data.example import Example
+
+STYLES = ("plain", "templated")
+TEMPLATE_MARKER = "chk:"  # the check segment of templated references; counted as markers/template
 
 ANSWER_RE = re.compile(r"A:(-?\d{1,40})")
 
@@ -28,6 +40,29 @@ TEMPLATES = {
 }
 
 
+@dataclass(frozen=True)
+class ArithExample(Example):
+    """An arith example that also carries its solution in the student's own (plain) style.
+
+    ``reference`` is the privileged reference (templated under ``arith_style=templated``);
+    ``plain_reference`` is the same solution without the check segments (equal to ``reference``
+    under ``plain``). ``steering.fallback_reference=plain`` reads it for the all-wrong fallback.
+    """
+
+    plain_reference: str = ""
+
+
+def templated_solution(plain: str) -> str:
+    """Insert a check segment after every step of a plain solution (``a+b+c=s`` -> ``chk:s-b-c=a ok``)."""
+    body, _, ans = plain.rpartition(" A:")
+    out = []
+    for step in body.split(" "):
+        lhs, s = step.split("=")
+        terms = lhs.split("+")
+        out.append(f"{step} {TEMPLATE_MARKER}{s}-{'-'.join(terms[1:])}={terms[0]} ok")
+    return " ".join(out) + f" A:{ans}"
+
+
 @dataclass
 class ArithTask:
     """Seeded generator of addition problems with worked solutions.
@@ -35,15 +70,21 @@ class ArithTask:
     Args:
         digits: digits per operand (leading digit non-zero).
         terms: number of operands.
+        style: ``plain`` (reference in the student's own style) or ``templated`` (the reference
+            carries a check segment after every step; the student format stays plain).
     """
 
     digits: int = 3
     terms: int = 2
     name: str = "arith"
+    style: str = "plain"
+    template_marker: str = TEMPLATE_MARKER
 
     def __post_init__(self) -> None:
         if self.digits < 1 or self.terms < 2:
             raise ValueError("arith needs digits >= 1 and terms >= 2")
+        if self.style not in STYLES:
+            raise ValueError(f"data.arith_style: {self.style!r} is not one of {', '.join(STYLES)}")
 
     # ------------------------------------------------------------------ generation
     def sample_operands(self, rng: random.Random) -> list[int]:
@@ -72,9 +113,21 @@ class ArithTask:
         )
         return " ".join(steps) + f" A:{value}"
 
-    def make(self, operands: list[int], idx: str = "") -> Example:
+    def make(self, operands: list[int], idx: str = "") -> ArithExample:
         problem = "+".join(str(x) for x in operands)
-        return Example(problem=problem, reference=self.solution(operands), answer=str(sum(operands)), id=idx)
+        plain = self.solution(operands)
+        ref = templated_solution(plain) if self.style == "templated" else plain
+        return ArithExample(problem=problem, reference=ref, answer=str(sum(operands)), id=idx, plain_reference=plain)
+
+    def plain_reference(self, ex: Example) -> str:
+        """The solution of ``ex`` in the student's own (plain) style, whatever ``style`` is."""
+        p = getattr(ex, "plain_reference", "")
+        return p or self.solution([int(x) for x in ex.problem.split("+")])
+
+    def plain_max_tokens(self) -> int:
+        """Characters (= tokens of the char-level model) of the longest plain solution, plus EOS."""
+        top = [10**self.digits - 1] * self.terms
+        return len(self.solution(top)) + 1
 
     def examples(self, n: int, seed: int, split: str = "train") -> list[Example]:
         """``n`` problems from the stream ``(seed, split)``; ``train`` and ``test`` never overlap."""

@@ -1,0 +1,273 @@
+"""``ogls-sd compare``: the paper's comparison in miniature (issue 6, docs/experiments.md).
+
+Runs every method of :data:`METHODS` that the installed algorithms support, for several seeds, at
+equal budgets — the same prompts (``data.seed`` is shared), the same number of optimizer steps,
+prompts per step and rollouts per prompt; the rollout tokens each method generated are reported —
+each in its own run directory ``<out>/<method>/seed<k>/`` through :func:`ogls_sd.trainer.train`.
+The warm start of the tiny model is built once per seed (cached by config hash) and shared by all
+methods of that seed. A report (tables + plots, :mod:`ogls_sd.report`) is written into ``<out>``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .config import ALGORITHMS, Config
+
+# method name -> (train.algorithm, extra overrides, description)
+METHODS: dict[str, tuple[str, list[str], str]] = {
+    "sft": ("sft", [], "SFT on the reference solutions"),
+    "rft": ("rft", [], "rejection-sampling SFT on the model's own correct rollouts"),
+    "grpo": ("grpo", [], "GRPO (RLVR)"),
+    "opsd": ("opsd", [], "OPSD: privileged teacher distilled on every rollout"),
+    "opsd_grpo": ("opsd_grpo", [], "naive OPSD + RLVR: L_GRPO + alpha * L_OPSD"),
+    "ogls_context": ("ogls_sd", ["steering.pooling=context", "steering.no_positive=reference",
+                                 "steering.fallback_reference=plain"],
+                     "OGLS-SD, context pooling; all-wrong fallback: the plain reference"),
+    "ogls_global": ("ogls_sd", ["steering.pooling=global", "steering.no_positive=reference",
+                                "steering.fallback_reference=plain"],
+                    "OGLS-SD, global pooling; all-wrong fallback: the plain reference"),
+    # not in the default list: the ablation of method.md §7 (fallback = the templated reference)
+    "ogls_context_refpos": ("ogls_sd", ["steering.pooling=context", "steering.no_positive=reference",
+                                        "steering.fallback_reference=reference"],
+                            "OGLS-SD, context pooling; all-wrong fallback: the privileged (templated) reference"),
+    "ogls_context_skip": ("ogls_sd", ["steering.pooling=context", "steering.no_positive=skip"],
+                          "OGLS-SD, context pooling; all-wrong groups skipped (no reference at all)"),
+}
+DEFAULT_METHODS = ["sft", "rft", "grpo", "opsd", "opsd_grpo", "ogls_context", "ogls_global"]
+
+# The default size: fits about an hour on an idle 2-core CPU (docs/experiments.md has the timing).
+DEFAULT_STEPS = 60
+DEFAULT_SEEDS = 3
+DEFAULT_EVAL_EVERY = 5
+
+
+@dataclass
+class RunSpec:
+    method: str
+    seed: int
+    overrides: list[str]
+    out: Path
+    status: str = "pending"  # pending | running | done | skipped | failed | cached
+    summary: dict = field(default_factory=dict)
+    error: str = ""
+
+
+def base_overrides(style: str, steps: int, eval_every: int) -> list[str]:
+    """The settings every method shares. ``templated``: rollouts and evaluation are limited to the
+    length of the longest plain solution, so a completion that copies the template is cut off."""
+    ov = [f"data.arith_style={style}", f"train.steps={steps}", f"eval.every={eval_every}", "train.device=cpu"]
+    if style == "templated":
+        cfg = Config.load(None, ov)
+        from .tasks import get_task
+
+        n = get_task(cfg.data).plain_max_tokens()
+        ov += [f"rollout.max_new_tokens={n}", f"eval.max_new_tokens={n}"]
+    return ov
+
+
+def plan_runs(out: Path, methods: list[str], seeds: list[int], style: str, steps: int, eval_every: int,
+              extra: list[str], warn=print) -> list[RunSpec]:
+    """One :class:`RunSpec` per (method, seed); methods whose algorithm is missing are skipped with a warning."""
+    base = base_overrides(style, steps, eval_every)
+    runs = []
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"--methods: unknown method {m!r}; known: {', '.join(METHODS)}")
+        algo, mov, _ = METHODS[m]
+        if algo not in ALGORITHMS:
+            warn(f"warning: method {m} skipped: train.algorithm={algo} is not available (ALGORITHMS = {', '.join(ALGORITHMS)})")
+            continue
+        for s in seeds:
+            d = out / m / f"seed{s}"
+            ov = base + [f"train.algorithm={algo}", *mov, *extra, f"train.seed={s}", f"train.output_dir={d}"]
+            runs.append(RunSpec(m, s, ov, d))
+    return runs
+
+
+def _count_lines(p: Path) -> tuple[int, dict]:
+    """Steps logged in ``metrics.jsonl`` so far and the latest record."""
+    if not p.is_file():
+        return 0, {}
+    last, n = {}, 0
+    with open(p) as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if r.get("step", 0) >= 1:
+                n, last = r["step"], r
+            elif "eval/accuracy" in r:
+                last = r
+    return n, last
+
+
+def _table(runs: list[RunSpec]) -> Table:
+    t = Table(title="runs", expand=False)
+    for c in ("method", "seed", "status", "acc before", "acc after", "rollout tok", "wall s"):
+        t.add_column(c, justify="right" if c not in ("method", "status") else "left")
+    colours = {"done": "green", "cached": "green", "running": "yellow", "failed": "red", "skipped": "dim"}
+    for r in runs:
+        s = r.summary
+        f = lambda k: f"{s[k]:.3f}" if isinstance(s.get(k), (int, float)) else ""  # noqa: E731
+        tok = s.get("rollout_tokens")
+        t.add_row(r.method, str(r.seed), f"[{colours.get(r.status, 'white')}]{r.status}[/]", f("accuracy_before"),
+                  f("accuracy_after"), f"{tok:,}" if isinstance(tok, int) else "", str(s.get("wall_seconds", "")))
+    return t
+
+
+def _rollout_tokens(run: Path) -> int:
+    n = 0
+    p = run / "metrics.jsonl"
+    if p.is_file():
+        for line in open(p):
+            r = json.loads(line)
+            n += int(r.get("tokens/rollout", 0))
+    return n
+
+
+def warm_start_seed(cfg: Config, progress=None) -> str:
+    """Build (or find in the cache) the warm start of ``cfg``'s seed; returns its cache path."""
+    if cfg.model.name != "tiny":
+        return ""
+    from .tasks import get_task, task_templates
+    from .warmstart import warm_start
+
+    task = get_task(cfg.data)
+    _, _, path = warm_start(cfg, task, task_templates(task), progress)
+    return str(path)
+
+
+def run_compare(out: str | Path, methods: list[str] | None = None, seeds: list[int] | None = None,
+                style: str = "templated", steps: int = DEFAULT_STEPS, eval_every: int = DEFAULT_EVAL_EVERY,
+                extra: list[str] | None = None, threshold: float | None = None, console: Console | None = None,
+                resume: bool = True) -> dict:
+    """Run the comparison; returns the report dict (also written to ``<out>/report.json``)."""
+    from . import report
+    from .trainer import train
+
+    console = console or Console()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    methods = list(methods or DEFAULT_METHODS)
+    seeds = list(range(DEFAULT_SEEDS)) if seeds is None else list(seeds)
+    runs = plan_runs(out, methods, seeds, style, steps, eval_every, list(extra or []),
+                     warn=lambda m: console.print(f"[yellow]{m}[/]", highlight=False))
+    if not runs:
+        raise ValueError("no method to run (all requested algorithms are missing)")
+    meta = {"methods": methods, "seeds": seeds, "style": style, "steps": steps, "eval_every": eval_every,
+            "extra": list(extra or []), "runs": [{"method": r.method, "seed": r.seed, "dir": str(r.out.relative_to(out)),
+                                                  "overrides": r.overrides} for r in runs],
+            "descriptions": {m: METHODS[m][2] for m in methods if m in METHODS}}
+    for r in runs:  # validate every config before spending time
+        Config.load(None, r.overrides)
+    (out / "compare.json").write_text(json.dumps(meta, indent=1))
+    t0 = time.time()
+
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console)
+    overall = progress.add_task("all runs", total=len(runs), info="")
+    current = progress.add_task("-", total=steps, info="")
+    stop = threading.Event()
+    active: dict = {}
+
+    def poll() -> None:  # follow the running run's metrics.jsonl
+        while not stop.wait(1.0):
+            r = active.get("run")
+            if r is None:
+                continue
+            n, last = _count_lines(r.out / "metrics.jsonl")
+            info = []
+            if "reward/mean" in last:
+                info.append(f"reward {last['reward/mean']:.2f}")
+            if "eval/accuracy" in last:
+                info.append(f"eval acc {last['eval/accuracy']:.3f}")
+            if "markers/template" in last:
+                info.append(f"tmpl {last['markers/template']:.2f}")
+            progress.update(current, completed=n, info="  ".join(info))
+
+    def view():
+        return Group(progress, _table(runs))
+
+    with Live(view(), console=console, refresh_per_second=2, transient=False) as live:
+        th = threading.Thread(target=poll, daemon=True)
+        th.start()
+        done_ws: set[int] = set()
+        for r in runs:
+            cfg = Config.load(None, r.overrides)
+            if resume and (r.out / "summary.json").is_file() and (r.out / "config.yaml").is_file() \
+                    and (r.out / "config.yaml").read_text() == cfg.to_yaml():
+                r.status, r.summary = "cached", json.loads((r.out / "summary.json").read_text())
+                r.summary["rollout_tokens"] = _rollout_tokens(r.out)
+                progress.advance(overall)
+                live.update(view())
+                continue
+            if r.seed not in done_ws:
+                progress.update(current, description=f"warm start seed {r.seed}", completed=0,
+                                total=cfg.warmstart.steps, info="(shared by all methods of the seed)")
+                warm_start_seed(cfg, _ProgressProxy(progress, current))
+                done_ws.add(r.seed)
+            if r.out.exists():  # a stale or partial run: start it afresh
+                import shutil
+
+                shutil.rmtree(r.out)
+            r.out.mkdir(parents=True, exist_ok=True)
+            (r.out / "run.json").write_text(json.dumps({"method": r.method, "seed": r.seed, "overrides": r.overrides}))
+            r.status = "running"
+            progress.update(current, description=f"{r.method} seed {r.seed}", completed=0, total=steps, info="")
+            active["run"] = r
+            live.update(view())
+            log = open(r.out / "train.log", "w")
+            try:
+                r.summary = train(cfg, console=Console(file=log, width=120, force_terminal=False))
+                r.summary["rollout_tokens"] = _rollout_tokens(r.out)
+                r.status = "done"
+            except Exception as e:  # keep going: one failed run must not lose the others
+                r.status, r.error = "failed", f"{type(e).__name__}: {e}"
+                log.write(f"\nFAILED: {r.error}\n")
+                console.print(f"[red]{r.method} seed {r.seed} failed:[/] {r.error} (see {r.out / 'train.log'})",
+                              highlight=False)
+            finally:
+                log.close()
+                active.pop("run", None)
+            progress.advance(overall)
+            live.update(view())
+        stop.set()
+        th.join(timeout=2)
+    wall = time.time() - t0
+    meta["wall_seconds"] = round(wall, 1)
+    meta["status"] = {f"{r.method}/seed{r.seed}": r.status for r in runs}
+    (out / "compare.json").write_text(json.dumps(meta, indent=1))
+    rep = report.write_report([out], out, threshold=threshold)
+    console.print(f"compare: {len(runs)} runs in {wall / 60:.1f} min; report: {out / 'report.md'}")
+    failed = [r for r in runs if r.status == "failed"]
+    if failed:
+        console.print(f"[red]{len(failed)} run(s) failed:[/] " + ", ".join(f"{r.method}/seed{r.seed}" for r in failed))
+    return rep
+
+
+class _ProgressProxy:
+    """Lets the warm start drive the compare display's current-run bar (it calls add_task/update)."""
+
+    def __init__(self, progress: Progress, task_id):
+        self.p, self.t = progress, task_id
+
+    def add_task(self, description, total=None, **fields):
+        self.p.update(self.t, description=f"{description} (shared)", total=total, completed=0)
+        return self.t
+
+    def update(self, task_id, advance=None, description=None, **kw):
+        self.p.update(self.t, advance=advance, description=description)
+
+
+__all__ = ["DEFAULT_METHODS", "METHODS", "RunSpec", "base_overrides", "plan_runs", "run_compare"]

@@ -1,0 +1,318 @@
+"""Tables and plots of one or more training runs, from their ``metrics.jsonl`` / ``summary.json``.
+
+``ogls-sd report RUN_DIR...`` (and ``ogls-sd compare`` at its end) writes into the output directory:
+
+* ``report.md`` and ``report.json``: per method, held-out greedy accuracy as mean ± std over seeds
+  (before, final, best during training), the area under the accuracy curve (mean accuracy over the
+  training steps, trapezoid rule), rollout tokens to reach a threshold accuracy, total rollout
+  tokens and the final template-marker rate;
+* PNG plots (matplotlib, Agg backend): accuracy vs step and vs cumulative rollout tokens, reward,
+  teacher-student KL per token, student entropy, completion length and marker counts per method.
+
+A run directory is any directory holding ``metrics.jsonl``; the method label comes from
+``run.json`` (written by ``compare``) or else from the config (algorithm, pooling), the seed from
+``train.seed``. Curves are averaged over the seeds of a method (shaded: min..max).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class RunLog:
+    dir: Path
+    method: str
+    seed: int
+    records: list[dict]
+    summary: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+
+    def series(self, key: str) -> list[tuple[int, float]]:
+        return [(r["step"], float(r[key])) for r in self.records if key in r and r[key] is not None]
+
+    def accuracy_curve(self) -> list[tuple[int, float]]:
+        """``eval/accuracy`` by step; without it, (0, before) and (steps, after) from the summary."""
+        c = self.series("eval/accuracy")
+        if not c:
+            if "accuracy_before" in self.summary:
+                c.append((0, float(self.summary["accuracy_before"])))
+            if "accuracy_after" in self.summary:
+                c.append((int(self.summary.get("steps", self.last_step())), float(self.summary["accuracy_after"])))
+        return sorted(c)
+
+    def last_step(self) -> int:
+        return max((r["step"] for r in self.records), default=0)
+
+    def cumulative_tokens(self) -> dict[int, float]:
+        """Cumulative rollout tokens after each step (step 0 -> 0)."""
+        out, acc = {0: 0.0}, 0.0
+        tr = self.config.get("train", {})
+        per_step = tr.get("prompts_per_step", 8) * self.config.get("rollout", {}).get("num_generations", 8)
+        for r in sorted((r for r in self.records if r.get("step", 0) >= 1), key=lambda r: r["step"]):
+            if "tokens/rollout" in r:
+                acc += float(r["tokens/rollout"])
+            elif "completion/len_mean" in r:
+                acc += float(r["completion/len_mean"]) * per_step
+            out[r["step"]] = acc
+        return out
+
+
+def find_runs(paths: list[str | Path]) -> list[Path]:
+    """Every directory under ``paths`` (inclusive) that holds a ``metrics.jsonl``."""
+    found = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: no such directory")
+        if (p / "metrics.jsonl").is_file():
+            found.append(p)
+        else:
+            found += sorted(m.parent for m in p.rglob("metrics.jsonl"))
+    seen, out = set(), []
+    for d in found:
+        if d.resolve() not in seen:
+            seen.add(d.resolve())
+            out.append(d)
+    return out
+
+
+def _label(cfg: dict) -> str:
+    algo = cfg.get("train", {}).get("algorithm", "run")
+    if algo == "ogls_sd":
+        return f"ogls_{cfg.get('steering', {}).get('pooling', 'context')}"
+    return algo
+
+
+def load_run(d: str | Path) -> RunLog:
+    d = Path(d)
+    recs = []
+    for line in open(d / "metrics.jsonl"):
+        line = line.strip()
+        if line:
+            try:
+                recs.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a run still writing its last line
+    cfg = yaml.safe_load((d / "config.yaml").read_text()) if (d / "config.yaml").is_file() else {}
+    summ = json.loads((d / "summary.json").read_text()) if (d / "summary.json").is_file() else {}
+    meta = json.loads((d / "run.json").read_text()) if (d / "run.json").is_file() else {}
+    method = meta.get("method") or _label(cfg or {})
+    seed = int(meta.get("seed", (cfg or {}).get("train", {}).get("seed", 0)))
+    return RunLog(d, method, seed, recs, summ, cfg or {})
+
+
+# ---------------------------------------------------------------------------------- statistics
+def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def _auc(curve: list[tuple[int, float]]) -> float | None:
+    """Mean accuracy over the training steps (trapezoid rule over the evaluated steps)."""
+    if len(curve) < 2:
+        return curve[0][1] if curve else None
+    area = sum((s1 - s0) * (a0 + a1) / 2 for (s0, a0), (s1, a1) in zip(curve, curve[1:]))
+    span = curve[-1][0] - curve[0][0]
+    return area / span if span > 0 else curve[-1][1]
+
+
+def run_stats(run: RunLog, threshold: float) -> dict:
+    curve = run.accuracy_curve()
+    toks = run.cumulative_tokens()
+    after = [a for s, a in curve if s >= 1]
+    reach = next((toks.get(s) for s, a in curve if s >= 1 and a >= threshold), None)
+    last = max((r for r in run.records if r.get("step", 0) >= 1), key=lambda r: r["step"], default={})
+    tail = [r for r in run.records if r.get("step", 0) > max(0, run.last_step() - 5)]  # last 5 steps
+    tmpl = [r["markers/template"] for r in tail if "markers/template" in r]
+    return {
+        "method": run.method, "seed": run.seed, "dir": str(run.dir),
+        "accuracy_before": run.summary.get("accuracy_before", curve[0][1] if curve and curve[0][0] == 0 else None),
+        "accuracy_final": run.summary.get("accuracy_after", curve[-1][1] if curve else None),
+        "accuracy_best": max(after) if after else None,
+        "auc": _auc(curve),
+        "tokens_to_threshold": reach,
+        "rollout_tokens": toks.get(run.last_step(), 0.0),
+        "template_markers_final": statistics.fmean(tmpl) if tmpl else None,
+        "completion_len_final": last.get("completion/len_mean"),
+        "steps": run.last_step(),
+        "wall_seconds": run.summary.get("wall_seconds"),
+    }
+
+
+def aggregate(runs: list[RunLog], threshold: float) -> dict:
+    per_run = [run_stats(r, threshold) for r in runs]
+    methods: dict[str, dict] = {}
+    order = list(dict.fromkeys(r.method for r in runs))
+    for m in order:
+        rs = [p for p in per_run if p["method"] == m]
+        row: dict = {"method": m, "seeds": sorted(p["seed"] for p in rs), "n": len(rs)}
+        for k in ("accuracy_before", "accuracy_final", "accuracy_best", "auc", "rollout_tokens",
+                  "template_markers_final", "completion_len_final", "wall_seconds"):
+            mu, sd = _mean_std([p[k] for p in rs])
+            row[k] = {"mean": mu, "std": sd, "values": [p[k] for p in rs]}
+        reached = [p["tokens_to_threshold"] for p in rs if p["tokens_to_threshold"] is not None]
+        row["tokens_to_threshold"] = {"reached": len(reached), "of": len(rs),
+                                      "mean": statistics.fmean(reached) if reached else None, "values":
+                                      [p["tokens_to_threshold"] for p in rs]}
+        methods[m] = row
+    return {"threshold": threshold, "methods": methods, "runs": per_run}
+
+
+# ---------------------------------------------------------------------------------- tables
+def _fmt(d: dict, digits: int = 3, pct: bool = False) -> str:
+    if d.get("mean") is None:
+        return "–"
+    f = (lambda x: f"{100 * x:.1f}") if pct else (lambda x: f"{x:.{digits}f}")
+    return f"{f(d['mean'])} ± {f(d['std'])}" if d.get("std") else f(d["mean"])
+
+
+def markdown_table(agg: dict) -> str:
+    thr = agg["threshold"]
+    head = ["method", "seeds", "acc before (%)", "acc final (%)", "acc best (%)", "AUC (%)",
+            f"rollout tokens to {100 * thr:.0f}%", "rollout tokens (total)", "template markers / completion (last 5 steps)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m, row in agg["methods"].items():
+        tt = row["tokens_to_threshold"]
+        ttxt = f"{tt['mean'] / 1e3:,.0f}k ({tt['reached']}/{tt['of']} seeds)" if tt["mean"] is not None else f"never (0/{tt['of']})"
+        rt = row["rollout_tokens"]["mean"]
+        lines.append("| " + " | ".join([
+            m, ",".join(map(str, row["seeds"])), _fmt(row["accuracy_before"], pct=True),
+            _fmt(row["accuracy_final"], pct=True), _fmt(row["accuracy_best"], pct=True), _fmt(row["auc"], pct=True),
+            ttxt, f"{rt / 1e3:,.0f}k" if rt else "0", _fmt(row["template_markers_final"], 2),
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def per_seed_table(agg: dict) -> str:
+    lines = ["| method | seed | before | final | best | AUC | tokens to threshold |", "|---|---|---|---|---|---|---|"]
+    f = lambda x: "–" if x is None else f"{100 * x:.1f}"  # noqa: E731
+    for p in agg["runs"]:
+        tt = p["tokens_to_threshold"]
+        lines.append(f"| {p['method']} | {p['seed']} | {f(p['accuracy_before'])} | {f(p['accuracy_final'])} | "
+                     f"{f(p['accuracy_best'])} | {f(p['auc'])} | {'never' if tt is None else f'{tt:,.0f}'} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- plots
+PLOTS = {
+    # file: (title, y key, x axis, y label)
+    "accuracy_vs_step.png": ("Held-out greedy accuracy vs step", "eval/accuracy", "step", "accuracy"),
+    "accuracy_vs_tokens.png": ("Held-out greedy accuracy vs rollout tokens", "eval/accuracy", "tokens", "accuracy"),
+    "reward.png": ("Training reward (mean over rollouts) vs step", "reward/mean", "step", "reward"),
+    "kl.png": ("Teacher-student KL per distilled token vs step", "kl/token", "step", "KL (nats)"),
+    "entropy.png": ("Student entropy per distilled token vs step", "entropy/student", "step", "entropy (nats)"),
+    "completion_length.png": ("Completion length (tokens, mean) vs step", "completion/len_mean", "step", "tokens"),
+    "template_markers.png": ("Template markers per completion vs step", "markers/template", "step", "count"),
+    "reflection_markers.png": ("Reflection markers per completion vs step", "markers/reflection", "step", "count"),
+}
+
+
+def _series(run: RunLog, key: str) -> list[tuple[int, float]]:
+    if key == "eval/accuracy":
+        return run.accuracy_curve()
+    return sorted(run.series(key))
+
+
+def _method_curve(runs: list[RunLog], key: str, x: str):
+    """(xs, mean, lo, hi) over the seeds at the steps all seeds share."""
+    per = [dict(_series(r, key)) for r in runs]
+    steps = sorted(set.intersection(*[set(p) for p in per])) if per else []
+    if not steps:
+        return None
+    xs = []
+    if x == "tokens":
+        toks = [r.cumulative_tokens() for r in runs]
+        xs = [statistics.fmean(t.get(s, float("nan")) for t in toks) for s in steps]
+    else:
+        xs = steps
+    vals = [[p[s] for p in per] for s in steps]
+    return xs, [statistics.fmean(v) for v in vals], [min(v) for v in vals], [max(v) for v in vals]
+
+
+def plot_all(runs: list[RunLog], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_method: dict[str, list[RunLog]] = {}
+    for r in runs:
+        by_method.setdefault(r.method, []).append(r)
+    written = []
+    colours = plt.get_cmap("tab10")
+    for fname, (title, key, x, ylabel) in PLOTS.items():
+        fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=80)
+        drawn = 0
+        for i, (m, rs) in enumerate(by_method.items()):
+            c = _method_curve(rs, key, x)
+            if c is None:
+                continue
+            xs, mu, lo, hi = c
+            if key in ("kl/token", "entropy/student") and not any(v != 0 for v in mu):
+                continue  # no distillation term: nothing measured
+            if key == "reward/mean" and not xs:
+                continue
+            col = colours(i % 10)
+            ax.plot(xs, mu, label=f"{m} (n={len(rs)})", color=col, lw=1.6, marker="o" if key == "eval/accuracy" else None, ms=3)
+            if len(rs) > 1:
+                ax.fill_between(xs, lo, hi, color=col, alpha=0.15, lw=0)
+            drawn += 1
+        seeds = sorted({r.seed for r in runs})
+        ax.set_title(title + (f"\nmean over seeds {seeds}, shaded min..max" if len(seeds) > 1 else f"\nseed {seeds}"), fontsize=10)
+        ax.set_xlabel("cumulative rollout tokens" if x == "tokens" else "optimizer step")
+        ax.set_ylabel(ylabel)
+        if key == "eval/accuracy":
+            ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        if drawn:
+            ax.legend(fontsize=7, loc="best")
+        else:
+            ax.text(0.5, 0.5, "no run logged this metric", ha="center", va="center", transform=ax.transAxes)
+        fig.tight_layout()
+        p = out / fname
+        fig.savefig(p)
+        plt.close(fig)
+        written.append(p)
+    return written
+
+
+def write_report(paths: list[str | Path], out: str | Path, threshold: float | None = None) -> dict:
+    """Load every run under ``paths``, write ``report.md``, ``report.json`` and the PNGs into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dirs = find_runs(paths)
+    if not dirs:
+        raise FileNotFoundError(f"no metrics.jsonl under {', '.join(map(str, paths))}")
+    runs = [load_run(d) for d in dirs]
+    if threshold is None:  # default: 10 points above the mean starting accuracy (capped)
+        starts = [c[0][1] for c in (r.accuracy_curve() for r in runs) if c and c[0][0] == 0]
+        threshold = round(min(0.9, (statistics.fmean(starts) if starts else 0.5) + 0.1), 2)
+    agg = aggregate(runs, threshold)
+    pngs = plot_all(runs, out)
+    agg["plots"] = [p.name for p in pngs]
+    meta = {}
+    if (out / "compare.json").is_file():
+        meta = json.loads((out / "compare.json").read_text())
+        agg["compare"] = {k: meta.get(k) for k in ("methods", "seeds", "style", "steps", "eval_every", "extra", "wall_seconds")}
+    (out / "report.json").write_text(json.dumps(agg, indent=1))
+    md = ["# Comparison report", ""]
+    if meta:
+        md += [f"Task style `{meta.get('style')}`, {meta.get('steps')} steps, seeds {meta.get('seeds')}, "
+               f"held-out accuracy every {meta.get('eval_every')} steps; extra overrides: {meta.get('extra') or 'none'}.", ""]
+    md += [f"Held-out greedy accuracy, mean ± std over seeds. AUC: mean accuracy over the training steps. "
+           f"Threshold for 'rollout tokens to': {100 * threshold:.0f}%.", "", markdown_table(agg), "",
+           "## Per seed", "", per_seed_table(agg), "", "## Plots", ""]
+    md += [f"![{PLOTS[p.name][0]}]({p.name})" for p in pngs]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    return agg
+
+
+__all__ = ["RunLog", "aggregate", "find_runs", "load_run", "markdown_table", "plot_all", "write_report"]

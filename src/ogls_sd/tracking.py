@@ -1,0 +1,126 @@
+"""Local experiment tracking: every metrics record also goes to a tracker (``train.report_to``).
+
+* ``tensorboard`` [default]: TensorBoard event files under ``<output_dir>/tb`` (view with
+  ``tensorboard --logdir runs/``). If the ``tensorboard`` package is missing, a warning is printed
+  and training goes on with ``metrics.jsonl`` only (the record of truth).
+* ``wandb`` / ``trackio``: imported lazily; a clear error when not installed. They log under the
+  project ``ogls-sd`` with the run directory's name, and write their local files under the run
+  directory where the library allows it.
+* ``none``: no tracker.
+
+Only numeric values are forwarded; ``step`` is the record's ``step``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+
+class TrackerError(RuntimeError):
+    """A tracker was requested that cannot be used (not installed)."""
+
+
+def _numeric(rec: dict) -> dict[str, float]:
+    out = {}
+    for k, v in rec.items():
+        if k == "step" or isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if math.isfinite(float(v)):
+            out[k] = float(v)
+    return out
+
+
+class Tracker:
+    """No-op tracker (``report_to=none``); the base of the others."""
+
+    name = "none"
+
+    def log(self, rec: dict, step: int | None = None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class TensorBoardTracker(Tracker):
+    name = "tensorboard"
+
+    def __init__(self, logdir: Path):
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+        self.logdir = Path(logdir)
+        self.writer = SummaryWriter(log_dir=str(self.logdir))
+
+    def log(self, rec: dict, step: int | None = None) -> None:
+        step = int(rec.get("step", 0) if step is None else step)
+        for k, v in _numeric(rec).items():
+            self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbTracker(Tracker):
+    name = "wandb"
+
+    def __init__(self, run_dir: Path, config: dict | None):
+        import wandb
+
+        self.wandb = wandb
+        self.run = wandb.init(project="ogls-sd", name=Path(run_dir).name, dir=str(run_dir), config=config or {},
+                              reinit=True)
+
+    def log(self, rec: dict, step: int | None = None) -> None:
+        step = int(rec.get("step", 0) if step is None else step)
+        self.run.log(_numeric(rec), step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class TrackioTracker(Tracker):
+    name = "trackio"
+
+    def __init__(self, run_dir: Path, config: dict | None):
+        import trackio
+
+        self.trackio = trackio
+        self.run = trackio.init(project="ogls-sd", name=Path(run_dir).name, config=config or {})
+
+    def log(self, rec: dict, step: int | None = None) -> None:
+        step = int(rec.get("step", 0) if step is None else step)
+        self.trackio.log(_numeric(rec), step=step)
+
+    def close(self) -> None:
+        self.trackio.finish()
+
+
+_INSTALL = {"wandb": "pip install wandb", "trackio": "pip install trackio", "tensorboard": "pip install tensorboard"}
+
+
+def open_tracker(report_to: str, run_dir: str | Path, config: dict | None = None) -> Tracker:
+    """The tracker named by ``report_to`` writing under ``run_dir``."""
+    run_dir = Path(run_dir)
+    if report_to in ("none", "", None):
+        return Tracker()
+    if report_to == "tensorboard":
+        try:
+            return TensorBoardTracker(run_dir / "tb")
+        except ImportError:
+            print("warning: train.report_to=tensorboard but the tensorboard package is not installed "
+                  f"({_INSTALL['tensorboard']}); metrics go to metrics.jsonl only", file=sys.stderr)
+            return Tracker()
+    if report_to == "wandb":
+        cls = WandbTracker
+    elif report_to == "trackio":
+        cls = TrackioTracker
+    else:
+        raise TrackerError(f"train.report_to: unknown tracker {report_to!r}")
+    try:
+        return cls(run_dir, config)
+    except ImportError as e:
+        raise TrackerError(f"train.report_to={report_to}: the {report_to} package is not installed "
+                           f"({_INSTALL[report_to]}), or set train.report_to=tensorboard|none ({e})") from None

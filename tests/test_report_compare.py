@@ -1,0 +1,102 @@
+"""ogls-sd report (plots from synthetic metrics.jsonl), eval.every, and ogls-sd compare end to end."""
+
+import json
+import time
+
+import pytest
+import yaml
+
+from ogls_sd.compare import METHODS, plan_runs, run_compare
+from ogls_sd.config import Config
+from ogls_sd.report import PLOTS, load_run, write_report
+
+from conftest import TINY_OVERRIDES
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _fake_run(d, method, seed, accs, tmpl):
+    d.mkdir(parents=True)
+    recs = [{"step": 0, "eval/accuracy": accs[0]}]
+    for s in range(1, len(accs)):
+        recs.append({"step": s, "eval/accuracy": accs[s], "reward/mean": accs[s], "kl/token": 0.1 * s,
+                     "entropy/student": 1.0 / s, "completion/len_mean": 30.0 + s, "tokens/rollout": 1000.0,
+                     "markers/template": tmpl * s, "markers/reflection": 0.0})
+    (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    (d / "run.json").write_text(json.dumps({"method": method, "seed": seed}))
+    (d / "summary.json").write_text(json.dumps({"accuracy_before": accs[0], "accuracy_after": accs[-1], "steps": len(accs) - 1}))
+    (d / "config.yaml").write_text(yaml.safe_dump({"train": {"seed": seed}}))
+
+
+def test_report_redraws_plots_and_tables_from_metrics(tmp_path):
+    _fake_run(tmp_path / "a" / "seed0", "opsd", 0, [0.4, 0.2, 0.0, 0.0], 1.0)
+    _fake_run(tmp_path / "a" / "seed1", "opsd", 1, [0.4, 0.3, 0.1, 0.0], 1.0)
+    _fake_run(tmp_path / "b" / "seed0", "ogls_context", 0, [0.4, 0.6, 0.8, 0.9], 0.0)
+    out = tmp_path / "report"
+    rep = write_report([tmp_path / "a", tmp_path / "b" / "seed0"], out, threshold=0.5)
+    for name in PLOTS:
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 1000, name
+    m = rep["methods"]
+    assert m["opsd"]["n"] == 2 and m["opsd"]["seeds"] == [0, 1]
+    assert m["opsd"]["accuracy_final"]["mean"] == 0.0
+    assert m["opsd"]["accuracy_best"]["mean"] == pytest.approx(0.25)
+    assert m["opsd"]["tokens_to_threshold"]["reached"] == 0
+    assert m["ogls_context"]["tokens_to_threshold"]["mean"] == 1000.0  # reached 0.6 after step 1
+    # AUC: trapezoid mean over steps 0..3 of 0.4, 0.6, 0.8, 0.9
+    assert m["ogls_context"]["auc"]["mean"] == pytest.approx((0.5 + 0.7 + 0.85) / 3)
+    md = (out / "report.md").read_text()
+    assert "| ogls_context |" in md and "accuracy_vs_tokens.png" in md
+    assert json.loads((out / "report.json").read_text())["threshold"] == 0.5
+    assert load_run(tmp_path / "a" / "seed1").accuracy_curve()[-1] == (3, 0.0)
+
+
+def test_report_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from ogls_sd.cli import app
+
+    _fake_run(tmp_path / "r", "grpo", 0, [0.3, 0.5], 0.0)
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "r"), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    assert "| grpo |" in res.output and (tmp_path / "out" / "accuracy_vs_step.png").is_file()
+
+
+def test_plan_runs_share_budgets_and_skip_missing_algorithms(tmp_path, monkeypatch):
+    import ogls_sd.compare as compare
+
+    runs = plan_runs(tmp_path, ["opsd", "ogls_context"], [0, 1], "templated", 7, 2, ["train.lr=0.001"])
+    assert [(r.method, r.seed) for r in runs] == [("opsd", 0), ("opsd", 1), ("ogls_context", 0), ("ogls_context", 1)]
+    cfgs = [Config.load(None, r.overrides) for r in runs]
+    assert {c.train.steps for c in cfgs} == {7} and {c.data.seed for c in cfgs} == {0}
+    assert {c.rollout.max_new_tokens for c in cfgs} == {32}  # the length of a plain solution (+ EOS)
+    assert cfgs[2].steering.fallback_reference == "plain" and cfgs[2].train.lr == 0.001
+    monkeypatch.setattr(compare, "ALGORITHMS", ("ogls_sd",))
+    warned = []
+    runs = plan_runs(tmp_path, ["sft", "ogls_global"], [0], "plain", 2, 1, [], warn=warned.append)
+    assert [r.method for r in runs] == ["ogls_global"] and "sft" in warned[0]
+    assert set(compare.DEFAULT_METHODS) <= set(METHODS)
+
+
+def test_compare_end_to_end_tiny(tmp_path):
+    t0 = time.time()
+    out = tmp_path / "cmp"
+    extra = TINY_OVERRIDES + [f"warmstart.cache_dir={tmp_path / 'ws'}", "data.eval_size=2", "train.report_to=none"]
+    rep = run_compare(out, ["opsd", "ogls_context"], [0], style="plain", steps=2, eval_every=1, extra=extra)
+    assert set(rep["methods"]) == {"opsd", "ogls_context"}
+    for m in ("opsd", "ogls_context"):
+        d = out / m / "seed0"
+        recs = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in recs] == [0, 1, 2]
+        assert all("eval/accuracy" in r for r in recs)
+        assert "markers/template" in recs[1] and "markers/reflection" in recs[1] and "tokens/rollout" in recs[1]
+        assert (d / "summary.json").is_file()
+    assert len(list((tmp_path / "ws").iterdir())) == 1  # one warm start shared by both methods
+    for name in PLOTS:
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    assert json.loads((out / "compare.json").read_text())["status"] == {"opsd/seed0": "done", "ogls_context/seed0": "done"}
+    # a second call reuses the finished runs
+    rep2 = run_compare(out, ["opsd"], [0], style="plain", steps=2, eval_every=1, extra=extra)
+    assert json.loads((out / "compare.json").read_text())["status"] == {"opsd/seed0": "cached"}
+    assert rep2["methods"]["opsd"]["n"] == 1
+    assert time.time() - t0 < 120  # well under 30 s on an idle machine
