@@ -47,16 +47,19 @@ def train(
     overrides: List[str] = typer.Argument(None, help="section.key=value overrides, e.g. loss.clip=entry train.steps=20"),
     config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config file (sections as below)."),
     output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Run directory (same as train.output_dir)."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="'latest' (newest checkpoint in the run directory) or a checkpoint path (same as train.resume)."),
 ):
     ov = list(overrides or [])
     if output_dir:
         ov.append(f"train.output_dir={output_dir}")
+    if resume:
+        ov.append(f"train.resume={resume}")
     cfg = _load(config, ov)
-    from .trainer import train as run_train
+    from .trainer import TrainingHalted, train as run_train
 
     try:
         summary = run_train(cfg)
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, FileNotFoundError, OSError, TrainingHalted) as e:
         err.print(f"[red]error:[/] {e}", highlight=False)
         raise typer.Exit(1)
     before, after = summary.get("accuracy_before"), summary.get("accuracy_after")

@@ -153,7 +153,7 @@ class RolloutConfig(_Section):
     temperature: float = opt(1.0, "Sampling temperature.")
     top_p: float = opt(1.0, "Nucleus sampling threshold (1 = off).")
     top_k: int = opt(0, "Top-k sampling (0 = off).")
-    batch_size: int = opt(64, "Sequences generated per generate() call.")
+    batch_size: int = opt(64, "backend=hf: sequences generated per generate() call (vLLM batches on its own).")
     vllm_mode: str = opt("colocate", "backend=vllm: colocate (an in-process vllm.LLM sharing the training GPU, asleep between rollouts) or server (HTTP to a running vLLM OpenAI-compatible server at rollout.vllm_server_url).", choices=("colocate", "server"))
     vllm_server_url: str = opt("http://127.0.0.1:8000", "vllm_mode=server: base URL of the vLLM server (its /v1/completions receives token-id prompts). Weight sync needs the server to read rollout.vllm_sync_dir: full weights via /collective_rpc reload_weights (start it with VLLM_SERVER_DEV_MODE=1), LoRA adapters via /v1/load_lora_adapter (--enable-lora, VLLM_ALLOW_RUNTIME_LORA_UPDATING=True).")
     vllm_server_model: str = opt("", "vllm_mode=server: served model name ('' = the first one listed by /v1/models).")
@@ -248,8 +248,8 @@ ALGORITHMS = ("ogls_sd", "opsd", "sft", "rft", "grpo", "opsd_grpo")
 @dataclass
 class TrainConfig(_Section):
     _section = "train"
-    _positive = ("steps", "prompts_per_step", "lr", "micro_batch_size")
     _nonneg = ("weight_decay", "max_grad_norm", "warmup_steps", "save_every", "keep_last")
+    _positive = ("steps", "prompts_per_step", "lr", "micro_batch_size", "max_nonfinite_steps")
     algorithm: str = opt("ogls_sd", "Training algorithm: ogls_sd (method.md §3), opsd (§1), sft (NLL on reference solutions), rft (NLL on correct rollouts), grpo (RLVR), opsd_grpo (L_GRPO + hybrid.alpha * L_OPSD).", choices=ALGORITHMS)
     steps: int = opt(40, "Optimizer steps.")
     prompts_per_step: int = opt(8, "Prompts per optimizer step (each gets rollout.num_generations rollouts).")
@@ -266,6 +266,8 @@ class TrainConfig(_Section):
     mixed_precision: str = opt("no", "accelerate mixed precision.", choices=("no", "bf16", "fp16"))
     report_to: str = opt("tensorboard", "Experiment tracker that also receives every metrics record: TensorBoard event files under <output_dir>/tb, none, wandb or trackio (the last two must be installed).", choices=("tensorboard", "none", "wandb", "trackio"))
     reflection_markers: list = opt(None, "Reflection markers counted per completion (case-insensitive) as markers/reflection (method.md §6).", factory=lambda: ["wait", "hmm", "let me check", "actually", "alternatively", "verify"])
+    resume: str = opt("", "Resume: '' (start fresh), 'latest' (newest checkpoint in output_dir; fresh if none) or a checkpoint directory. Continues exactly: weights, optimizer, scheduler, EMA teacher, RNG states, data position.")
+    max_nonfinite_steps: int = opt(5, "A step whose loss or gradient is not finite is skipped (counted as nonfinite/skipped); after this many in a row the run stops with a checkpoint.")
 
 
 @dataclass

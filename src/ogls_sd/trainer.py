@@ -1,7 +1,9 @@
 """The training loop: rollouts → rewards → algorithm loss terms → optimizer step → logs/checkpoints.
 
-Read ``train`` top to bottom: it is the step of method.md §3 around the algorithm's
-``plan``/``loss`` interface.
+``train`` reads top to bottom like method.md §3: per step, (1) the step's prompts, (2) G rollouts
+per prompt from the student on token ids, (3) verified outcomes, (4–6) the algorithm's plan and
+loss terms with gradient accumulation, then one optimizer step, the teacher update, metrics and
+checkpoints. Runs resume exactly from a checkpoint (``train.resume``).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .algorithms import Group, Rollout, StepBatch, build_algorithm, needs_teacher
-from .checkpoint import save_checkpoint
+from .checkpoint import load_ema, load_model_weights, load_trainer_state, resolve_resume, save_checkpoint, set_rng_state
 from .config import Config
 from .evaluate import evaluate_accuracy
 from .markers import marker_metrics
@@ -24,6 +27,10 @@ from .models import load_policy
 from .rollout import SamplingParams, build_backend
 from .teacher import Teacher
 from .templates import PromptBuilder
+
+
+class TrainingHalted(RuntimeError):
+    """The run stopped itself (e.g. too many non-finite steps) after saving a checkpoint."""
 
 
 def _progress(console: Console) -> Progress:
@@ -35,10 +42,17 @@ def _progress(console: Console) -> Progress:
 
 class MetricsLog:
     """Per-step metrics as JSON lines in ``<run>/metrics.jsonl``, also routed to ``tracker``
-    (``train.report_to``, see ``tracking.py``)."""
+    (``train.report_to``, see ``tracking.py``). On resume, records after the checkpoint's step
+    are dropped first, so the log reads as if the run had never stopped."""
 
-    def __init__(self, path: Path, tracker=None):
+    def __init__(self, path: Path, tracker=None, keep_until_step: int | None = None):
         self.path = path
+        if keep_until_step is not None and path.is_file():
+            kept = [ln for ln in path.read_text().splitlines()
+                    if ln.strip() and _parse_step(ln) is not None and _parse_step(ln) <= keep_until_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+        elif keep_until_step is None and path.is_file():
+            path.unlink()  # a fresh run in an existing directory starts a fresh log
         self.f = open(path, "a", buffering=1)
         self.tracker = tracker
 
@@ -53,11 +67,132 @@ class MetricsLog:
             self.tracker.close()
 
 
+def _parse_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a line cut by a kill is dropped
+
+
 def _p90(xs: list[float]) -> float:
     if not xs:
         return 0.0
     s = sorted(xs)
     return float(s[min(len(s) - 1, int(math.ceil(0.9 * len(s))) - 1)])
+
+
+@dataclass
+class Optimized:
+    """What one optimizer step reports: summed loss terms, grad norm, and whether it was skipped."""
+
+    agg: dict
+    grad_norm: float
+    skipped: bool
+
+
+def collect_rollouts(cfg: Config, task, tok, prompts: PromptBuilder, backend, sampling, algo, step: int) -> StepBatch:
+    """Steps 1–3 of method.md §3: the step's prompts, G rollouts each, verified outcomes."""
+    G = cfg.rollout.num_generations
+    # 1. prompts of this step: a function of (seed, step) only, so a resumed run sees the same ones
+    exs = task.examples(cfg.train.prompts_per_step, seed=cfg.data.seed * 1_000_003 + step, split="train")
+    groups = [Group(ex, prompts.student_ids(ex), prompts.teacher_ids(ex)) for ex in exs]
+    # 2. G rollouts per prompt from the student, on token ids (none for SFT)
+    if not algo.needs_rollouts:
+        return StepBatch(groups, [])
+    comps = backend.generate([g.student_prompt for g in groups for _ in range(G)], sampling)
+    # 3. outcomes r_i (the task's verifier; the same one evaluation uses)
+    texts = [tok.decode(c.ids, skip_special_tokens=True) for c in comps]
+    answers = [groups[k // G].example.answer for k in range(len(comps))]
+    rewards = task.rewards(texts, answers) if hasattr(task, "rewards") else [task.reward(t, a) for t, a in zip(texts, answers)]
+    rollouts = []
+    for k, (c, r) in enumerate(zip(comps, rewards)):
+        rollouts.append(Rollout(k // G, c.ids, c.finished, r))
+        groups[k // G].rollouts.append(k)
+    return StepBatch(groups, rollouts)
+
+
+def optimize(cfg: Config, algo, plan, accel, policy, params, opt, teacher) -> Optimized:
+    """Steps 4–6: loss terms over micro-batches (gradient accumulation), clip, optimizer step,
+    teacher update. ``inner_steps > 1`` (GRPO's PPO epochs) repeats this on the same plan; the
+    reported terms and grad norm are then means. A non-finite loss or gradient skips the update."""
+    agg: dict[str, float] = {}
+    policy.train()
+    inner = max(1, getattr(algo, "inner_steps", 1))
+    gns, skipped = [], False
+    for _ in range(inner):
+        finite = True
+        for micro in plan.micro_batches(cfg.train.micro_batch_size):
+            loss, m = algo.loss(plan, micro)
+            if not torch.isfinite(loss.detach()):
+                finite = False
+                break
+            accel.backward(loss)
+            agg["loss"] = agg.get("loss", 0.0) + float(loss.detach())
+            for k, v in m.items():
+                agg[k] = agg.get(k, 0.0) + v
+        if finite:
+            if cfg.train.max_grad_norm > 0:
+                gn = float(accel.clip_grad_norm_(params, cfg.train.max_grad_norm))
+            else:
+                gn = float(torch.linalg.vector_norm(torch.stack(
+                    [p.grad.detach().norm() for p in params if p.grad is not None] or [torch.zeros(())])))
+            finite = math.isfinite(gn)
+        if not finite:
+            opt.zero_grad(set_to_none=True)
+            skipped = True
+            break
+        gns.append(gn)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        teacher.update()
+    if inner > 1:
+        agg = {k: v / inner for k, v in agg.items()}
+    return Optimized(agg, sum(gns) / len(gns) if gns else float("nan"), skipped)
+
+
+def step_record(step: int, batch: StepBatch, plan, res: Optimized, lr: float, t: dict, tok, task, cfg: Config, algo) -> dict:
+    """The metrics of method.md §6 for one step (definitions in docs/metrics.md)."""
+    agg, rollouts = res.agg, batch.rollouts
+    lens = [len(r.ids) for r in rollouts] or [0]
+    n_roll = max(1, len(rollouts))
+    rows = agg.get("distill_rows", 0.0)
+
+    def per_row(key: str) -> float:
+        return agg.get(key, 0.0) / rows if rows else 0.0
+
+    rec = {
+        "step": step + 1,
+        "reward/mean": sum(r.reward for r in rollouts) / n_roll,
+        **plan.metrics,
+        "loss": agg.get("loss", 0.0),
+        "distill_loss": agg.get("distill_loss", 0.0),
+        "tail_nll": agg.get("tail_nll", 0.0),
+        "kl/token": per_row("kl_sum"),
+        "entropy/teacher": per_row("teacher_entropy_sum"),
+        "entropy/student": per_row("student_entropy_sum"),
+        "steer/rms": per_row("steer_rms_sum"),
+        "clip/frac": agg.get("clipped_sum", 0.0) / agg["clip_den_sum"] if agg.get("clip_den_sum") else 0.0,
+        "completion/len_mean": sum(lens) / len(lens),
+        "completion/len_p90": _p90(lens),
+        "completion/truncated": sum(not r.finished for r in rollouts) / n_roll,
+        "completion/eos": sum(r.finished for r in rollouts) / n_roll,
+        "grad_norm": res.grad_norm if math.isfinite(res.grad_norm) else None,
+        "nonfinite/skipped": float(res.skipped),
+        "lr": lr,
+        "time/rollout_s": t["rollout"],
+        "time/train_s": t["train"],
+        "time/step_s": t["step"],
+        "throughput/rollout_tok_s": sum(lens) / max(t["rollout"], 1e-9),
+        "tokens/rollout": float(sum(len(r.ids) for r in rollouts)),
+        **marker_metrics([tok.decode(r.ids, skip_special_tokens=True) for r in rollouts],
+                         getattr(task, "template_marker", None), cfg.train.reflection_markers),
+        **algo.step_metrics(agg),
+    }
+    if not rollouts:  # SFT: nothing was generated; no rollout statistics
+        for k in ("reward/mean", "completion/len_mean", "completion/len_p90", "completion/truncated",
+                  "completion/eos", "throughput/rollout_tok_s"):
+            rec.pop(k)
+    return rec
 
 
 def train(cfg: Config, console: Console | None = None) -> dict:
@@ -69,10 +204,12 @@ def train(cfg: Config, console: Console | None = None) -> dict:
     t_start = time.time()
     run = Path(cfg.train.output_dir)
     run.mkdir(parents=True, exist_ok=True)
+    resume_from = resolve_resume(run, cfg.train.resume)
     cfg.save(run / "config.yaml")
     set_seed(cfg.train.seed)
     accel = Accelerator(cpu=cfg.train.device == "cpu", mixed_precision=cfg.train.mixed_precision)
 
+    # ---- policy, teacher (θ₀ is taken before any checkpoint is loaded), algorithm, optimizer
     with _progress(console) as progress:
         policy, tok, task, task_tpl, info = load_policy(cfg, progress)
     policy.to(accel.device)
@@ -83,118 +220,84 @@ def train(cfg: Config, console: Console | None = None) -> dict:
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.train.warmup_steps)))
+
+    summary: dict = {"algorithm": cfg.train.algorithm, "model": info, "output_dir": str(run)}
+    start = 0
+    if resume_from is not None:
+        load_model_weights(resume_from, policy)
+        state = load_trainer_state(resume_from)
+        opt.load_state_dict(state["optimizer"])
+        if state.get("scheduler"):
+            sched.load_state_dict(state["scheduler"])
+        ema = load_ema(resume_from)
+        if ema is not None:
+            teacher.load_state_dict(ema)
+        start = int(state["step"])
+        summary.update(json.loads((resume_from / "state.json").read_text()).get("summary", {}))
+        console.print(f"resuming from {resume_from} (step {start})")
+
     policy, opt = accel.prepare(policy, opt)
     backend = build_backend(cfg.rollout, policy, prompts.pad_id, prompts.eos_id, cfg=cfg, is_main_process=accel.is_main_process)
     sampling = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
     heldout = task.examples(cfg.data.eval_size, seed=cfg.data.seed, split="test")
     from .tracking import open_tracker
 
-    log = MetricsLog(run / "metrics.jsonl", open_tracker(cfg.train.report_to, run, cfg.to_dict()))
-    summary: dict = {"algorithm": cfg.train.algorithm, "model": info, "output_dir": str(run)}
+    log = MetricsLog(run / "metrics.jsonl", open_tracker(cfg.train.report_to, run, cfg.to_dict()),
+                     keep_until_step=start if resume_from is not None else None)
 
     def held_out_accuracy() -> float:
-        r = evaluate_accuracy(policy, tok, prompts, task, heldout, cfg.eval.max_new_tokens, cfg.eval.batch_size)
-        return r.accuracy
+        return evaluate_accuracy(policy, tok, prompts, task, heldout, cfg.eval.max_new_tokens, cfg.eval.batch_size).accuracy
 
-    if cfg.eval.before_after:
+    def checkpoint(step: int) -> Path:
+        return save_checkpoint(run, step, accel.unwrap_model(policy), tok, opt, sched, teacher, cfg.train.keep_last,
+                               extra={"summary": {k: v for k, v in summary.items() if k.startswith("accuracy_")}})
+
+    if cfg.eval.before_after and "accuracy_before" not in summary:
         summary["accuracy_before"] = held_out_accuracy()
         console.print(f"held-out accuracy before training: [bold]{summary['accuracy_before']:.3f}[/] (n={len(heldout)})")
         if cfg.eval.every:  # the accuracy curve starts at step 0
             log.write({"step": 0, "eval/accuracy": summary["accuracy_before"]})
+    # Sampling RNG: the same whether or not the warm start above came from the cache; on resume,
+    # exactly the state saved with the checkpoint (last: everything above may draw random numbers).
+    if resume_from is not None:
+        set_rng_state(state["rng"])
+    else:
+        set_seed(cfg.train.seed)
     last_eval: tuple[int, float] | None = None  # (step, accuracy) of the latest eval.every measurement
+    nonfinite_run = 0
 
-    G = cfg.rollout.num_generations
     with _progress(console) as progress:
-        bar = progress.add_task(f"{cfg.train.algorithm}", total=cfg.train.steps, info="")
-        for step in range(cfg.train.steps):
+        bar = progress.add_task(f"{cfg.train.algorithm}", total=cfg.train.steps, completed=start, info="")
+        for step in range(start, cfg.train.steps):
             t0 = time.time()
-            # 1. prompts of this step (deterministic in (seed, step): resumable)
-            exs = task.examples(cfg.train.prompts_per_step, seed=cfg.data.seed * 1_000_003 + step, split="train")
-            groups = [Group(ex, prompts.student_ids(ex), prompts.teacher_ids(ex)) for ex in exs]
-            # 2. G rollouts per prompt from the student, on token ids (none for SFT)
-            comps = backend.generate([g.student_prompt for g in groups for _ in range(G)], sampling) if algo.needs_rollouts else []
-            t_roll = time.time() - t0
-            # 3. outcomes r_i
-            rollouts = []
-            for k, c in enumerate(comps):
-                gi = k // G
-                text = tok.decode(c.ids, skip_special_tokens=True)
-                rollouts.append(Rollout(gi, c.ids, c.finished, task.reward(text, groups[gi].example.answer)))
-                groups[gi].rollouts.append(k)
-            batch = StepBatch(groups, rollouts)
-            # 4-6. pools, steering, loss terms; gradient accumulation over micro-batches
+            batch = collect_rollouts(cfg, task, tok, prompts, backend, sampling, algo, step)  # 1–3
             t1 = time.time()
-            plan = algo.plan(batch, step)
-            agg: dict[str, float] = {}
-            policy.train()
-            # inner_steps > 1 (GRPO's PPO epochs): several optimizer steps on the same plan; the
-            # logged loss terms and grad norm are their means
-            inner = max(1, getattr(algo, "inner_steps", 1))
-            gns = []
-            for _ in range(inner):
-                for micro in plan.micro_batches(cfg.train.micro_batch_size):
-                    loss, m = algo.loss(plan, micro)
-                    accel.backward(loss)
-                    agg["loss"] = agg.get("loss", 0.0) + float(loss.detach())
-                    for k, v in m.items():
-                        agg[k] = agg.get(k, 0.0) + v
-                gn = accel.clip_grad_norm_(params, cfg.train.max_grad_norm) if cfg.train.max_grad_norm > 0 else None
-                gns.append(float(gn) if gn is not None else 0.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                teacher.update()
+            plan = algo.plan(batch, step)  # 4–6
+            res = optimize(cfg, algo, plan, accel, policy, params, opt, teacher)
             sched.step()
-            backend.sync_weights(policy)  # the rollout engine samples the next step from the new weights (no-op for hf)
-            if inner > 1:
-                agg = {k: v / inner for k, v in agg.items()}
-            gn = sum(gns) / len(gns)
-            t_train = time.time() - t1
+            if not res.skipped:
+                backend.sync_weights(policy)  # the rollout engine samples the next step from the new weights
+            t2 = time.time()
 
-            # metrics (method.md §6)
-            lens = [len(r.ids) for r in rollouts] or [0]
-            n_roll = max(1, len(rollouts))
-            rows = agg.get("distill_rows", 0.0)
-            rec = {
-                "step": step + 1,
-                "reward/mean": sum(r.reward for r in rollouts) / n_roll,
-                **plan.metrics,
-                "loss": agg.get("loss", 0.0),
-                "distill_loss": agg.get("distill_loss", 0.0),
-                "tail_nll": agg.get("tail_nll", 0.0),
-                "kl/token": agg.get("kl_sum", 0.0) / rows if rows else 0.0,
-                "entropy/teacher": agg.get("teacher_entropy_sum", 0.0) / rows if rows else 0.0,
-                "entropy/student": agg.get("student_entropy_sum", 0.0) / rows if rows else 0.0,
-                "steer/rms": agg.get("steer_rms_sum", 0.0) / rows if rows else 0.0,
-                "clip/frac": agg.get("clipped_sum", 0.0) / agg["clip_den_sum"] if agg.get("clip_den_sum") else 0.0,
-                "completion/len_mean": sum(lens) / len(lens),
-                "completion/len_p90": _p90(lens),
-                "completion/truncated": sum(not r.finished for r in rollouts) / n_roll,
-                "completion/eos": sum(r.finished for r in rollouts) / n_roll,
-                "grad_norm": gn,
-                "lr": sched.get_last_lr()[0],
-                "time/rollout_s": t_roll,
-                "time/train_s": t_train,
-                "time/step_s": time.time() - t0,
-                "throughput/rollout_tok_s": sum(lens) / max(t_roll, 1e-9),
-                "tokens/rollout": float(sum(len(r.ids) for r in rollouts)),
-                **marker_metrics([tok.decode(r.ids, skip_special_tokens=True) for r in rollouts],
-                                 getattr(task, "template_marker", None), cfg.train.reflection_markers),
-                **algo.step_metrics(agg),
-            }
-            if not rollouts:  # SFT: nothing was generated; no rollout statistics
-                for k in ("reward/mean", "completion/len_mean", "completion/len_p90", "completion/truncated",
-                          "completion/eos", "throughput/rollout_tok_s"):
-                    rec.pop(k)
+            rec = step_record(step, batch, plan, res, sched.get_last_lr()[0],
+                              {"rollout": t1 - t0, "train": t2 - t1, "step": time.time() - t0}, tok, task, cfg, algo)
             if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or step + 1 == cfg.train.steps):
                 last_eval = (step + 1, held_out_accuracy())
                 rec["eval/accuracy"] = last_eval[1]
             log.write(rec)
             progress.update(bar, advance=1, info=f"reward {rec.get('reward/mean', 0.0):.3f}  loss {rec['loss']:.4f}  kl {rec['kl/token']:.3f}")
+
+            nonfinite_run = nonfinite_run + 1 if res.skipped else 0
+            if nonfinite_run >= cfg.train.max_nonfinite_steps:
+                log.close()
+                ck = checkpoint(step + 1)
+                raise TrainingHalted(f"{nonfinite_run} consecutive steps had a non-finite loss or gradient (last: step "
+                                     f"{step + 1}); stopped with checkpoint {ck}. Lower train.lr or check the data.")
             if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < cfg.train.steps:
-                save_checkpoint(run, step + 1, accel.unwrap_model(policy), tok, opt, sched, teacher, cfg.train.keep_last)
+                checkpoint(step + 1)
     log.close()
 
-    ckpt = save_checkpoint(run, cfg.train.steps, accel.unwrap_model(policy), tok, opt, sched, teacher, cfg.train.keep_last)
+    ckpt = checkpoint(cfg.train.steps)
     summary["checkpoint"] = str(ckpt)
     summary["steps"] = cfg.train.steps
     if cfg.eval.before_after:
