@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= false
 $(BIN)/ogls-sd: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,data]"
 	@touch $@
 
 setup: $(BIN)/ogls-sd  ## create .venv and install the project with test extras

@@ -96,6 +96,7 @@ def collect_rollouts(cfg: Config, task, tok, prompts: PromptBuilder, backend, sa
     # 1. prompts of this step: a function of (seed, step) only, so a resumed run sees the same ones
     exs = task.examples(cfg.train.prompts_per_step, seed=cfg.data.seed * 1_000_003 + step, split="train")
     groups = [Group(ex, prompts.student_ids(ex), prompts.teacher_ids(ex)) for ex in exs]
+    check_context(groups, cfg.rollout.max_new_tokens, getattr(algo, "context_limit", None))
     # 2. G rollouts per prompt from the student, on token ids (none for SFT)
     if not algo.needs_rollouts:
         return StepBatch(groups, [])
@@ -109,6 +110,21 @@ def collect_rollouts(cfg: Config, task, tok, prompts: PromptBuilder, backend, sa
         rollouts.append(Rollout(k // G, c.ids, c.finished, r))
         groups[k // G].rollouts.append(k)
     return StepBatch(groups, rollouts)
+
+
+def check_context(groups: list[Group], max_new_tokens: int, limit: int | None) -> None:
+    """A prompt (student or privileged teacher) plus the generation limit must fit the model's
+    context: raise a clear error naming the example instead of silently truncating (anchors.md #5)."""
+    if not limit:
+        return
+    for g in groups:
+        for kind, ids in (("student", g.student_prompt), ("teacher", g.teacher_prompt)):
+            if len(ids) + max_new_tokens > limit:
+                raise ValueError(
+                    f"example {g.example.id or g.example.problem[:40]!r}: the {kind} prompt has {len(ids)} tokens; with "
+                    f"rollout.max_new_tokens={max_new_tokens} it exceeds the model's context of {limit} tokens. Lower "
+                    f"rollout.max_new_tokens, shorten templates.{kind}, or filter long problems (data.max_chars)."
+                )
 
 
 def optimize(cfg: Config, algo, plan, accel, policy, params, opt, teacher) -> Optimized:
@@ -217,11 +233,15 @@ def train(cfg: Config, console: Console | None = None) -> dict:
     # algorithms that never read the teacher (SFT, RFT, GRPO without KL) get no teacher copy
     teacher = Teacher(policy, cfg.teacher.kind if needs_teacher(cfg) else "live", cfg.teacher.ema_decay, lora=cfg.model.lora)
     algo = build_algorithm(cfg, policy, teacher, prompts)
+    algo.context_limit = getattr(policy.config, "max_position_embeddings", None)
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.train.warmup_steps)))
 
     summary: dict = {"algorithm": cfg.train.algorithm, "model": info, "output_dir": str(run)}
+    if getattr(task, "skipped", 0):
+        summary["data_skipped"] = task.skipped
+        console.print(f"[yellow]data:[/] skipped {task.skipped} bad rows (data.policy=skip)")
     start = 0
     if resume_from is not None:
         load_model_weights(resume_from, policy)

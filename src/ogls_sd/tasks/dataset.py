@@ -60,3 +60,8 @@ class DatasetTask:
     def rewards(self, completions: list[str], answers: list[str]) -> list[float]:
         v = self.verifier or get_default_verifier()
         return [1.0 if r.correct else 0.0 for r in v.verify_batch(completions, answers, mode=self.mode)]
+
+    def wrong_attempt(self, ex: Example, rng: random.Random) -> str:
+        """A wrong attempt for the warm start of the tiny model: another problem's reference."""
+        pool = [e for e in self.all_examples if e.answer != ex.answer and e.reference]
+        return rng.choice(pool).reference if pool else ""
