@@ -362,7 +362,19 @@ def test_dispatch():
 
 
 def test_auto_chunk_size():
-    assert auto_chunk_size(151936) == 256
-    assert auto_chunk_size(32000) == 1024
-    assert auto_chunk_size(10**9) == 16
-    assert auto_chunk_size(37, max_rows=64) == 64
+    assert auto_chunk_size(151936) == 864
+    assert auto_chunk_size(151936, 1024) == 128
+    assert auto_chunk_size(151936, 4096) == 512
+    assert auto_chunk_size(32000, 4096) == 512
+    assert auto_chunk_size(32000, 100000) == 1024
+    assert auto_chunk_size(37, 5) == 5
+    assert auto_chunk_size(37, 0) == 1
+    assert auto_chunk_size(10**9) == 1
+
+
+@pytest.mark.parametrize("spec_name", ("fkl_entry", "fkl_token", "rkl_token_T", "jsd05", "sampled_token_T"))
+def test_divergence_in_sub_blocks(monkeypatch, spec_name):
+    """The divergence step runs a few rows at a time (tiny scratch): same results."""
+    monkeypatch.setattr(chunked, "SCRATCH_ELEMENTS", 3 * 37)
+    case = make_case("ctx_k0_negatives", N=13, H=16, V=37, dtype=torch.float64)
+    check(case, SPECS[spec_name], torch.float64, chunk_size=8)

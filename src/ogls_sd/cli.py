@@ -116,6 +116,7 @@ def compare(
     eval_every: int = typer.Option(5, "--eval-every", help="Held-out accuracy every N steps (eval.every)."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Accuracy threshold for 'rollout tokens to reach'; default: start + 0.1."),
     fresh: bool = typer.Option(False, "--fresh", help="Rerun runs that already finished with the same config (default: reuse them)."),
+    threads: int = typer.Option(1, "--threads", help="torch CPU threads (1 is fastest for the tiny model; 0 = torch's default)."),
 ):
     from .compare import run_compare
 
@@ -125,7 +126,8 @@ def compare(
         raise typer.Exit(2)
     try:
         rep = run_compare(output_dir, [m.strip() for m in methods.split(",") if m.strip()], sl, style, steps, eval_every,
-                          list(overrides or []), threshold, console=Console(), resume=not fresh)
+                          list(overrides or []), threshold, console=Console(), resume=not fresh,
+                          threads=threads or None)
     except (ConfigError, ValueError, FileNotFoundError, OSError) as e:
         err.print(f"[red]error:[/] {e}", highlight=False)
         raise typer.Exit(1)

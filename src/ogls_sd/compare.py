@@ -89,7 +89,9 @@ def plan_runs(out: Path, methods: list[str], seeds: list[int], style: str, steps
             continue
         for s in seeds:
             d = out / m / f"seed{s}"
-            ov = base + [f"train.algorithm={algo}", *mov, *extra, f"train.seed={s}", f"train.output_dir={d}"]
+            # the explicit knobs (steps, eval every, seed, directory) win over extra overrides
+            ov = base + [f"train.algorithm={algo}", *mov, *extra, f"train.steps={steps}", f"eval.every={eval_every}",
+                         f"train.seed={s}", f"train.output_dir={d}"]
             runs.append(RunSpec(m, s, ov, d))
     return runs
 
@@ -151,10 +153,19 @@ def warm_start_seed(cfg: Config, progress=None) -> str:
 def run_compare(out: str | Path, methods: list[str] | None = None, seeds: list[int] | None = None,
                 style: str = "templated", steps: int = DEFAULT_STEPS, eval_every: int = DEFAULT_EVAL_EVERY,
                 extra: list[str] | None = None, threshold: float | None = None, console: Console | None = None,
-                resume: bool = True) -> dict:
-    """Run the comparison; returns the report dict (also written to ``<out>/report.json``)."""
+                resume: bool = True, threads: int | None = 1) -> dict:
+    """Run the comparison; returns the report dict (also written to ``<out>/report.json``).
+
+    ``threads``: torch intra-op threads (default 1: the tiny model gains nothing from more, and on a
+    shared CPU OpenMP spin-waiting made 2 threads ~80x slower than 1; None = torch's default).
+    """
+    import torch
+
     from . import report
     from .trainer import train
+
+    if threads:
+        torch.set_num_threads(threads)
 
     console = console or Console()
     out = Path(out)

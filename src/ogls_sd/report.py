@@ -131,7 +131,7 @@ def run_stats(run: RunLog, threshold: float) -> dict:
     reach = next((toks.get(s) for s, a in curve if s >= 1 and a >= threshold), None)
     last = max((r for r in run.records if r.get("step", 0) >= 1), key=lambda r: r["step"], default={})
     tail = [r for r in run.records if r.get("step", 0) > max(0, run.last_step() - 5)]  # last 5 steps
-    tmpl = [r["markers/template"] for r in tail if "markers/template" in r]
+    tmpl = [r["markers/template"] for r in tail if "markers/template" in r and "reward/mean" in r]  # SFT: no rollouts
     return {
         "method": run.method, "seed": run.seed, "dir": str(run.dir),
         "accuracy_before": run.summary.get("accuracy_before", curve[0][1] if curve and curve[0][0] == 0 else None),
@@ -258,8 +258,8 @@ def plot_all(runs: list[RunLog], out: Path) -> list[Path]:
             xs, mu, lo, hi = c
             if key in ("kl/token", "entropy/student") and not any(v != 0 for v in mu):
                 continue  # no distillation term: nothing measured
-            if key == "reward/mean" and not xs:
-                continue
+            if key.startswith("markers/") and not any(r.series("reward/mean") for r in rs):
+                continue  # no rollouts (SFT): nothing was generated to count markers in
             col = colours(i % 10)
             ax.plot(xs, mu, label=f"{m} (n={len(rs)})", color=col, lw=1.6, marker="o" if key == "eval/accuracy" else None, ms=3)
             if len(rs) > 1:
@@ -292,6 +292,11 @@ def write_report(paths: list[str | Path], out: str | Path, threshold: float | No
     if not dirs:
         raise FileNotFoundError(f"no metrics.jsonl under {', '.join(map(str, paths))}")
     runs = [load_run(d) for d in dirs]
+    order: list[str] = []
+    for p in map(Path, paths):  # the method order of a compare run, when there is one
+        if (p / "compare.json").is_file():
+            order += [m for m in json.loads((p / "compare.json").read_text()).get("methods", []) if m not in order]
+    runs.sort(key=lambda r: (order.index(r.method) if r.method in order else len(order), r.method, r.seed))
     if threshold is None:  # default: 10 points above the mean starting accuracy (capped)
         starts = [c[0][1] for c in (r.accuracy_curve() for r in runs) if c and c[0][0] == 0]
         threshold = round(min(0.9, (statistics.fmean(starts) if starts else 0.5) + 0.1), 2)

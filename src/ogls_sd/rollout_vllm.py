@@ -41,10 +41,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -252,9 +253,9 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP2 DTensor
 
 
-def _lora_deltas(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{name of a LoRA layer's base weight: ΔW of its active adapters}`` (unmerged layers only)."""
-    out: dict[str, torch.Tensor] = {}
+def _lora_layers(model: nn.Module) -> dict[str, tuple[nn.Module, list[str]]]:
+    """``{name of a LoRA layer's base weight: (layer, active adapters)}`` for unmerged layers."""
+    out: dict[str, tuple[nn.Module, list[str]]] = {}
     for mname, mod in model.named_modules():
         if not (hasattr(mod, "get_delta_weight") and hasattr(mod, "base_layer") and hasattr(mod, "lora_A")):
             continue
@@ -267,20 +268,16 @@ def _lora_deltas(model: nn.Module) -> dict[str, torch.Tensor]:
         if any(a in getattr(mod, "lora_variant", {}) for a in active):
             raise NotImplementedError(f"{mname}: merged weight sync does not support LoRA variants (DoRA, ...); "
                                       "use rollout.vllm_lora_sync=adapter")
-        delta = None
-        for a in active:
-            d = _full(mod.get_delta_weight(a)).float()
-            delta = d if delta is None else delta + d
-        out[f"{mname}.base_layer.weight"] = delta
+        out[f"{mname}.base_layer.weight"] = (mod, active)
     return out
 
 
-def vllm_weights(model: nn.Module, merge_lora: bool = True) -> list[tuple[str, torch.Tensor]]:
-    """``(vLLM checkpoint name, tensor)`` for every model weight, LoRA merged in unless
-    ``merge_lora=False`` (the training model is not modified). Call inside
-    :func:`gathered_parameters` for sharded models."""
-    deltas = _lora_deltas(model) if merge_lora else {}
-    out: list[tuple[str, torch.Tensor]] = []
+def vllm_weights(model: nn.Module, merge_lora: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(vLLM checkpoint name, tensor)`` for every model weight, LoRA merged in (W + ΔW of the
+    active adapters) unless ``merge_lora=False``; the training model is not modified. A generator:
+    one merged tensor exists at a time. Use inside :func:`gathered_parameters` for sharded models;
+    with FSDP2 every rank must consume it (each tensor is gathered collectively)."""
+    layers = _lora_layers(model) if merge_lora else {}
     seen: set[str] = set()
     for name, p in model.named_parameters():
         new = hf_to_vllm_name(name)
@@ -288,15 +285,19 @@ def vllm_weights(model: nn.Module, merge_lora: bool = True) -> list[tuple[str, t
             continue
         seen.add(new)
         t = _full(p.detach())
-        if name in deltas:
-            t = (t.float() + deltas[name].to(t.device)).to(p.dtype)
-        out.append((new, t))
-    return out
+        if name in layers:
+            mod, active = layers[name]
+            merged = t.float()
+            for a in active:
+                merged = merged + _full(mod.get_delta_weight(a)).float().to(t.device)
+            t = merged.to(p.dtype)
+        yield new, t
 
 
 @contextlib.contextmanager
-def full_weights(model: nn.Module, merge_lora: bool = True) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Gathered, LoRA-merged weights under vLLM names (see :func:`vllm_weights`)."""
+def full_weights(model: nn.Module, merge_lora: bool = True) -> Iterator[Iterator[tuple[str, torch.Tensor]]]:
+    """Gathered, LoRA-merged weights under vLLM names (see :func:`vllm_weights`), to be consumed
+    inside the block."""
     with torch.no_grad(), gathered_parameters(model):
         yield vllm_weights(model, merge_lora)
 
@@ -308,15 +309,12 @@ def _peft_of(model: nn.Module) -> nn.Module:
     return m
 
 
-def export_adapter(model: nn.Module, path: Path) -> Path:
-    """Write the active LoRA adapter as a peft adapter directory (``adapter_config.json`` +
-    ``adapter_model.safetensors``) vLLM can load; gathers sharded parameters first."""
-    from safetensors.torch import save_file
-
+def adapter_state(model: nn.Module) -> tuple[str, dict[str, torch.Tensor]]:
+    """``(adapter name, {peft file key: tensor on CPU})`` of the active LoRA adapter, keys as peft's
+    ``save_pretrained`` writes them. Gathers sharded parameters: collective, every rank calls it."""
     peft_model = _peft_of(model)
     adapter = getattr(peft_model, "active_adapter", "default")
     adapter = adapter[0] if isinstance(adapter, (list, tuple)) else adapter
-    path.mkdir(parents=True, exist_ok=True)
     sd: dict[str, torch.Tensor] = {}
     with torch.no_grad(), gathered_parameters(model):
         for name, p in model.named_parameters():
@@ -327,34 +325,53 @@ def export_adapter(model: nn.Module, path: Path) -> Path:
                 name = "base_model.model." + name
             sd[name.replace(f".{adapter}.", ".")] = _full(p.detach()).to("cpu").contiguous().clone()
     if not sd:
-        raise ValueError("export_adapter: the model has no LoRA parameters for adapter " + repr(adapter))
-    save_file(sd, str(path / "adapter_model.safetensors"))
-    peft_model.peft_config[adapter].save_pretrained(str(path))
+        raise ValueError("the model has no LoRA parameters for adapter " + repr(adapter))
+    return adapter, sd
+
+
+def export_adapter(model: nn.Module, path: Path, write: bool = True) -> Path:
+    """Write the active LoRA adapter as a peft adapter directory (``adapter_config.json`` +
+    ``adapter_model.safetensors``) vLLM can load. Every rank calls it (sharded parameters are
+    gathered); only ranks with ``write`` write."""
+    from safetensors.torch import save_file
+
+    adapter, sd = adapter_state(model)
+    if write:
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(sd, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+        _peft_of(model).peft_config[adapter].save_pretrained(str(path))
     return path
 
 
-def save_weights(weights: list[tuple[str, torch.Tensor]], path: Path, shard_bytes: int = 2 * 1024**3) -> Path:
-    """Write weights as ``model-0000k.safetensors`` shards (a directory vLLM can reload from)."""
+def save_weights(weights: Iterable[tuple[str, torch.Tensor]], path: Path, shard_bytes: int = 4 * 1024**3) -> Path:
+    """Write weights in the Hugging Face layout (``model.safetensors``, or
+    ``model-0000k-of-0000n.safetensors`` shards plus ``model.safetensors.index.json``): a directory
+    vLLM reloads from and ``from_pretrained`` reads."""
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
-    shard: dict[str, torch.Tensor] = {}
-    size, k = 0, 0
-
-    def flush() -> None:
-        nonlocal shard, size, k
-        if shard:
-            save_file(shard, str(path / f"model-{k:05d}.safetensors"))
-            k += 1
-            shard, size = {}, 0
-
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
     for name, t in weights:
         t = t.detach().to("cpu").contiguous().clone()
-        if size and size + t.numel() * t.element_size() > shard_bytes:
-            flush()
-        shard[name] = t
-        size += t.numel() * t.element_size()
-    flush()
+        nbytes = t.numel() * t.element_size()
+        if size and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(path / "model.safetensors"), metadata={"format": "pt"})
+        return path
+    weight_map, total = {}, 0
+    for k, shard in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / fname), metadata={"format": "pt"})
+        for name, t in shard.items():
+            weight_map[name] = fname
+            total += t.numel() * t.element_size()
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                   "weight_map": weight_map}, indent=1))
     return path
 
 
@@ -370,8 +387,9 @@ def call_with_timeout(fn: Callable[[], Any], timeout_s: float, op: str) -> Any:
     def target() -> None:
         try:
             if dev is not None:
-                torch.cuda.set_device(dev)
-            box["value"] = fn()
+                torch.cuda.set_device(dev)  # the current device is per thread
+            with torch.no_grad():  # so is grad mode
+                box["value"] = fn()
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller
             box["error"] = e
 
@@ -453,9 +471,9 @@ class ColocateEngine:
                         for c in sorted(o.outputs, key=lambda c: c.index)])
         return res
 
-    def load_weights(self, weights: list[tuple[str, torch.Tensor]], step_dir: Path | None = None) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], step_dir: Path | None = None) -> None:
         self._wake(["weights"])
-        self.llm.apply_model(lambda model: model.load_weights(iter(weights)))
+        self.llm.apply_model(lambda model: model.load_weights(iter(weights)))  # in-process: nothing is copied
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
     def load_adapter(self, name: str, int_id: int, path: Path) -> None:
@@ -539,7 +557,7 @@ class ServerEngine:
         with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(reqs))) as pool:
             return list(pool.map(one, reqs))
 
-    def load_weights(self, weights: list[tuple[str, torch.Tensor]], step_dir: Path | None = None) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], step_dir: Path | None = None) -> None:
         if step_dir is None:
             raise ValueError("server weight sync needs a directory the server can read (rollout.vllm_sync_dir)")
         save_weights(weights, step_dir)
@@ -587,6 +605,7 @@ class VLLMBackend:
         self.last_sync_s = 0.0
         self._broken: str | None = None
         self._synced_dirs: list[Path] = []
+        self._run_tag = uuid.uuid4().hex[:8]  # adapter names stay unique on a server that outlives a run
 
     # -- construction from the run config
     @classmethod
@@ -612,8 +631,10 @@ class VLLMBackend:
             engine = ColocateEngine(engine, sleep=rollout.vllm_sleep)
         backend = cls(engine, pad_id, eos_id, timeout_s=rollout.vllm_timeout_s, seed=seed, rank=rank,
                       lora_sync="adapter" if adapter else "merged", sync_dir=sync_dir, is_main_process=is_main_process)
-        if getattr(engine, "mode", "") == "server" or adapter:
-            backend.sync_weights(model)  # the server's weights / the adapter become the policy's
+        # the engine must start from the policy's weights: a server serves whatever it was started
+        # with, an engine loaded from model.name misses a resumed checkpoint; an exported one has them
+        if getattr(engine, "mode", "") == "server" or adapter or not _needs_export(cfg):
+            backend.sync_weights(model)
         else:
             backend._timed("sleep", engine.sleep)
         return backend
@@ -667,17 +688,17 @@ class VLLMBackend:
         if self.lora_sync == "adapter":
             if step_dir is None:
                 raise ValueError("adapter sync needs rollout.vllm_sync_dir")
+            export_adapter(model, step_dir, write=pushes)  # every rank: gathering sharded parameters is collective
             if pushes:
-                export_adapter(model, step_dir)  # gathers if sharded (all ranks)
-                name = f"ogls-sd-policy-{self.version}"
+                name = f"ogls-sd-{self._run_tag}-{self.version}"
                 self._timed("adapter sync", lambda: self.engine.load_adapter(name, self.version, step_dir))
-            else:
-                with gathered_parameters(model):
-                    pass
         else:
             with full_weights(model) as weights:
                 if pushes:
                     self._timed("weight sync", lambda: self.engine.load_weights(weights, step_dir))
+                else:
+                    for _ in weights:  # FSDP2 gathers tensor by tensor: every rank takes part
+                        pass
         if server:
             _barrier()  # other ranks must not sample before the server has the new weights
         if self.engine.mode == "colocate":

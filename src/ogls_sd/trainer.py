@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .algorithms import Group, Rollout, StepBatch, build_algorithm, needs_teacher
 from .checkpoint import load_ema, load_model_weights, load_trainer_state, resolve_resume, save_checkpoint, set_rng_state
 from .config import Config
+from .distributed import globalize_plan, rank_slice, sum_across_ranks, sum_gradients, world
 from .evaluate import evaluate_accuracy
 from .markers import marker_metrics
 from .models import load_policy
@@ -45,8 +46,11 @@ class MetricsLog:
     (``train.report_to``, see ``tracking.py``). On resume, records after the checkpoint's step
     are dropped first, so the log reads as if the run had never stopped."""
 
-    def __init__(self, path: Path, tracker=None, keep_until_step: int | None = None):
-        self.path = path
+    def __init__(self, path: Path, tracker=None, keep_until_step: int | None = None, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+        if not enabled:  # data parallel: only rank 0 writes
+            self.f, self.tracker = None, None
+            return
         if keep_until_step is not None and path.is_file():
             kept = [ln for ln in path.read_text().splitlines()
                     if ln.strip() and _parse_step(ln) is not None and _parse_step(ln) <= keep_until_step]
@@ -57,11 +61,15 @@ class MetricsLog:
         self.tracker = tracker
 
     def write(self, rec: dict) -> None:
+        if not self.enabled:
+            return
         self.f.write(json.dumps(rec, sort_keys=True) + "\n")
         if self.tracker is not None:
             self.tracker.log(rec, step=rec.get("step"))
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self.f.close()
         if self.tracker is not None:
             self.tracker.close()
@@ -94,7 +102,9 @@ def collect_rollouts(cfg: Config, task, tok, prompts: PromptBuilder, backend, sa
     """Steps 1–3 of method.md §3: the step's prompts, G rollouts each, verified outcomes."""
     G = cfg.rollout.num_generations
     # 1. prompts of this step: a function of (seed, step) only, so a resumed run sees the same ones
+    # With several processes each rank takes a contiguous share of whole prompt groups.
     exs = task.examples(cfg.train.prompts_per_step, seed=cfg.data.seed * 1_000_003 + step, split="train")
+    exs = exs[rank_slice(len(exs))]
     groups = [Group(ex, prompts.student_ids(ex), prompts.teacher_ids(ex)) for ex in exs]
     check_context(groups, cfg.rollout.max_new_tokens, getattr(algo, "context_limit", None))
     # 2. G rollouts per prompt from the student, on token ids (none for SFT)
@@ -146,6 +156,10 @@ def optimize(cfg: Config, algo, plan, accel, policy, params, opt, teacher) -> Op
             agg["loss"] = agg.get("loss", 0.0) + float(loss.detach())
             for k, v in m.items():
                 agg[k] = agg.get(k, 0.0) + v
+        # data parallel: every rank must take part in the reduction, finite or not
+        finite = sum_across_ranks([0.0 if finite else 1.0])[0] == 0.0
+        if finite:
+            sum_gradients(params)
         if finite:
             if cfg.train.max_grad_norm > 0:
                 gn = float(accel.clip_grad_norm_(params, cfg.train.max_grad_norm))
@@ -256,19 +270,25 @@ def train(cfg: Config, console: Console | None = None) -> dict:
         summary.update(json.loads((resume_from / "state.json").read_text()).get("summary", {}))
         console.print(f"resuming from {resume_from} (step {start})")
 
-    policy, opt = accel.prepare(policy, opt)
+    # The model is not wrapped (no DDP): the algorithms call the backbone directly, and gradients
+    # are summed across ranks explicitly after the micro-batch loop (distributed.py).
+    opt = accel.prepare(opt)
+    rank, world_size = world()
+    is_main = rank == 0
     backend = build_backend(cfg.rollout, policy, prompts.pad_id, prompts.eos_id, cfg=cfg, is_main_process=accel.is_main_process)
     sampling = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
     heldout = task.examples(cfg.data.eval_size, seed=cfg.data.seed, split="test")
     from .tracking import open_tracker
 
-    log = MetricsLog(run / "metrics.jsonl", open_tracker(cfg.train.report_to, run, cfg.to_dict()),
-                     keep_until_step=start if resume_from is not None else None)
+    log = MetricsLog(run / "metrics.jsonl", open_tracker(cfg.train.report_to, run, cfg.to_dict()) if is_main else None,
+                     keep_until_step=start if resume_from is not None else None, enabled=is_main)
 
     def held_out_accuracy() -> float:
         return evaluate_accuracy(policy, tok, prompts, task, heldout, cfg.eval.max_new_tokens, cfg.eval.batch_size).accuracy
 
     def checkpoint(step: int) -> Path:
+        if not is_main:
+            return run / "checkpoints" / f"step_{step:06d}"
         return save_checkpoint(run, step, accel.unwrap_model(policy), tok, opt, sched, teacher, cfg.train.keep_last,
                                extra={"summary": {k: v for k, v in summary.items() if k.startswith("accuracy_")}})
 
@@ -282,7 +302,7 @@ def train(cfg: Config, console: Console | None = None) -> dict:
     if resume_from is not None:
         set_rng_state(state["rng"])
     else:
-        set_seed(cfg.train.seed)
+        set_seed(cfg.train.seed + rank)  # ranks sample different rollouts
     last_eval: tuple[int, float] | None = None  # (step, accuracy) of the latest eval.every measurement
     nonfinite_run = 0
 
@@ -293,6 +313,7 @@ def train(cfg: Config, console: Console | None = None) -> dict:
             batch = collect_rollouts(cfg, task, tok, prompts, backend, sampling, algo, step)  # 1–3
             t1 = time.time()
             plan = algo.plan(batch, step)  # 4–6
+            globalize_plan(plan)  # loss normalisers of the whole (multi-rank) batch
             res = optimize(cfg, algo, plan, accel, policy, params, opt, teacher)
             sched.step()
             if not res.skipped:
@@ -301,6 +322,9 @@ def train(cfg: Config, console: Console | None = None) -> dict:
 
             rec = step_record(step, batch, plan, res, sched.get_last_lr()[0],
                               {"rollout": t1 - t0, "train": t2 - t1, "step": time.time() - t0}, tok, task, cfg, algo)
+            if world_size > 1 and batch.rollouts:  # the reward over all ranks' rollouts
+                tot, n = sum_across_ranks([sum(r.reward for r in batch.rollouts), float(len(batch.rollouts))])
+                rec["reward/mean"] = tot / n
             if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or step + 1 == cfg.train.steps):
                 last_eval = (step + 1, held_out_accuracy())
                 rec["eval/accuracy"] = last_eval[1]
@@ -325,6 +349,7 @@ def train(cfg: Config, console: Console | None = None) -> dict:
         summary["accuracy_after"] = last_eval[1] if last_eval and last_eval[0] == cfg.train.steps else held_out_accuracy()
         console.print(f"held-out accuracy after training:  [bold]{summary['accuracy_after']:.3f}[/] (n={len(heldout)})")
     summary["wall_seconds"] = round(time.time() - t_start, 1)
-    (run / "summary.json").write_text(json.dumps(summary, indent=1))
+    if is_main:
+        (run / "summary.json").write_text(json.dumps(summary, indent=1))
     console.print(f"run directory: {run}  (summary.json, metrics.jsonl, config.yaml, checkpoints/)")
     return summary

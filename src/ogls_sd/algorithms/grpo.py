@@ -65,6 +65,8 @@ def group_advantages(rewards: list[float], scale_std: bool = True, std: str = "s
 
 @dataclass
 class GRPOPlan:
+    GLOBAL_SUMS = ("norm",)  # summed over data-parallel ranks (distributed.globalize_plan)
+
     batch: StepBatch
     advantages: list[float]  # per rollout of the step
     work: list[int]  # rollouts that need a student pass (non-zero advantage, or all with a KL term)

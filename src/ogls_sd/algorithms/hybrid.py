@@ -27,6 +27,10 @@ class HybridPlan:
     opsd: Plan
     metrics: dict[str, float] = field(default_factory=dict)
 
+    def subplans(self):
+        """Plans whose normalisers are summed over data-parallel ranks."""
+        return (self.grpo, self.opsd)
+
     def micro_batches(self, size: int) -> list[list[int]]:
         work = sorted(set(self.grpo.work) | set(self.opsd.targets) | set(self.opsd.tail))
         return [work[s : s + size] for s in range(0, len(work), size)]

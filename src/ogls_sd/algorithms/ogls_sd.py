@@ -47,6 +47,9 @@ class TargetPlan:
 
 @dataclass
 class Plan:
+    """Normalisers in ``GLOBAL_SUMS`` are summed over data-parallel ranks before the loss."""
+
+    GLOBAL_SUMS = ("distill_norm", "tail_norm", "n_seq_targets")
     batch: StepBatch
     targets: dict[int, TargetPlan]  # rollout index -> plan
     tail: list[int]  # rollouts contributing the positive-tail SFT term

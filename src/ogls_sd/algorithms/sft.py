@@ -34,6 +34,7 @@ class NLLPlan:
     targets: dict[int, list[int]]  # SFT: group -> reference ids (+ EOS); RFT: unused
     norm: float
     metrics: dict[str, float] = field(default_factory=dict)
+    GLOBAL_SUMS = ("norm",)  # summed over data-parallel ranks (distributed.globalize_plan)
 
     def micro_batches(self, size: int) -> list[list[int]]:
         return [self.items[s : s + size] for s in range(0, len(self.items), size)]

@@ -5,21 +5,22 @@ same per-row stats, same gradients w.r.t. ``student_hidden``, ``student_weight``
 ``student_bias``) but never materialises ``[N, V]`` logits. Rows are processed in blocks of at most
 ``chunk_size``; for each block, under ``no_grad``:
 
-1. the steered teacher log-probs ``log p̃ [n, V]`` (anchor logits, every positive and negative
-   context's log-softmax accumulated into the direction ``d`` one context at a time, fallback,
-   RMS normalisation, ``z0 + λ d``, temperature, log-softmax),
-2. the student log-probs ``log p_S [n, V]`` from ``h W^T + b``,
-3. the per-row divergence, the stats, and ``G = dL/dlogits [n, V]`` in closed form (forward KL with
-   every clip, reverse KL, generalized JSD, sampled-token) or by a local autograd call on the block
-   (top-k, and any block whose log-probs contain ``-inf``),
+1. the steered teacher log-probs ``log p̃ [n, V]`` (each positive and negative context's
+   log-softmax accumulated into the direction ``d`` one context at a time, the anchor logits
+   ``z0``, the fallback, RMS normalisation, ``z0 + λ d``, temperature, log-softmax),
+2. the student logits ``h W^T + b`` of the block,
+3. the per-row divergence, the stats, and ``G = dL/dlogits [n, V]`` (written over the student
+   logits) in closed form — forward KL with every clip, reverse KL, generalized JSD,
+   sampled-token — a few rows at a time in small scratch buffers; or by a local autograd call on
+   the block with the reference's own functions (top-k, and any block whose log-probs contain
+   ``-inf``),
 4. ``grad_hidden[block] = G W``, ``grad_weight += Gᵀ h``, ``grad_bias += Σ_rows G``.
 
 The gradients are stored on the autograd context and scaled by ``grad_output`` in backward (the
-approach of Liger-Kernel's fused linear losses). Three ``[chunk_size, V]`` work buffers (five for
-JSD with ``0 < β < 1``; plus a bool ``[chunk_size, V]`` mask for the entry clip) are alive,
-allocated once per call and reused by every block, plus ``grad_weight [V, H]`` when the weight
-needs a gradient. Top-k uses the reference's functions on each block (a few more block-sized
-temporaries).
+approach of Liger-Kernel's fused linear losses). Memory: two ``[chunk_size, V]`` work buffers,
+allocated once per call and reused by every block, plus three or four ``[r, V]`` scratch buffers
+(``r·V ≈ SCRATCH_ELEMENTS``), plus ``grad_weight [V, H]`` when the weight needs a gradient. Top-k
+uses the reference's functions on each block (a few more block-sized temporaries).
 
 Closed forms used (``w`` row weight, ``T`` temperature, ``s = log p_S``, ``t = log p̃``, ``p_S = e^s``,
 ``p_T = e^t``; the gradient is w.r.t. the raw student logits ``x`` with ``s = log_softmax(x / T)``):
@@ -51,6 +52,7 @@ from .divergence import DivergenceSpec, divergence_rows
 from .reference import DistillOutput, row_stats
 from .target import RMS_EPS, TeacherTarget, lm_logits, steered_logits
 
+SCRATCH_ELEMENTS = 1 << 21  # per small scratch buffer (8 MiB in float32): rows of the divergence step
 STAT_KEYS = ("kl", "clipped", "vocab", "teacher_entropy", "student_entropy", "steer_rms")
 IMPLS = ("reference", "chunked")
 
@@ -60,9 +62,16 @@ IMPLS = ("reference", "chunked")
 # ----------------------------------------------------------------------------------------------
 
 
-def _rowdot(a: Tensor, b: Tensor) -> Tensor:
-    """Row-wise dot product of two ``[n, V]`` tensors → ``[n]`` without a ``[n, V]`` temporary."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+def _rowdot(a: Tensor, b: Tensor, tmp: Tensor) -> Tensor:
+    """Row-wise dot product of ``a, b [n, V]`` → ``[n]``, in rows of ``tmp [r, V]`` (scratch).
+
+    ``sum`` (pairwise summation) rather than a BLAS dot: its error does not grow with V, so the
+    per-row values match the reference's ``(p * x).sum(-1)`` to rounding at V = 152k in float32.
+    """
+    r = tmp.shape[0]
+    if a.shape[0] <= r:
+        return torch.mul(a, b, out=tmp[: a.shape[0]]).sum(-1)
+    return torch.cat([torch.mul(a[i : i + r], b[i : i + r], out=tmp[: min(r, a.shape[0] - i)]).sum(-1) for i in range(0, a.shape[0], r)])
 
 
 def _linear_into(out: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -89,15 +98,25 @@ def _col(v: Tensor) -> Tensor:
     return v.unsqueeze(-1)
 
 
-def auto_chunk_size(vocab_size: int, budget_bytes: int = 256 * 2**20, element_size: int = 4, max_rows: int = 1024) -> int:
-    """Rows per block such that one ``[rows, V]`` work buffer takes about ``budget_bytes``.
+def auto_chunk_size(
+    vocab_size: int,
+    num_rows: int | None = None,
+    budget_bytes: int = 512 * 2**20,
+    element_size: int = 4,
+    max_rows: int = 1024,
+) -> int:
+    """Rows per block for the chunked loss.
 
-    A power of two between 16 and ``max_rows``. With the default budget: 256 rows at V = 152k,
-    1024 rows at V = 32k (float32).
+    At most ``max_rows``; at most ``budget_bytes`` per ``[rows, V]`` work buffer (there are two);
+    and, given ``num_rows`` (N), at most N / 8 rows, so that the blocks never hold more than a
+    quarter of what one ``[N, V]`` logits tensor would (the reference holds about nine). Rounded
+    down to a multiple of 32 (GEMM-friendly), at least 32 (or N when smaller). Examples (float32):
+    V = 152k: N = 1024 → 128, N = 4096 → 512, N unknown → 864; V = 32k: N = 4096 → 512.
     """
-    rows = max(1, budget_bytes // max(1, vocab_size * element_size))
-    rows = 1 << (rows.bit_length() - 1)
-    return int(min(max_rows, max(16, rows)))
+    rows = min(max_rows, budget_bytes // max(1, vocab_size * element_size))
+    if num_rows is not None:
+        rows = min(rows, max(32, num_rows // 8), max(1, num_rows))
+    return int(rows // 32 * 32) if rows >= 32 else int(max(1, rows))
 
 
 def _accumulate_grads(Gw, G, h, weight, grad_h, grad_w, grad_b, sl: slice) -> None:
@@ -145,24 +164,19 @@ def _pool_into(d: Tensor, lp: Tensor, hidden: Tensor, mask: Tensor, tgt: Teacher
     return count
 
 
-def _teacher_block(tgt: TeacherTarget, temperature: float, bufs: list[Tensor]) -> tuple[Tensor, Tensor]:
+def _teacher_block(tgt: TeacherTarget, temperature: float, d: Tensor, lp: Tensor, tmp: Tensor) -> tuple[Tensor, Tensor]:
     """Steered teacher log-probs ``log softmax(z̃ / T)`` for the rows of ``tgt`` (already cut to the block).
 
-    Uses ``bufs[0..2]`` (each ``[n, V]``); returns ``(t_logp, steer_rms [n])`` with ``t_logp`` in
-    ``bufs[0]``; ``bufs[1]`` and ``bufs[2]`` are free afterwards. Same formulas as
+    Two ``[n, V]`` work buffers: ``d`` accumulates the direction (and is free afterwards), ``lp``
+    holds each context's log-softmax in turn, then ``z0``, then ``z̃``, and finally the returned
+    log-probs. Returns ``(t_logp [n, V] (= lp), steer_rms [n])``. Same formulas as
     :func:`ogls_sd.losses.target.steered_logits` (see there).
     """
-    z0, d, lp = bufs[0], bufs[1], bufs[2]
-    n, V = z0.shape
-    dtype = z0.dtype
-    if tgt.anchor_hidden is not None:
-        _linear_into(z0, tgt.anchor_hidden, tgt.weight, tgt.bias)
-        if tgt.anchor_scale is not None:
-            z0.mul_(_col(tgt.anchor_scale.to(dtype)))
-    else:
-        z0.zero_()
-
+    n, V = lp.shape
+    dtype = lp.dtype
+    sub_rows = tmp.shape[0]
     have_d = False
+    npos = nneg = None
     if tgt.pos_hidden is not None:
         have_d = True
         d.zero_()
@@ -171,31 +185,42 @@ def _teacher_block(tgt: TeacherTarget, temperature: float, bufs: list[Tensor]) -
             if tgt.neg_hidden is not None and tgt.neg_hidden.shape[0] > 0:
                 nneg = _pool_into(d, lp, tgt.neg_hidden, tgt.neg_mask, tgt, -1.0)
             else:
-                nneg = torch.zeros(n, dtype=dtype, device=z0.device)
-            fallback = (nneg == 0).nonzero().squeeze(1)
-            if fallback.numel() > 0:  # no valid negative context: zneg := log_softmax(z0)
-                _log_softmax_(lp.copy_(z0))
-                d.index_add_(0, fallback, lp.index_select(0, fallback), alpha=-1.0)
-        invalid = (npos == 0).nonzero().squeeze(1)
-        if invalid.numel() > 0:  # no valid positive context: d = 0
-            d.index_fill_(0, invalid, 0.0)
+                nneg = torch.zeros(n, dtype=dtype, device=lp.device)
     elif tgt.direction is not None:
         have_d = True
         direction = tgt.direction if tgt.direction.dtype == dtype else tgt.direction.to(dtype)
         torch.index_select(direction, 0, tgt.row_direction, out=d)
 
+    z0 = lp
+    if tgt.anchor_hidden is not None:
+        _linear_into(z0, tgt.anchor_hidden, tgt.weight, tgt.bias)
+        if tgt.anchor_scale is not None:
+            z0.mul_(_col(tgt.anchor_scale.to(dtype)))
+    else:
+        z0.zero_()
+
+    if nneg is not None:
+        fallback = (nneg == 0).nonzero().squeeze(1)
+        for i in range(0, fallback.numel(), sub_rows):  # no valid negative context: zneg := log_softmax(z0)
+            rows = fallback[i : i + sub_rows]
+            d.index_add_(0, rows, torch.log_softmax(z0.index_select(0, rows), -1), alpha=-1.0)
+    if npos is not None:
+        invalid = (npos == 0).nonzero().squeeze(1)
+        if invalid.numel() > 0:  # no valid positive context: d = 0
+            d.index_fill_(0, invalid, 0.0)
+
     if have_d:
-        rms = (_rowdot(d, d) / V).sqrt()
+        rms = (_rowdot(d, d, tmp) / V).sqrt()
         if tgt.normalize == "rms":
             d.div_(_col(rms + RMS_EPS))
-            rms = (_rowdot(d, d) / V).sqrt()
+            rms = (_rowdot(d, d, tmp) / V).sqrt()
         lam = tgt.strength
         if isinstance(lam, Tensor):
             z0.addcmul_(d, _col(lam.to(dtype)))
         else:
             z0.add_(d, alpha=float(lam))
     else:
-        rms = torch.zeros(n, dtype=dtype, device=z0.device)
+        rms = torch.zeros(n, dtype=dtype, device=lp.device)
     if temperature != 1.0:
         z0.div_(temperature)
     return _log_softmax_(z0), rms
@@ -225,25 +250,19 @@ def _generic_block(h, W, b, tgt, spec, w, ids):
     return value.detach(), stats, g
 
 
-def _fast_block(h, W, b, tgt, spec, w, ids, bufs, mask):
-    """Closed-form value, stats and ``G [n, V]`` for forward/reverse KL, JSD and sampled-token.
+def _divergence_rows_(tl: Tensor, x: Tensor, spec: DivergenceSpec, w: Tensor, ids: Tensor | None, scratch: list[Tensor]):
+    """Closed-form value, stats and gradient for a few rows, in place.
 
-    ``bufs``: three ``[n, V]`` work buffers (five for JSD with 0 < β < 1); ``mask``: a ``[n, V]``
-    bool buffer for the entry clip (else None). Returns ``None`` when a log-prob is ``-inf`` (the
-    caller then uses :func:`_generic_block`, which reproduces the reference's ``0·log 0 = 0``
-    handling exactly).
+    ``tl [r, V]``: teacher log-probs (overwritten). ``x [r, V]``: student logits already divided by
+    T; overwritten with ``G = d(Σ w·value)/d(raw logits)``. ``scratch``: two (three for JSD)
+    ``[r, V]`` buffers, plus one for row-wise products. Returns ``(value, stats)`` or None when a log-prob is ``-inf``.
     """
     T = spec.temperature
-    n, V = bufs[0].shape
-    tl, rms = _teacher_block(tgt, T, bufs)  # teacher log-probs in B0
-    B1, B2 = bufs[1], bufs[2]
-    _linear_into(B1, h, W, b)
-    if T != 1.0:
-        B1.div_(T)
-    sl = _log_softmax_(B1)  # student log-probs in B1
-
-    P = torch.exp(tl, out=B2)
-    t_ent = -_rowdot(P, tl)
+    V = x.shape[1]
+    A, B, tmp = scratch[0], scratch[1], scratch[-1]
+    sl = _log_softmax_(x)
+    P = torch.exp(tl, out=A)
+    t_ent = -_rowdot(P, tl, tmp)
     if bool(torch.isnan(t_ent).any()):
         return None
     div, clip, tau = spec.divergence, spec.clip, spec.clip_tau
@@ -252,55 +271,53 @@ def _fast_block(h, W, b, tgt, spec, w, ids, bufs, mask):
     elif div == "jsd" and spec.beta == 1.0:
         div = "reverse_kl"
 
-    t_y = s_y = None
     if div == "sampled_token":
-        if ids is None:
-            raise ValueError("divergence=sampled_token needs target_ids")
         t_y = tl.gather(1, _col(ids)).squeeze(1)
         s_y = sl.gather(1, _col(ids)).squeeze(1)
 
-    D = torch.sub(tl, sl, out=bufs[3]) if div == "jsd" else tl.sub_(sl)  # t − s
-    kl = _rowdot(P, D)
+    D = torch.sub(tl, sl, out=B) if div == "jsd" else tl.sub_(sl)  # t − s
+    kl = _rowdot(P, D, tmp)
     coef = w / T
     clipped = torch.zeros_like(kl)
 
     if div == "forward_kl":
         if clip == "entry":
             D.mul_(P)  # the summands ℓ
-            torch.le(D, tau, out=mask)  # not clamped: these keep their gradient
-            clipped = V - mask.sum(-1).to(D.dtype)
+            M = torch.le(D, tau, out=B)  # 1.0 where not clamped: those keep their gradient
+            clipped = V - M.sum(-1)
             value = D.clamp_(max=tau).sum(-1)
-            q = P.mul_(mask)
+            q = P.mul_(M)
         else:
             value = kl
             q = P
-        G = torch.exp(sl, out=D)  # p_S (D is free)
-        s_ent = -_rowdot(G, sl)
-        G.mul_(_col(q.sum(-1))).sub_(q)
+        PS = torch.exp(sl, out=B)
+        s_ent = -_rowdot(PS, sl, tmp)
+        G = torch.mul(PS, _col(q.sum(-1)), out=x).sub_(q)  # p_S Σq − q
     elif div == "reverse_kl":
-        G = torch.exp(sl, out=P)  # p_S
-        s_ent = -_rowdot(G, sl)
-        value = -_rowdot(G, D)
-        c = 1.0 - value - G.sum(-1)
-        G.mul_(D.neg_().add_(_col(c)))  # p_S (s − t − L + 1 − Σ p_S)
+        PS = torch.exp(sl, out=B)
+        s_ent = -_rowdot(PS, sl, tmp)
+        value = -_rowdot(PS, D, tmp)
+        c = 1.0 - value - PS.sum(-1)
+        G = torch.mul(PS, D.neg_().add_(_col(c)), out=x)  # p_S (s − t − L + 1 − Σ p_S)
     elif div == "sampled_token":
-        G = torch.exp(sl, out=P)
-        s_ent = -_rowdot(G, sl)
+        PS = torch.exp(sl, out=B)
+        s_ent = -_rowdot(PS, sl, tmp)
         adv = t_y - s_y
         value = -adv * s_y
+        G = x.copy_(PS)
     elif div == "jsd":
         beta = spec.beta
-        B4 = bufs[4]
-        torch.add(sl, math.log1p(-beta), out=B4)
+        C = scratch[2]
+        torch.add(sl, math.log1p(-beta), out=C)
         torch.add(tl, math.log(beta), out=D)
-        log_m = torch.logaddexp(D, B4, out=D)
-        kl_t = _rowdot(P, torch.sub(tl, log_m, out=B4))
+        log_m = torch.logaddexp(D, C, out=D)
+        kl_t = _rowdot(P, torch.sub(tl, log_m, out=C), tmp)
         PS = torch.exp(sl, out=P)
-        s_ent = -_rowdot(PS, sl)
-        G = torch.sub(sl, log_m, out=B4)  # s − log m
-        kl_s = _rowdot(PS, G)
+        s_ent = -_rowdot(PS, sl, tmp)
+        R = torch.sub(sl, log_m, out=C)  # s − log m
+        kl_s = _rowdot(PS, R, tmp)
         value = beta * kl_t + (1.0 - beta) * kl_s
-        G.sub_(_col(kl_s)).mul_(PS)
+        G = torch.mul(R.sub_(_col(kl_s)), PS, out=x)
         coef = coef * (1.0 - beta)
     else:  # pragma: no cover - topk goes to the generic path
         raise ValueError(div)
@@ -318,17 +335,37 @@ def _fast_block(h, W, b, tgt, spec, w, ids, bufs, mask):
         G.scatter_add_(1, _col(ids), _col(-a))
     else:
         G.mul_(_col(coef))
+    return value, {"kl": kl, "clipped": clipped, "teacher_entropy": t_ent, "student_entropy": s_ent}
 
-    width = V if clip == "entry" else 1
-    stats = {
-        "kl": kl,
-        "clipped": clipped,
-        "vocab": torch.full_like(kl, float(width)),
-        "teacher_entropy": t_ent,
-        "student_entropy": s_ent,
-        "steer_rms": rms,
-    }
-    return value, stats, G
+
+def _fast_block(h, W, b, tgt, spec, w, ids, bufs, scratch):
+    """Closed-form value, stats and ``G [n, V]`` for forward/reverse KL, JSD and sampled-token.
+
+    ``bufs``: two ``[n, V]`` work buffers; ``scratch``: small ``[r, V]`` buffers; the divergence is
+    computed ``r`` rows at a time. Returns None when a log-prob is ``-inf`` (the caller then uses
+    :func:`_generic_block`, which reproduces the reference's ``0·log 0 = 0`` handling exactly).
+    """
+    n, V = bufs[0].shape
+    R = scratch[0].shape[0]
+    tl, rms = _teacher_block(tgt, spec.temperature, bufs[0], bufs[1], scratch[-1])  # in bufs[1]
+    x = _linear_into(bufs[0], h, W, b)
+    if spec.temperature != 1.0:
+        x.div_(spec.temperature)
+    value = torch.empty(n, dtype=x.dtype, device=x.device)
+    stats = {k: torch.empty_like(value) for k in ("kl", "clipped", "teacher_entropy", "student_entropy")}
+    for r0 in range(0, n, R):
+        r1 = min(n, r0 + R)
+        out = _divergence_rows_(
+            tl[r0:r1], x[r0:r1], spec, w[r0:r1], ids[r0:r1] if ids is not None else None, [t[: r1 - r0] for t in scratch]
+        )
+        if out is None:
+            return None
+        value[r0:r1] = out[0]
+        for k, v in out[1].items():
+            stats[k][r0:r1] = v
+    stats["vocab"] = torch.full_like(value, float(V if spec.clip == "entry" else 1))
+    stats["steer_rms"] = rms
+    return value, stats, x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,9 +395,12 @@ class _ChunkedDistill(torch.autograd.Function):
 
         rows = max(1, min(int(chunk_size), N))
         fast = spec.divergence != "topk" and N > 0
-        n_bufs = 5 if (spec.divergence == "jsd" and 0.0 < spec.beta < 1.0) else 3
-        work = [torch.empty(rows, V, dtype=dtype, device=dev) for _ in range(n_bufs)] if fast else []
-        mask = torch.empty(rows, V, dtype=torch.bool, device=dev) if fast and spec.clip == "entry" else None
+        work, scratch = [], []
+        if fast:
+            work = [torch.empty(rows, V, dtype=dtype, device=dev) for _ in range(2)]
+            sub = max(1, min(rows, SCRATCH_ELEMENTS // max(1, V)))
+            n_scratch = 4 if (spec.divergence == "jsd" and 0.0 < spec.beta < 1.0) else 3
+            scratch = [torch.empty(sub, V, dtype=dtype, device=dev) for _ in range(n_scratch)]
 
         for s in range(0, N, rows):
             e = min(N, s + rows)
@@ -372,7 +412,7 @@ class _ChunkedDistill(torch.autograd.Function):
             ids = target_ids[sl] if target_ids is not None else None
             out = None
             if fast:
-                out = _fast_block(h, weight, bias, tgt, spec, w, ids, [buf[:n] for buf in work], mask[:n] if mask is not None else None)
+                out = _fast_block(h, weight, bias, tgt, spec, w, ids, [buf[:n] for buf in work], scratch)
             if out is None:
                 out = _generic_block(h, weight, bias, tgt, spec, w, ids)
             value, st, G = out
@@ -383,7 +423,7 @@ class _ChunkedDistill(torch.autograd.Function):
                 Gw = G if G.dtype == weight.dtype else G.to(weight.dtype)
                 _accumulate_grads(Gw, G, h, weight, grad_h, grad_w, grad_b, sl)
             del out, G, value, st
-        del work, mask
+        del work, scratch
 
         if grad_w is not None and grad_w.dtype != weight.dtype:
             grad_w = grad_w.to(weight.dtype)
@@ -532,17 +572,17 @@ def get_distill_loss(impl: str, chunk_size: int | None = None) -> Callable[..., 
     """The distillation loss for ``loss.impl`` (``"reference"`` or ``"chunked"``).
 
     Both returned callables take ``(student_hidden, student_weight, student_bias, target, spec,
-    row_weight, target_ids=None)``. ``chunk_size`` (rows per block) applies to ``chunked``; None
-    picks :func:`auto_chunk_size` from the vocabulary size at call time.
+    row_weight, target_ids=None)``. ``chunk_size`` (rows per block) applies to ``chunked``; None or
+    0 picks :func:`auto_chunk_size` from the vocabulary size and the number of rows at call time.
     """
     if impl == "reference":
         return _reference.distill_loss
     if impl == "chunked":
-        if chunk_size is not None:
+        if chunk_size:
             return functools.partial(distill_loss, chunk_size=chunk_size)
 
         def _auto(student_hidden, student_weight, student_bias, target, spec, row_weight, target_ids=None):
-            cs = auto_chunk_size(student_weight.shape[0], element_size=student_hidden.element_size())
+            cs = auto_chunk_size(student_weight.shape[0], student_hidden.shape[0], element_size=student_hidden.element_size())
             return distill_loss(student_hidden, student_weight, student_bias, target, spec, row_weight, target_ids, cs)
 
         return _auto
@@ -556,7 +596,7 @@ def get_token_logprobs(impl: str, chunk_size: int | None = None) -> Callable[...
     if impl == "chunked":
 
         def _tl(hidden, weight, bias, ids, temperature=1.0):
-            cs = chunk_size or auto_chunk_size(weight.shape[0], element_size=hidden.element_size())
+            cs = chunk_size or auto_chunk_size(weight.shape[0], hidden.shape[0], element_size=hidden.element_size())
             return token_logprobs(hidden, weight, bias, ids, temperature, cs)
 
         return _tl

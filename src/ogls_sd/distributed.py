@@ -1,0 +1,66 @@
+"""Data parallelism on top of ``torch.distributed`` (set up by ``accelerate launch``).
+
+Each rank owns whole prompt groups (a prompt's G rollouts never straddle ranks, so pools and
+group statistics stay local), the loss normalisers of a step are summed over ranks before any
+loss is computed, and gradients are summed over ranks after the micro-batch loop. Together this
+gives every rank the gradient of one big batch, so the same optimizer step keeps the replicas
+identical. With one process every function here is a no-op.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world_size)``; ``(0, 1)`` without an initialised process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def rank_slice(n: int) -> slice:
+    """This rank's share of ``n`` prompts (contiguous; ``n`` must divide evenly)."""
+    rank, ws = world()
+    if n % ws:
+        raise ValueError(f"train.prompts_per_step={n} must be divisible by the number of processes ({ws})")
+    k = n // ws
+    return slice(rank * k, (rank + 1) * k)
+
+
+def sum_across_ranks(values: list[float]) -> list[float]:
+    rank, ws = world()
+    if ws == 1 or not values:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def globalize_plan(plan) -> None:
+    """Sum the plan's normalisers (``GLOBAL_SUMS`` attributes) over ranks, in place; recurses
+    into ``plan.subplans()`` (hybrids). Every rank must call it once per step."""
+    for sub in getattr(plan, "subplans", lambda: ())():
+        globalize_plan(sub)
+    names = tuple(getattr(plan, "GLOBAL_SUMS", ()))
+    if not names or world()[1] == 1:
+        return
+    for name, v in zip(names, sum_across_ranks([float(getattr(plan, n)) for n in names])):
+        setattr(plan, name, type(getattr(plan, name))(v))
+
+
+def sum_gradients(params: list[torch.nn.Parameter]) -> None:
+    """All-reduce (sum) the gradients of ``params``; a rank without a gradient contributes zeros."""
+    if world()[1] == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    off = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[off : off + n].view_as(p.grad))
+        off += n
