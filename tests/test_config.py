@@ -23,10 +23,19 @@ def test_overrides_are_typed_and_applied(tmp_path):
     assert cfg.model.lora_target_modules == ["q_proj", "v_proj"]
 
 
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    # YAML 1.1 reads "1e-5" as a string; both the CLI and config files must still accept it
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  lr: 3e-6\n")
+    assert Config.load(p).train.lr == 3e-6
+    assert Config.load(None, ["train.lr=1e-5"]).train.lr == 1e-5
+
+
 @pytest.mark.parametrize("override, key", [
     (["loss.clip=sometimes"], "loss.clip"),
     (["train.steps=0"], "train.steps"),
     (["train.steps=abc"], "train.steps"),
+    (["train.lr=fast"], "train.lr"),
     (["teacher.ema_decay=1.5"], "teacher.ema_decay"),
     (["loss.nonexistent=1"], "loss.nonexistent"),
     (["nosection.x=1"], "nosection"),

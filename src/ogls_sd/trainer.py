@@ -235,12 +235,27 @@ def train(cfg: Config, console: Console | None = None) -> dict:
     run = Path(cfg.train.output_dir)
     run.mkdir(parents=True, exist_ok=True)
     resume_from = resolve_resume(run, cfg.train.resume)
-    cfg.save(run / "config.yaml")
     set_seed(cfg.train.seed)
-    accel = Accelerator(cpu=cfg.train.device == "cpu", mixed_precision=cfg.train.mixed_precision)
+    # device=auto without a GPU is CPU: say so, or accelerate would not join the processes of
+    # a multi-process CPU launch into one group (each would think it is rank 0).
+    cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
+    accel = Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision)
+    if accel.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        raise NotImplementedError(
+            f"{accel.distributed_type.name} is not supported by the trainer yet: it replicates the model on every "
+            "process (data parallel, gradients summed across ranks). Use configs/accelerate/ddp.yaml, and LoRA "
+            "(model.lora=true) or a smaller model if the full model does not fit one GPU.")
+    if world()[1] != accel.num_processes:
+        raise RuntimeError(f"accelerate sees {accel.num_processes} process(es) but torch.distributed has {world()[1]}; "
+                           "launch with `accelerate launch` or `torchrun` and train.device set explicitly")
+    if accel.is_main_process:
+        cfg.save(run / "config.yaml")
+    else:  # data parallel: one rank reports (errors still raise on every rank)
+        console = Console(quiet=True)
 
     # ---- policy, teacher (θ₀ is taken before any checkpoint is loaded), algorithm, optimizer
-    with _progress(console) as progress:
+    # Rank 0 first: it computes and caches the warm start; the other ranks then load the cache.
+    with accel.main_process_first(), _progress(console) as progress:
         policy, tok, task, task_tpl, info = load_policy(cfg, progress)
     policy.to(accel.device)
     prompts = PromptBuilder(tok, cfg.templates, task_tpl)

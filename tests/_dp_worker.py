@@ -1,0 +1,95 @@
+"""One optimizer step of an algorithm on hand-made rollouts, with the trainer's own ``optimize``;
+run by ``tests/test_data_parallel.py`` under ``torchrun`` with 1 and with 2 processes.
+
+Usage: ``torchrun --nproc_per_node N tests/_dp_worker.py OUT_DIR CASE [CASE ...]`` where a CASE is
+``NAME=ALGORITHM[,OVERRIDE,...]`` (``python tests/_dp_worker.py ...`` runs one process).
+For each case every rank builds the same tiny model and the same 4 prompt groups, keeps its share
+of the groups (the trainer's ``rank_slice``), takes 2 optimizer steps, and writes its parameters
+to ``OUT_DIR/NAME/ws{N}_rank{R}.safetensors``.
+"""
+
+import os
+import random
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import save_file
+
+from ogls_sd.algorithms import Group, Rollout, StepBatch, build_algorithm, needs_teacher
+from ogls_sd.config import Config
+from ogls_sd.distributed import globalize_plan, rank_slice, world
+from ogls_sd.tasks.arith import TEMPLATES, ArithTask
+from ogls_sd.teacher import Teacher
+from ogls_sd.templates import PromptBuilder
+from ogls_sd.tiny import char_tokenizer, tiny_llama
+from ogls_sd.trainer import optimize
+
+# Rewards of the G=4 rollouts of each of the 4 prompts: mixed, all wrong, all right, mixed.
+REWARDS = [[1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 0, 0]]
+
+
+def batch_for_rank(tok, pb: PromptBuilder) -> StepBatch:
+    task = ArithTask()
+    exs = task.examples(len(REWARDS), seed=3)
+    rng = random.Random(0)
+    texts = [[ex.reference if r else task.wrong_attempt(ex, rng) for r in rs] for ex, rs in zip(exs, REWARDS)]
+    sl = rank_slice(len(exs))
+    groups, rollouts = [], []
+    for gi, (ex, rs, ts) in enumerate(zip(exs[sl], REWARDS[sl], texts[sl])):
+        g = Group(ex, pb.student_ids(ex), pb.teacher_ids(ex))
+        for r, text in zip(rs, ts):
+            g.rollouts.append(len(rollouts))
+            rollouts.append(Rollout(gi, pb.text_ids(text) + [tok.eos_token_id], True, float(r)))
+        groups.append(g)
+    return StepBatch(groups, rollouts if build_needs_rollouts else [])
+
+
+build_needs_rollouts = True
+
+
+def main() -> None:
+    out, cases = Path(sys.argv[1]), sys.argv[2:]
+    accel = Accelerator(cpu=True)
+    for case in cases:
+        name, spec = case.split("=", 1)
+        algorithm, *overrides = spec.split(",")
+        run_case(accel, out / name, algorithm, overrides)
+
+
+def run_case(accel, out: Path, algorithm: str, overrides: list[str]) -> None:
+    global build_needs_rollouts
+    rank, ws = world()
+    cfg = Config.load(None, [f"train.algorithm={algorithm}", "train.micro_batch_size=3", "train.max_grad_norm=0.5",
+                             "train.lr=1e-2", *overrides])
+    tok = char_tokenizer()
+    torch.manual_seed(0)
+    model = tiny_llama(len(tok), hidden=32, layers=1, heads=2, intermediate=64,
+                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    model.double()  # float64, so that a different summation order (ranks) stays far below the tolerance
+    pb = PromptBuilder(tok, cfg.templates, TEMPLATES)
+    teacher = Teacher(model, cfg.teacher.kind if needs_teacher(cfg) else "live", cfg.teacher.ema_decay)
+    algo = build_algorithm(cfg, model, teacher, pb)
+    build_needs_rollouts = algo.needs_rollouts
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = accel.prepare(torch.optim.AdamW(params, lr=cfg.train.lr))
+    batch = batch_for_rank(tok, pb)
+    for step in range(2):
+        plan = algo.plan(batch, step)
+        globalize_plan(plan)
+        res = optimize(cfg, algo, plan, accel, model, params, opt, teacher)
+        assert not res.skipped
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, out / f"ws{ws}_rank{rank}.safetensors")
+    (out / f"ws{ws}_rank{rank}.gradnorm").write_text(repr(res.grad_norm))
+
+
+if __name__ == "__main__":
+    main()
