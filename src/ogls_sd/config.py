@@ -189,7 +189,7 @@ class LossConfig(_Section):
     temperature: float = opt(1.0, "Both logits are divided by this before log-softmax.")
     max_distill_tokens: int = opt(1024, "Only the first N completion tokens are distilled.")
     reduction: str = opt("token_mean", "token_mean over all valid tokens of the global batch, or per-sequence mean then batch mean.", choices=("token_mean", "sequence_mean"))
-    impl: str = opt("reference", "Loss implementation: plain full-vocabulary reference, or chunked (never materialises [T, V]).", choices=("reference", "chunked"))
+    impl: str = opt("chunked", "Loss implementation: chunked (default; blocks of loss.chunk_size rows, never materialises [T, V] logits) or the plain full-vocabulary reference that tests compare it against.", choices=("chunked", "reference"))
     chunk_size: int = opt(1024, "Rows per block in the chunked loss.")
 
 
