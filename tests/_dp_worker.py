@@ -8,6 +8,7 @@ of the groups (the trainer's ``rank_slice``), takes 2 optimizer steps, and write
 to ``OUT_DIR/NAME/ws{N}_rank{R}.safetensors``.
 """
 
+import json
 import os
 import random
 import sys
@@ -89,6 +90,7 @@ def run_case(accel, out: Path, algorithm: str, overrides: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, out / f"ws{ws}_rank{rank}.safetensors")
     (out / f"ws{ws}_rank{rank}.gradnorm").write_text(repr(res.grad_norm))
+    (out / f"ws{ws}_rank{rank}.agg.json").write_text(json.dumps(res.agg))
 
 
 if __name__ == "__main__":

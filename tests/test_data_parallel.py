@@ -65,9 +65,17 @@ def test_two_ranks_take_the_single_process_step(dp_runs, case):
     for k in single:
         assert torch.equal(r0[k], r1[k]), f"{case}: replicas diverged at {k}"
         torch.testing.assert_close(r0[k], single[k], rtol=1e-9, atol=1e-10, msg=lambda m: f"{case} {k}: {m}")
-    # the steps did something (so that equality above is not vacuous)
+    # the steps did something (so that equality above is not vacuous), and both ranks report the
+    # single process's gradient norm and loss terms (sums over ranks)
     gn = float((dp_runs / case / "ws1_rank0.gradnorm").read_text())
     assert gn > 0
+    agg1 = json.loads((dp_runs / case / "ws1_rank0.agg.json").read_text())
+    for r in (0, 1):
+        assert float((dp_runs / case / f"ws2_rank{r}.gradnorm").read_text()) == pytest.approx(gn, rel=1e-9)
+        agg2 = json.loads((dp_runs / case / f"ws2_rank{r}.agg.json").read_text())
+        assert agg2.keys() == agg1.keys()
+        for k in agg1:
+            assert agg2[k] == pytest.approx(agg1[k], rel=1e-9, abs=1e-12), (case, k)
 
 
 def test_trainer_runs_under_torchrun_and_writes_once(tmp_path):

@@ -64,3 +64,16 @@ def sum_gradients(params: list[torch.nn.Parameter]) -> None:
         n = p.numel()
         p.grad.copy_(flat[off : off + n].view_as(p.grad))
         off += n
+
+
+def sum_dicts(d: dict[str, float]) -> dict[str, float]:
+    """Key-wise sum of a dict of numbers over ranks (keys may differ between ranks)."""
+    if world()[1] == 1:
+        return dict(d)
+    parts: list = [None] * world()[1]
+    dist.all_gather_object(parts, d)
+    out: dict[str, float] = {}
+    for p in parts:
+        for k, v in p.items():
+            out[k] = out.get(k, 0.0) + v
+    return out

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .algorithms import Group, Rollout, StepBatch, build_algorithm, needs_teacher
 from .checkpoint import load_ema, load_model_weights, load_trainer_state, resolve_resume, save_checkpoint, set_rng_state
 from .config import Config
-from .distributed import globalize_plan, rank_slice, sum_across_ranks, sum_gradients, world
+from .distributed import globalize_plan, rank_slice, sum_across_ranks, sum_dicts, sum_gradients, world
 from .evaluate import evaluate_accuracy
 from .markers import marker_metrics
 from .models import load_policy
@@ -177,6 +177,7 @@ def optimize(cfg: Config, algo, plan, accel, policy, params, opt, teacher) -> Op
         teacher.update()
     if inner > 1:
         agg = {k: v / inner for k, v in agg.items()}
+    agg = sum_dicts(agg)  # data parallel: every term is a sum, so the step's terms are the ranks' sums
     return Optimized(agg, sum(gns) / len(gns) if gns else float("nan"), skipped)
 
 
