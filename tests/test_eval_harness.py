@@ -47,3 +47,27 @@ def test_eval_unknown_benchmark_is_a_clear_error(tmp_path, tiny_model, tok):
     res = runner.invoke(app, ["eval", *TINY_OVERRIDES, "--checkpoint", str(tmp_path / "m"), "-b", "nope",
                               "-o", str(tmp_path / "o")])
     assert res.exit_code == 1 and "nope" in res.output
+
+
+def test_eval_benchmarks_during_training_write_harness_files_and_keep_training_rng(tmp_path, tiny_cfg):
+    from ogls_sd.trainer import train
+
+    base = ["train.steps=2", "eval.every=1", "eval.before_after=true"]
+    with_eval = train(tiny_cfg(*base, "eval.benchmarks=task", "eval.k=2", f"train.output_dir={tmp_path / 'a'}"))
+    without = train(tiny_cfg(*base, f"train.output_dir={tmp_path / 'b'}"))
+    for step in (1, 2):
+        res = json.loads((tmp_path / "a" / "eval" / f"step_{step:06d}" / "results.json").read_text())
+        b = res["benchmarks"]["arith"]  # "task" is labelled with the task name
+        assert {"avg@2", "pass@2", "maj@2", "format_rate"} <= b.keys() and res["k"] == 2
+        assert (tmp_path / "a" / "eval" / f"step_{step:06d}" / "generations_arith.jsonl").is_file()
+
+    def rows(run):
+        out = []
+        for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            out.append({k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))})
+        return out
+
+    # the harness's sampling seed does not leak into training: the same rollouts and losses
+    assert rows("a") == rows("b")
+    assert with_eval["accuracy_after"] == without["accuracy_after"]

@@ -226,6 +226,21 @@ def step_record(step: int, batch: StepBatch, plan, res: Optimized, lr: float, t:
     return rec
 
 
+def harness_eval(cfg: Config, policy, tok, task, task_tpl, info: dict, out: Path, console: Console) -> None:
+    """``eval.benchmarks`` during training: the files of ``ogls-sd eval`` for this step, under the
+    eval seed; the training RNG state is restored afterwards, so the run's rollouts do not change."""
+    from .checkpoint import rng_state
+    from .eval_harness import BenchmarkSpec, evaluate_benchmarks
+
+    saved = rng_state()
+    try:
+        evaluate_benchmarks(cfg, policy, tok, task, task_tpl, [BenchmarkSpec.parse(b) for b in cfg.eval.benchmarks],
+                            cfg.eval.k, cfg.eval.seed, out, info, console=console)
+    finally:
+        set_rng_state(saved)
+        policy.train()
+
+
 def train(cfg: Config, console: Console | None = None) -> dict:
     """Run training as configured; returns the summary (also written to ``summary.json``)."""
     from accelerate import Accelerator
@@ -344,6 +359,8 @@ def train(cfg: Config, console: Console | None = None) -> dict:
             if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or step + 1 == cfg.train.steps):
                 last_eval = (step + 1, held_out_accuracy())
                 rec["eval/accuracy"] = last_eval[1]
+                if cfg.eval.benchmarks and is_main:
+                    harness_eval(cfg, policy, tok, task, task_tpl, info, run / "eval" / f"step_{step + 1:06d}", console)
             log.write(rec)
             progress.update(bar, advance=1, info=f"reward {rec.get('reward/mean', 0.0):.3f}  loss {rec['loss']:.4f}  kl {rec['kl/token']:.3f}")
 
