@@ -79,18 +79,28 @@ def test_two_ranks_take_the_single_process_step(dp_runs, case):
 
 
 def test_trainer_runs_under_torchrun_and_writes_once(tmp_path):
+    """README "Scaling out", the CPU try-out: torchrun with 2 processes (accelerate launch starts
+    several CPU processes only through MPI, so GPU-free tests use torchrun; the trainer is the same)."""
     from conftest import TINY_OVERRIDES
 
     run = tmp_path / "run"
     over = [o for o in TINY_OVERRIDES if not o.startswith(("train.steps=", "train.prompts_per_step="))]
-    args = ["-m", "ogls_sd.cli", "train", *over, "train.steps=2", "train.prompts_per_step=4",
-            f"warmstart.cache_dir={tmp_path / 'ws'}", f"train.output_dir={run}", "train.save_every=1"]
-    res = _torchrun(2, *args, cwd=tmp_path)
+    res = _torchrun(2, "-m", "ogls_sd.cli", "train", *over, "train.steps=2", "train.prompts_per_step=4",
+                    f"warmstart.cache_dir={tmp_path / 'ws'}", f"train.output_dir={run}", "train.save_every=1", cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["processes"] == 2 and "accuracy_after" in summary
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]  # rank 0 writes, once per step
     assert all(0.0 <= r["reward/mean"] <= 1.0 for r in rows if "loss" in r)
-    summary = json.loads((run / "summary.json").read_text())
-    assert "accuracy_after" in summary
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000001", "step_000002"]
     assert len(list((tmp_path / "ws").iterdir())) == 1  # one warm start, computed by rank 0 and shared
+
+
+def test_prompts_must_divide_among_processes(tmp_path):
+    over = ["train.prompts_per_step=3", f"warmstart.cache_dir={tmp_path / 'ws'}", f"train.output_dir={tmp_path / 'run'}",
+            "warmstart.steps=1", "train.steps=1", "model.tiny_hidden=32", "model.tiny_layers=1", "model.tiny_heads=2",
+            "model.tiny_intermediate=64", "data.eval_size=2", "eval.before_after=false"]
+    res = _torchrun(2, "-m", "ogls_sd.cli", "train", *over, cwd=tmp_path)
+    assert res.returncode != 0
+    assert "train.prompts_per_step=3 must be divisible by the number of processes (2)" in res.stdout + res.stderr

@@ -305,6 +305,7 @@ def train(cfg: Config, console: Console | None = None) -> dict:
     # are summed across ranks explicitly after the micro-batch loop (distributed.py).
     opt = accel.prepare(opt)
     rank, world_size = world()
+    summary["processes"] = world_size
     is_main = rank == 0
     backend = build_backend(cfg.rollout, policy, prompts.pad_id, prompts.eos_id, cfg=cfg, is_main_process=accel.is_main_process)
     sampling = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
