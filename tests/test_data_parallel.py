@@ -104,3 +104,28 @@ def test_prompts_must_divide_among_processes(tmp_path):
     res = _torchrun(2, "-m", "ogls_sd.cli", "train", *over, cwd=tmp_path)
     assert res.returncode != 0
     assert "train.prompts_per_step=3 must be divisible by the number of processes (2)" in res.stdout + res.stderr
+
+
+def test_gradient_buckets_cover_every_parameter_once(tmp_path):
+    """sum_gradients in small buckets of mixed dtypes, 2 gloo processes: every gradient is the sum."""
+    script = tmp_path / "buckets.py"
+    script.write_text(
+        "import torch, torch.distributed as dist\n"
+        "from ogls_sd.distributed import sum_gradients\n"
+        "dist.init_process_group('gloo')\n"
+        "r = dist.get_rank()\n"
+        "shapes = [(3, 4), (7,), (2, 2), (50,), (1,), (5, 3)]\n"
+        "ps = [torch.nn.Parameter(torch.zeros(s, dtype=torch.float64 if i % 3 == 0 else torch.float32)) for i, s in enumerate(shapes)]\n"
+        "for i, p in enumerate(ps):\n"
+        "    if not (r == 1 and i == 4):  # rank 1 has no gradient for parameter 4\n"
+        "        p.grad = torch.arange(p.numel(), dtype=p.dtype).view_as(p) * (r + 1) + i\n"
+        "sum_gradients(ps, bucket_numel=16)\n"
+        "for i, p in enumerate(ps):\n"
+        "    base = torch.arange(p.numel(), dtype=p.dtype).view_as(p)\n"
+        "    want = base + i if i == 4 else base * 3 + 2 * i\n"
+        "    assert torch.equal(p.grad, want), (r, i, p.grad, want)\n"
+        "print('ok', r)\n"
+        "dist.destroy_process_group()\n")
+    res = _torchrun(2, str(script), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("ok") == 2

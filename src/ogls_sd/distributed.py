@@ -50,20 +50,34 @@ def globalize_plan(plan) -> None:
         setattr(plan, name, type(getattr(plan, name))(v))
 
 
-def sum_gradients(params: list[torch.nn.Parameter]) -> None:
-    """All-reduce (sum) the gradients of ``params``; a rank without a gradient contributes zeros."""
+def sum_gradients(params: list[torch.nn.Parameter], bucket_numel: int = 1 << 25) -> None:
+    """All-reduce (sum) the gradients of ``params``; a rank without a gradient contributes zeros.
+
+    Gradients go in flat buckets of at most ``bucket_numel`` elements of one dtype (a large
+    parameter alone), so the extra memory is one bucket, not a second copy of all gradients."""
     if world()[1] == 1:
         return
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    off = 0
+    bucket: list[torch.nn.Parameter] = []
+
+    def flush() -> None:
+        if not bucket:
+            return
+        flat = torch.cat([q.grad.reshape(-1) for q in bucket])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        off = 0
+        for q in bucket:
+            q.grad.copy_(flat[off : off + q.numel()].view_as(q.grad))
+            off += q.numel()
+        bucket.clear()
+
     for p in params:
-        n = p.numel()
-        p.grad.copy_(flat[off : off + n].view_as(p.grad))
-        off += n
+        if bucket and (p.grad.dtype != bucket[0].grad.dtype or sum(q.numel() for q in bucket) + p.numel() > bucket_numel):
+            flush()
+        bucket.append(p)
+    flush()
 
 
 def sum_dicts(d: dict[str, float]) -> dict[str, float]:
