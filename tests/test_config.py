@@ -23,6 +23,16 @@ def test_overrides_are_typed_and_applied(tmp_path):
     assert cfg.model.lora_target_modules == ["q_proj", "v_proj"]
 
 
+def test_yaml_booleans_are_accepted_for_no_yes_choices(tmp_path):
+    # YAML 1.1 reads `no` as false: train.mixed_precision=no must still mean "no"
+    assert Config.load(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  mixed_precision: no\n")
+    assert Config.load(p).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match=r"templates\.system"):
+        Config.load(None, ["templates.system=true"])  # a free string field: still an error, not "yes"
+
+
 def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     # YAML 1.1 reads "1e-5" as a string; both the CLI and config files must still accept it
     p = tmp_path / "c.yaml"

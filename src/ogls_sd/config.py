@@ -406,6 +406,10 @@ def _coerce(key: str, value: Any, f: dataclasses.Field, owner: type) -> Any:
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if t is str:
+        if isinstance(value, bool):  # YAML 1.1 reads no/yes/off/on as booleans
+            for word in (("yes", "no"), ("true", "false"), ("on", "off")):
+                if word[not value] in f.metadata.get("choices", ()):
+                    return word[not value]
         if not isinstance(value, str):
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return str(value)

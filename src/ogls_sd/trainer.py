@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,7 +149,8 @@ def optimize(cfg: Config, algo, plan, accel, policy, params, opt, teacher) -> Op
     for _ in range(inner):
         finite = True
         for micro in plan.micro_batches(cfg.train.micro_batch_size):
-            loss, m = algo.loss(plan, micro)
+            with accel.autocast():  # train.mixed_precision (the model is not wrapped by accelerate)
+                loss, m = algo.loss(plan, micro)
             if not torch.isfinite(loss.detach()):
                 finite = False
                 break
@@ -255,6 +257,10 @@ def train(cfg: Config, console: Console | None = None) -> dict:
     # device=auto without a GPU is CPU: say so, or accelerate would not join the processes of
     # a multi-process CPU launch into one group (each would think it is rank 0).
     cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
+    if "WORLD_SIZE" not in os.environ:  # one process: a second train() in it may use other accelerate settings
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
     accel = Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision)
     if accel.distributed_type.name in ("FSDP", "DEEPSPEED"):
         raise NotImplementedError(
@@ -342,9 +348,11 @@ def train(cfg: Config, console: Console | None = None) -> dict:
         bar = progress.add_task(f"{cfg.train.algorithm}", total=cfg.train.steps, completed=start, info="")
         for step in range(start, cfg.train.steps):
             t0 = time.time()
-            batch = collect_rollouts(cfg, task, tok, prompts, backend, sampling, algo, step)  # 1–3
+            with accel.autocast():
+                batch = collect_rollouts(cfg, task, tok, prompts, backend, sampling, algo, step)  # 1–3
             t1 = time.time()
-            plan = algo.plan(batch, step)  # 4–6
+            with accel.autocast():
+                plan = algo.plan(batch, step)  # 4–6
             globalize_plan(plan)  # loss normalisers of the whole (multi-rank) batch
             res = optimize(cfg, algo, plan, accel, policy, params, opt, teacher)
             sched.step()
