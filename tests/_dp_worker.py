@@ -75,8 +75,15 @@ def run_case(accel, out: Path, algorithm: str, overrides: list[str]) -> None:
             if p.dim() == 2:
                 p.normal_(0.0, 0.3)
     model.double()  # float64, so that a different summation order (ranks) stays far below the tolerance
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if cfg.model.lora:  # as models.load_policy does
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha, lora_dropout=0.0,
+                                                 target_modules=list(cfg.model.lora_target_modules), task_type="CAUSAL_LM"))
     pb = PromptBuilder(tok, cfg.templates, TEMPLATES)
-    teacher = Teacher(model, cfg.teacher.kind if needs_teacher(cfg) else "live", cfg.teacher.ema_decay)
+    teacher = Teacher(model, cfg.teacher.kind if needs_teacher(cfg) else "live", cfg.teacher.ema_decay, lora=cfg.model.lora)
     algo = build_algorithm(cfg, model, teacher, pb)
     build_needs_rollouts = algo.needs_rollouts
     params = [p for p in model.parameters() if p.requires_grad]

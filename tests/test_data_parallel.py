@@ -24,6 +24,8 @@ CASES = {
     "opsd_grpo": "opsd_grpo",
     "rft": "rft",
     "sft": "sft",
+    "ogls_lora": "ogls_sd,model.lora=true,model.lora_r=4,model.lora_alpha=8",
+    "opsd_checkpointing": "opsd,model.gradient_checkpointing=true",
 }
 
 
