@@ -1,7 +1,6 @@
 """ogls-sd report (plots from synthetic metrics.jsonl), eval.every, and ogls-sd compare end to end."""
 
 import json
-import time
 
 import pytest
 import yaml
@@ -79,7 +78,6 @@ def test_plan_runs_share_budgets_and_skip_missing_algorithms(tmp_path, monkeypat
 
 
 def test_compare_end_to_end_tiny(tmp_path):
-    t0 = time.time()
     out = tmp_path / "cmp"
     extra = TINY_OVERRIDES + [f"warmstart.cache_dir={tmp_path / 'ws'}", "data.eval_size=2", "train.report_to=none"]
     rep = run_compare(out, ["opsd", "ogls_context"], [0], style="plain", steps=2, eval_every=1, extra=extra)
@@ -99,4 +97,3 @@ def test_compare_end_to_end_tiny(tmp_path):
     rep2 = run_compare(out, ["opsd"], [0], style="plain", steps=2, eval_every=1, extra=extra)
     assert json.loads((out / "compare.json").read_text())["status"] == {"opsd/seed0": "cached"}
     assert rep2["methods"]["opsd"]["n"] == 1
-    assert time.time() - t0 < 120  # well under 30 s on an idle machine
