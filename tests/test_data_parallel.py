@@ -131,3 +131,15 @@ def test_gradient_buckets_cover_every_parameter_once(tmp_path):
     res = _torchrun(2, str(script), cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("ok") == 2
+
+
+@pytest.mark.parametrize("mode", ["FSDP", "DEEPSPEED"])
+def test_sharded_modes_are_refused_with_a_clear_error(tiny_cfg, monkeypatch, mode):
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    from ogls_sd.trainer import train
+
+    monkeypatch.setattr(accelerate.Accelerator, "distributed_type", property(lambda self: DistributedType[mode]))
+    with pytest.raises(NotImplementedError, match=rf"{mode} is not supported.*ddp\.yaml"):
+        train(tiny_cfg())
