@@ -69,3 +69,31 @@ def test_training_on_a_file_with_every_7th_row_broken(tmp_path):
         train(_cfg(tmp_path, f"data.task={p}"))
     summary = train(_cfg(tmp_path, f"data.task={p}", "data.policy=skip", "templates.task_defaults=false"))
     assert summary["data_skipped"] == 7
+
+
+def test_warm_start_built_concurrently_elsewhere_is_used_and_tmp_removed(tmp_path, tiny_cfg, monkeypatch):
+    """Two processes (e.g. on two nodes sharing the cache) build the same warm start: the second
+    to finish finds the first one's directory, keeps it and removes its own temporary copy."""
+    import shutil
+
+    from transformers import PreTrainedModel
+
+    from ogls_sd.tasks.arith import TEMPLATES, ArithTask
+    from ogls_sd.warmstart import cache_key, warm_start
+
+    cfg = tiny_cfg()
+    final = tmp_path / "ws" / cache_key(cfg)
+    real_save = PreTrainedModel.save_pretrained
+
+    def save_then_lose_the_race(self, d, *a, **k):
+        real_save(self, d, *a, **k)
+        if not final.exists():  # the other process finishes first, with its own copy
+            real_save(self, final, *a, **k)
+            (final / "other.txt").write_text("the other process's copy")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_then_lose_the_race)
+    model, _, path = warm_start(cfg, ArithTask(), TEMPLATES)
+    assert path == final and (final / "other.txt").is_file()  # the first finished copy is kept
+    assert [p.name for p in final.parent.iterdir()] == [final.name]  # no temporary directory left
+    assert sum(p.numel() for p in model.parameters()) > 0
+    shutil.rmtree(final.parent)

@@ -162,7 +162,6 @@ def optimize(cfg: Config, algo, plan, accel, policy, params, opt, teacher) -> Op
         finite = sum_across_ranks([0.0 if finite else 1.0])[0] == 0.0
         if finite:
             sum_gradients(params)
-        if finite:
             if cfg.train.max_grad_norm > 0:
                 gn = float(accel.clip_grad_norm_(params, cfg.train.max_grad_norm))
             else:
@@ -276,8 +275,8 @@ def train(cfg: Config, console: Console | None = None) -> dict:
         console = Console(quiet=True)
 
     # ---- policy, teacher (θ₀ is taken before any checkpoint is loaded), algorithm, optimizer
-    # Rank 0 first: it computes and caches the warm start; the other ranks then load the cache.
-    with accel.main_process_first(), _progress(console) as progress:
+    # One process per machine first: it computes and caches the warm start; the others then load it.
+    with accel.local_main_process_first(), _progress(console) as progress:
         policy, tok, task, task_tpl, info = load_policy(cfg, progress)
     policy.to(accel.device)
     prompts = PromptBuilder(tok, cfg.templates, task_tpl)

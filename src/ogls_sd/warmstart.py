@@ -18,6 +18,7 @@ and loaded from there on later runs.
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -117,13 +118,15 @@ def warm_start(cfg: Config, task, task_templates: dict | None, progress=None):
             sched.step()
             if progress:
                 progress.update(task_id, advance=1, description=f"warm start (SFT) loss {loss.item():.3f}")
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # one per process: concurrent builds never share it
     model.save_pretrained(tmp)
     (tmp / "warmstart.json").write_text(json.dumps({"key": path.name, "config": cfg.to_dict()}, indent=1))
-    if path.exists():  # a concurrent run finished first
+    try:
+        tmp.rename(path)
+    except OSError:  # a concurrent run (another node, another process) finished first: use its copy
+        if not (path / "model.safetensors").is_file():
+            raise
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.rename(path)
     return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32), tok, path
