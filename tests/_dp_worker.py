@@ -26,8 +26,10 @@ from ogls_sd.distributed import globalize_plan, rank_slice, world
 from ogls_sd.tasks.arith import TEMPLATES, ArithTask
 from ogls_sd.teacher import Teacher
 from ogls_sd.templates import PromptBuilder
-from ogls_sd.tiny import char_tokenizer, tiny_llama
+from ogls_sd.tiny import char_tokenizer
 from ogls_sd.trainer import optimize
+
+from conftest import peaked_tiny_llama  # tests/ is on sys.path: this script lives there
 
 # Rewards of the G=4 rollouts of each of the 4 prompts: mixed, all wrong, all right, mixed.
 REWARDS = [[1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 0, 0]]
@@ -67,13 +69,7 @@ def run_case(accel, out: Path, algorithm: str, overrides: list[str]) -> None:
     cfg = Config.load(None, [f"train.algorithm={algorithm}", "train.micro_batch_size=3", "train.max_grad_norm=0.5",
                              "train.lr=1e-2", *overrides])
     tok = char_tokenizer()
-    torch.manual_seed(0)
-    model = tiny_llama(len(tok), hidden=32, layers=1, heads=2, intermediate=64,
-                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.3)
+    model = peaked_tiny_llama(tok)
     model.double()  # float64, so that a different summation order (ranks) stays far below the tolerance
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -24,18 +24,23 @@ def tok():
     return char_tokenizer()
 
 
-@pytest.fixture
-def tiny_model(tok):
+def peaked_tiny_llama(tok):
+    """The tiny test model (seed 0), with larger weights than the default init, so that
+    distributions are peaked and differ between contexts: losses are then far above float32
+    rounding. Also used outside pytest (tests/_dp_worker.py)."""
     torch.manual_seed(0)
     m = tiny_llama(len(tok), hidden=32, layers=1, heads=2, intermediate=64,
                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    # Larger weights than the default init, so that distributions are peaked and differ between
-    # contexts: losses are then far above float32 rounding.
     with torch.no_grad():
         for p in m.parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.3)
     return m
+
+
+@pytest.fixture
+def tiny_model(tok):
+    return peaked_tiny_llama(tok)
 
 
 @pytest.fixture
