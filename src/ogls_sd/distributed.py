@@ -60,24 +60,21 @@ def sum_gradients(params: list[torch.nn.Parameter], bucket_numel: int = 1 << 25)
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    bucket: list[torch.nn.Parameter] = []
-
-    def flush() -> None:
-        if not bucket:
-            return
+    buckets: list[list[torch.nn.Parameter]] = []
+    size = 0
+    for p in params:
+        if not buckets or p.grad.dtype != buckets[-1][0].grad.dtype or size + p.numel() > bucket_numel:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(p)
+        size += p.numel()
+    for bucket in buckets:
         flat = torch.cat([q.grad.reshape(-1) for q in bucket])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         off = 0
         for q in bucket:
             q.grad.copy_(flat[off : off + q.numel()].view_as(q.grad))
             off += q.numel()
-        bucket.clear()
-
-    for p in params:
-        if bucket and (p.grad.dtype != bucket[0].grad.dtype or sum(q.numel() for q in bucket) + p.numel() > bucket_numel):
-            flush()
-        bucket.append(p)
-    flush()
 
 
 def sum_dicts(d: dict[str, float]) -> dict[str, float]:

@@ -321,7 +321,12 @@ def train(cfg: Config, console: Console | None = None) -> dict:
                      keep_until_step=start if resume_from is not None else None, enabled=is_main)
 
     def held_out_accuracy() -> float:
-        return evaluate_accuracy(policy, tok, prompts, task, heldout, cfg.eval.max_new_tokens, cfg.eval.batch_size).accuracy
+        """Greedy accuracy on the held-out set; with several processes each evaluates every
+        world_size-th problem and the counts are summed (one process: the whole set)."""
+        share = heldout[rank::world_size]
+        res = evaluate_accuracy(policy, tok, prompts, task, share, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+        correct, n = sum_across_ranks([float(sum(res.correct)), float(len(share))])
+        return correct / max(1.0, n)
 
     def checkpoint(step: int) -> Path:
         if not is_main:
