@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from ogls_sd.algorithms import Group, Rollout, StepBatch, build_algorithm, needs_teacher
 from ogls_sd.config import Config
-from ogls_sd.distributed import globalize_plan, rank_slice, world
+from ogls_sd.distributed import globalize_plan, rank_slice, shutdown, world
 from ogls_sd.tasks.arith import TEMPLATES, ArithTask
 from ogls_sd.teacher import Teacher
 from ogls_sd.templates import PromptBuilder
@@ -61,6 +61,7 @@ def main() -> None:
         name, spec = case.split("=", 1)
         algorithm, *overrides = spec.split(",")
         run_case(accel, out / name, algorithm, overrides)
+    shutdown()
 
 
 def run_case(accel, out: Path, algorithm: str, overrides: list[str]) -> None:

@@ -127,7 +127,8 @@ def test_gradient_buckets_cover_every_parameter_once(tmp_path):
         "    want = base + i if i == 4 else base * 3 + 2 * i\n"
         "    assert torch.equal(p.grad, want), (r, i, p.grad, want)\n"
         "print('ok', r)\n"
-        "dist.destroy_process_group()\n")
+        "from ogls_sd.distributed import shutdown\n"
+        "shutdown()\n")
     res = _torchrun(2, str(script), cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("ok") == 2

@@ -57,11 +57,14 @@ def train(
     cfg = _load(config, ov)
     from .trainer import TrainingHalted, train as run_train
 
+    from .distributed import shutdown
+
     try:
         summary = run_train(cfg)
     except (ValueError, FileNotFoundError, OSError, TrainingHalted) as e:
         err.print(f"[red]error:[/] {e}", highlight=False)
         raise typer.Exit(1)
+    shutdown()  # several processes: leave together, cleanly
     before, after = summary.get("accuracy_before"), summary.get("accuracy_after")
     if before is not None and after is not None:
         print(f"accuracy_before={before:.3f} accuracy_after={after:.3f} wall_seconds={summary['wall_seconds']}")

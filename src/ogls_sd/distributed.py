@@ -88,3 +88,12 @@ def sum_dicts(d: dict[str, float]) -> dict[str, float]:
         for k, v in p.items():
             out[k] = out.get(k, 0.0) + v
     return out
+
+
+def shutdown() -> None:
+    """Wait for every rank, then tear the process group down (a no-op without one). Without it
+    gloo's threads can abort the interpreter at exit ("terminate called without an active
+    exception"), failing a run that finished."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
