@@ -20,7 +20,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import save_file
 
-from ogls_sd.algorithms import Group, Rollout, StepBatch, build_algorithm, needs_teacher
+from ogls_sd.algorithms import Group, Rollout, StepBatch, build_algorithm, teacher_kind
 from ogls_sd.config import Config
 from ogls_sd.distributed import globalize_plan, rank_slice, shutdown, world
 from ogls_sd.tasks.arith import TEMPLATES, ArithTask
@@ -80,7 +80,7 @@ def run_case(accel, out: Path, algorithm: str, overrides: list[str]) -> None:
         model = get_peft_model(model, LoraConfig(r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha, lora_dropout=0.0,
                                                  target_modules=list(cfg.model.lora_target_modules), task_type="CAUSAL_LM"))
     pb = PromptBuilder(tok, cfg.templates, TEMPLATES)
-    teacher = Teacher(model, cfg.teacher.kind if needs_teacher(cfg) else "live", cfg.teacher.ema_decay, lora=cfg.model.lora)
+    teacher = Teacher(model, teacher_kind(cfg), cfg.teacher.ema_decay, lora=cfg.model.lora)
     algo = build_algorithm(cfg, model, teacher, pb)
     build_needs_rollouts = algo.needs_rollouts
     params = [p for p in model.parameters() if p.requires_grad]

@@ -14,7 +14,7 @@ from ogls_sd.tiny import char_tokenizer, tiny_llama
 TINY_OVERRIDES = [
     "model.tiny_hidden=32", "model.tiny_layers=1", "model.tiny_heads=2", "model.tiny_intermediate=64",
     "rollout.max_new_tokens=12", "rollout.num_generations=4", "train.prompts_per_step=2",
-    "data.eval_size=4", "eval.max_new_tokens=12", "warmstart.steps=2", "warmstart.batch_size=8",
+    "data.eval_size=4", "eval.max_new_tokens=12", "warmstart.steps=2", "warmstart.batch_size=8", "warmstart.check_size=4",
     "train.steps=1", "steering.max_contexts=2",
 ]
 

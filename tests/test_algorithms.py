@@ -34,7 +34,10 @@ def make_batch(tok, pb, rewards_per_group):
 def setup(tok, model, *overrides):
     cfg = Config.load(None, list(overrides))
     pb = PromptBuilder(tok, cfg.templates, TEMPLATES)
-    teacher = Teacher(model, cfg.teacher.kind, cfg.teacher.ema_decay)
+    # teacher.kind=auto would give ogls_sd the live policy; these target tests want a teacher that
+    # differs from the student once it trains (so a swap shows): frozen unless a test asks otherwise
+    kind = "frozen" if cfg.teacher.kind == "auto" else cfg.teacher.kind
+    teacher = Teacher(model, kind, cfg.teacher.ema_decay)
     return cfg, pb, teacher, build_algorithm(cfg, model, teacher, pb)
 
 

@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 
 WORKER = Path(__file__).with_name("_dp_worker.py")
 CASES = {
-    "ogls_context": "ogls_sd",
+    "ogls_context": "ogls_sd",  # default anchor: live
+    "ogls_frozen": "ogls_sd,teacher.kind=frozen",
+    "ogls_ema_fast": "ogls_sd,teacher.kind=ema,teacher.ema_decay=0.5",
     "ogls_global_ema": "ogls_sd,steering.pooling=global,teacher.kind=ema,steering.tail_weight=0.5",
     "opsd": "opsd",
     "grpo_kl_ppo": "grpo,grpo.kl_coef=0.05,grpo.inner_steps=2",
@@ -24,7 +26,9 @@ CASES = {
     "opsd_grpo": "opsd_grpo",
     "rft": "rft",
     "sft": "sft",
-    "ogls_lora": "ogls_sd,model.lora=true,model.lora_r=4,model.lora_alpha=8",
+    "ogls_lora": "ogls_sd,model.lora=true,model.lora_r=4,model.lora_alpha=8",  # live: adapter enabled
+    "ogls_lora_frozen": "ogls_sd,model.lora=true,model.lora_r=4,model.lora_alpha=8,teacher.kind=frozen",
+    "ogls_lora_ema": "ogls_sd,model.lora=true,model.lora_r=4,model.lora_alpha=8,teacher.kind=ema,teacher.ema_decay=0.5",
     "opsd_checkpointing": "opsd,model.gradient_checkpointing=true",
 }
 

@@ -28,22 +28,27 @@ METHODS: dict[str, tuple[str, list[str], str]] = {
     "sft": ("sft", [], "SFT on the reference solutions"),
     "rft": ("rft", [], "rejection-sampling SFT on the model's own correct rollouts"),
     "grpo": ("grpo", [], "GRPO (RLVR)"),
-    "opsd": ("opsd", [], "OPSD: privileged teacher distilled on every rollout"),
+    "opsd": ("opsd", [], "OPSD: privileged teacher (frozen theta_0) distilled on every rollout"),
     "opsd_grpo": ("opsd_grpo", [], "naive OPSD + RLVR: L_GRPO + alpha * L_OPSD"),
-    "ogls_context": ("ogls_sd", ["steering.pooling=context", "steering.no_positive=reference",
+    # OGLS-SD as shipped: the default config, unmodified (context pooling, live anchor, all-wrong groups skipped)
+    "ogls_sd": ("ogls_sd", [], "OGLS-SD as shipped (defaults: context pooling, live anchor, all-wrong groups skipped)"),
+    # the anchor variants and the lambda = 0 control (docs/algorithms/ogls_sd.md, "The anchor")
+    "ogls_frozen": ("ogls_sd", ["teacher.kind=frozen"], "OGLS-SD with a frozen theta_0 anchor (the earlier default)"),
+    "ogls_ema": ("ogls_sd", ["teacher.kind=ema", "teacher.ema_decay=0.9"], "OGLS-SD with a fast EMA anchor (decay 0.9)"),
+    "ogls_lambda0": ("ogls_sd", ["steering.strength=0"],
+                     "control: OGLS-SD with lambda = 0 (live anchor = no distillation pull; only the tail SFT acts)"),
+    "ogls_ref": ("ogls_sd", ["steering.no_positive=reference", "steering.fallback_reference=plain"],
+                 "OGLS-SD as shipped, but all-wrong groups use the task's student-style reference as the positive context"),
+    "ogls_global": ("ogls_sd", ["steering.pooling=global"], "OGLS-SD with global pooling (live anchor)"),
+    # the methods of the first comparison (docs/results.md history): frozen anchor, plain-reference fallback
+    "ogls_context": ("ogls_sd", ["teacher.kind=frozen", "steering.pooling=context", "steering.no_positive=reference",
                                  "steering.fallback_reference=plain"],
-                     "OGLS-SD, context pooling; all-wrong fallback: the plain reference"),
-    "ogls_global": ("ogls_sd", ["steering.pooling=global", "steering.no_positive=reference",
-                                "steering.fallback_reference=plain"],
-                    "OGLS-SD, global pooling; all-wrong fallback: the plain reference"),
-    # not in the default list: the ablation of method.md §7 (fallback = the templated reference)
-    "ogls_context_refpos": ("ogls_sd", ["steering.pooling=context", "steering.no_positive=reference",
-                                        "steering.fallback_reference=reference"],
-                            "OGLS-SD, context pooling; all-wrong fallback: the privileged (templated) reference"),
-    "ogls_context_skip": ("ogls_sd", ["steering.pooling=context", "steering.no_positive=skip"],
-                          "OGLS-SD, context pooling; all-wrong groups skipped (no reference at all)"),
+                     "OGLS-SD, frozen anchor, context pooling; all-wrong fallback: the plain reference"),
+    "ogls_context_refpos": ("ogls_sd", ["teacher.kind=frozen", "steering.pooling=context",
+                                        "steering.no_positive=reference", "steering.fallback_reference=reference"],
+                            "OGLS-SD, frozen anchor, context pooling; all-wrong fallback: the privileged (templated) reference"),
 }
-DEFAULT_METHODS = ["sft", "rft", "grpo", "opsd", "opsd_grpo", "ogls_context", "ogls_global"]
+DEFAULT_METHODS = ["sft", "rft", "grpo", "opsd", "ogls_sd", "ogls_frozen", "ogls_ema", "ogls_lambda0", "ogls_ref"]
 
 # The default size: fits about an hour on an idle 2-core CPU (docs/experiments.md has the timing).
 DEFAULT_STEPS = 60

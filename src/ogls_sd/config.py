@@ -103,9 +103,13 @@ class DataConfig(_Section):
 @dataclass
 class WarmStartConfig(_Section):
     _section = "warmstart"
-    _positive = ("batch_size", "lr")
+    _positive = ("batch_size", "lr", "check_every", "check_size")
     _nonneg = ("steps",)
-    steps: int = opt(280, "SFT steps of the built-in tiny model's warm start (0 = train from random init).")
+    _unit = ("target_accuracy",)
+    steps: int = opt(400, "Cap on the SFT steps of the built-in tiny model's warm start (0 = train from random init). It stops earlier once warmstart.target_accuracy is reached.")
+    target_accuracy: float = opt(0.3, "Stop the warm start once the student's greedy accuracy on warmstart.check_size validation problems reaches this (checked every warmstart.check_every steps); 0 = always run warmstart.steps. Leaves room for RL to improve while the model already solves some problems and reads its contexts.")
+    check_every: int = opt(40, "Steps between warm-start accuracy checks.")
+    check_size: int = opt(100, "Validation problems per warm-start check (a stream disjoint from training and from the held-out evaluation problems' seed).")
     batch_size: int = opt(64, "Warm-start batch size (sequences).")
     lr: float = opt(3e-3, "Warm-start learning rate (AdamW, 20 warm-up steps, then constant).")
     student_fraction: float = opt(0.4, "Share of warm-start sequences in the student format (problem only).")
@@ -171,8 +175,14 @@ class RolloutConfig(_Section):
 class TeacherConfig(_Section):
     _section = "teacher"
     _unit = ("ema_decay",)
-    kind: str = opt("frozen", "Teacher weights: frozen initial policy, EMA of the policy, or the live policy (detached).", choices=("frozen", "ema", "live"))
-    ema_decay: float = opt(0.999, "EMA decay when teacher.kind=ema: phi <- decay*phi + (1-decay)*theta after every optimizer step.")
+    kind: str = opt("auto", "Teacher weights phi (for OGLS-SD: the anchor's and the contexts' weights): frozen initial policy theta_0, EMA of the policy, or the live policy (detached, no grad). auto = live for ogls_sd (docs/algorithms/ogls_sd.md: a frozen anchor pulls every incorrect rollout back toward theta_0), frozen for opsd / opsd_grpo / grpo's KL term (method.md section 1). With LoRA: frozen = adapter disabled, live = adapter enabled, ema = an EMA of the adapter weights swapped in for teacher passes.", choices=("auto", "frozen", "ema", "live"))
+    ema_decay: float = opt(0.999, "EMA decay when teacher.kind=ema: phi <- decay*phi + (1-decay)*theta after every optimizer step (0.9-0.99 = a fast-moving anchor; 0.999 over ~100 steps stays close to theta_0).")
+
+    def resolve(self, algorithm: str) -> str:
+        """The teacher kind a run of ``algorithm`` uses (``auto`` resolved; see the help text)."""
+        if self.kind != "auto":
+            return self.kind
+        return "live" if algorithm == "ogls_sd" else "frozen"
 
 
 @dataclass

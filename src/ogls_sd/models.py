@@ -66,7 +66,11 @@ def load_policy(cfg: Config, progress=None):
         from .warmstart import warm_start
 
         model, tok, path = warm_start(cfg, task, tpl, progress)
-        info = {"name": "tiny", "warm_start": str(path)}
+        from .warmstart import read_record
+
+        rec = read_record(path)
+        info = {"name": "tiny", "warm_start": str(path), "warm_start_steps": rec.get("steps"),
+                "warm_start_accuracy": rec.get("accuracy", {})}
     else:
         tok, model = load_tokenizer_and_model(m.name, m.gguf_file, m.dtype, m.trust_remote_code)
         info = {"name": m.name, "gguf_file": m.gguf_file}

@@ -83,10 +83,31 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
 
 
 def _label(cfg: dict) -> str:
-    algo = cfg.get("train", {}).get("algorithm", "run")
-    if algo == "ogls_sd":
-        return f"ogls_{cfg.get('steering', {}).get('pooling', 'context')}"
-    return algo
+    """A run's method name outside a compare run: its algorithm as configured."""
+    return cfg.get("train", {}).get("algorithm", "run")
+
+
+def warm_starts(runs: list["RunLog"]) -> dict[int, dict]:
+    """Per seed: the tiny model's warm start (steps, per-format greedy accuracies) as the runs'
+    summaries record it (``model.warm_start_*``); seeds whose runs used no warm start are absent."""
+    out: dict[int, dict] = {}
+    for r in runs:
+        info = r.summary.get("model") or {}
+        acc = info.get("warm_start_accuracy")
+        if acc and r.seed not in out:
+            out[r.seed] = {"steps": info.get("warm_start_steps"), "accuracy": acc}
+    return dict(sorted(out.items()))
+
+
+def warm_start_table(ws: dict[int, dict]) -> str:
+    """Markdown table of :func:`warm_starts` (accuracies in %)."""
+    cols = ("student", "privileged", "context_correct", "context_wrong")
+    lines = ["| seed | warm-start steps | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for seed, w in ws.items():
+        acc = w["accuracy"]
+        cells = [f"{100 * acc[c]:.1f}" if isinstance(acc.get(c), (int, float)) else "–" for c in cols]
+        lines.append(f"| {seed} | {w.get('steps', '–')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def load_run(d: str | Path) -> RunLog:
@@ -303,6 +324,7 @@ def write_report(paths: list[str | Path], out: str | Path, threshold: float | No
     agg = aggregate(runs, threshold)
     pngs = plot_all(runs, out)
     agg["plots"] = [p.name for p in pngs]
+    agg["warm_start"] = warm_starts(runs)
     meta = {}
     if (out / "compare.json").is_file():
         meta = json.loads((out / "compare.json").read_text())
@@ -314,7 +336,12 @@ def write_report(paths: list[str | Path], out: str | Path, threshold: float | No
                f"held-out accuracy every {meta.get('eval_every')} steps; extra overrides: {meta.get('extra') or 'none'}.", ""]
     md += [f"Held-out greedy accuracy, mean ± std over seeds. AUC: mean accuracy over the training steps. "
            f"Threshold for 'rollout tokens to': {100 * threshold:.0f}%.", "", markdown_table(agg), "",
-           "## Per seed", "", per_seed_table(agg), "", "## Plots", ""]
+           "## Per seed", "", per_seed_table(agg), ""]
+    if agg["warm_start"]:
+        md += ["## Warm starts", "", "Greedy accuracy (%) of each seed's warm-started model in every prompt format "
+               "it was trained on (validation problems; `context_*`: the context template with a correct / a wrong "
+               "earlier attempt, which the model should repair).", "", warm_start_table(agg["warm_start"]), ""]
+    md += ["## Plots", ""]
     md += [f"![{PLOTS[p.name][0]}]({p.name})" for p in pngs]
     (out / "report.md").write_text("\n".join(md) + "\n")
     return agg

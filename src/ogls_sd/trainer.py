@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .algorithms import Group, Rollout, StepBatch, build_algorithm, needs_teacher
+from .algorithms import Group, Rollout, StepBatch, build_algorithm, teacher_kind
 from .checkpoint import load_ema, load_model_weights, load_trainer_state, resolve_resume, save_checkpoint, set_rng_state
 from .config import Config
 from .distributed import globalize_plan, rank_slice, sum_across_ranks, sum_dicts, sum_gradients, world
@@ -281,7 +281,7 @@ def train(cfg: Config, console: Console | None = None) -> dict:
     policy.to(accel.device)
     prompts = PromptBuilder(tok, cfg.templates, task_tpl)
     # algorithms that never read the teacher (SFT, RFT, GRPO without KL) get no teacher copy
-    teacher = Teacher(policy, cfg.teacher.kind if needs_teacher(cfg) else "live", cfg.teacher.ema_decay, lora=cfg.model.lora)
+    teacher = Teacher(policy, teacher_kind(cfg), cfg.teacher.ema_decay, lora=cfg.model.lora)
     algo = build_algorithm(cfg, policy, teacher, prompts)
     algo.context_limit = getattr(policy.config, "max_position_embeddings", None)
     params = [p for p in policy.parameters() if p.requires_grad]

@@ -9,7 +9,16 @@ writes its references in another template, as ``arith_style=templated`` does):
 * privileged format: ``teacher_prompt(x, y*) -> y*`` (the model learns to use a reference — and,
   when ``y*`` is templated, to reproduce its template: the teacher "drifts toward that template");
 * earlier-attempt format (OGLS-SD context pooling): ``context_prompt(x, a) -> ŷ`` where the
-  attempt ``a`` is right (``ŷ``) or wrong (a plausible carry error, plain) with equal probability.
+  attempt ``a`` is right (``ŷ``) or wrong (``task.wrong_attempt``: a plausible slip — a dropped or
+  invented carry, a column sum off by one, a digit mis-assembled in the answer — written in the
+  student's style) with equal probability. The target is always the correct solution, so the
+  model learns to *repair* a wrong attempt, not to copy it.
+
+Training stops once the student's greedy accuracy on ``warmstart.check_size`` validation problems
+reaches ``warmstart.target_accuracy`` (checked every ``warmstart.check_every`` steps), at the latest
+after ``warmstart.steps``. At the end the greedy accuracy of every format is measured on the same
+validation problems (:func:`format_accuracies`: student, privileged, context with a correct attempt,
+context with a wrong attempt), printed, and stored in ``warmstart.json`` next to the weights.
 
 The result is cached under ``warmstart.cache_dir/<hash>`` (hash of everything that determines it)
 and loaded from there on later runs.
@@ -29,7 +38,7 @@ from .data.example import Example
 from .templates import PromptBuilder
 from .tiny import char_tokenizer, tiny_llama
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: stops on an accuracy target, records per-format accuracies, varied wrong attempts
 
 
 def cache_key(cfg: Config) -> str:
@@ -77,6 +86,104 @@ def _sft_pairs(task, prompts: PromptBuilder, examples: list[Example], cfg: Confi
         yield p, t
 
 
+FORMATS = ("student", "privileged", "context_correct", "context_wrong")
+
+
+def validation_examples(task, cfg: Config) -> list[Example]:
+    """The warm start's validation problems: the test split under a seed of their own (disjoint
+    from the training stream; a different draw from the held-out evaluation set)."""
+    return task.examples(cfg.warmstart.check_size, seed=cfg.data.seed * 100003 + 7_777_777, split="test")
+
+
+@torch.no_grad()
+def format_accuracies(model, tok, prompts: PromptBuilder, task, examples: list[Example], cfg: Config,
+                      formats: tuple[str, ...] = FORMATS) -> dict[str, float]:
+    """Greedy accuracy of ``model`` in each prompt format of the warm-start mix.
+
+    ``student``: the problem alone; ``privileged``: the problem with the reference (``teacher``
+    template); ``context_correct`` / ``context_wrong``: the context template with the correct
+    student-style solution / a :meth:`wrong_attempt` as the earlier attempt (one fixed wrong attempt
+    per problem, seeded). The generation budget is ``eval.max_new_tokens`` (twice that for the
+    privileged format, whose templated references are longer).
+    """
+    from .rollout import HFBackend, SamplingParams
+
+    rng = random.Random(f"warmstart/check/{cfg.data.seed}")
+    backend = HFBackend(model, prompts.pad_id, prompts.eos_id, cfg.eval.batch_size)
+    budget = cfg.eval.max_new_tokens
+    out = {}
+    for fmt in formats:
+        if fmt == "student":
+            ps = [prompts.student_ids(ex) for ex in examples]
+        elif fmt == "privileged":
+            ps = [prompts.teacher_ids(ex) for ex in examples]
+        else:
+            attempts = [plain_reference(task, ex) if fmt == "context_correct" else task.wrong_attempt(ex, rng)
+                        for ex in examples]
+            ps = [prompts.context_ids(ex, prompts.text_ids(a), cfg.steering.max_context_tokens)
+                  for ex, a in zip(examples, attempts)]
+        n = budget * 2 if fmt == "privileged" else budget
+        comps = backend.generate(ps, SamplingParams(max_new_tokens=n, greedy=True))
+        texts = [tok.decode(c.ids, skip_special_tokens=True) for c in comps]
+        out[fmt] = sum(task.reward(t, ex.answer) > 0.5 for t, ex in zip(texts, examples)) / max(1, len(examples))
+    return out
+
+
+def read_record(path: Path) -> dict:
+    """The ``warmstart.json`` of a cached warm start (``{}`` when absent or unreadable)."""
+    try:
+        return json.loads((Path(path) / "warmstart.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def describe(record: dict) -> str:
+    """One line: steps and per-format greedy accuracies of a warm start record."""
+    acc = record.get("accuracy") or {}
+    parts = [f"{k} {100 * acc[k]:.1f}%" for k in FORMATS if k in acc]
+    return f"warm start: {record.get('steps', '?')} steps; greedy accuracy " + ", ".join(parts)
+
+
+def clean_stale_temporaries(cache_dir: Path) -> list[Path]:
+    """Remove ``<key>.tmp<PID>`` directories left by a warm start that was killed while saving
+    (their process is gone, and they are over a minute old: a temporary lives for the seconds of a
+    save); returns what was removed. A live process's temporary is kept."""
+    import re
+    import shutil
+
+    removed = []
+    if not cache_dir.is_dir():
+        return removed
+    for d in cache_dir.iterdir():
+        m = re.fullmatch(r".+\.tmp(\d+)", d.name)
+        if not m or not d.is_dir():
+            continue
+        pid = int(m.group(1))
+        alive = True
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:
+            alive = True
+        import time
+
+        old = time.time() - d.stat().st_mtime > 60  # not one being renamed this second (another node's)
+        if old and (pid == os.getpid() or not alive):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def _say(progress, msg: str) -> None:
+    """Print ``msg`` above the progress display (or plainly without one)."""
+    console = getattr(progress, "console", None)
+    if console is not None:
+        console.print(msg, highlight=False)
+    else:
+        print(msg, flush=True)
+
+
 def warm_start(cfg: Config, task, task_templates: dict | None, progress=None):
     """Build (or load from cache) the warm-started tiny model. Returns ``(model, tokenizer, cache_path)``."""
     from transformers import LlamaForCausalLM
@@ -85,6 +192,8 @@ def warm_start(cfg: Config, task, task_templates: dict | None, progress=None):
     path = Path(cfg.warmstart.cache_dir) / cache_key(cfg)
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32), tok, path
+    for d in clean_stale_temporaries(path.parent):
+        _say(progress, f"warm start: removed a stale temporary left by a killed run: {d}")
 
     m = cfg.model
     torch.manual_seed(cfg.train.seed)
@@ -92,14 +201,17 @@ def warm_start(cfg: Config, task, task_templates: dict | None, progress=None):
                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     prompts = PromptBuilder(tok, cfg.templates, task_templates)
     ws = cfg.warmstart
+    val = validation_examples(task, cfg)
+    checks: list[dict] = []
+    step = 0
     if ws.steps > 0:
         rng = random.Random(f"warmstart/{cfg.train.seed}")
         opt = torch.optim.AdamW(model.parameters(), lr=ws.lr, weight_decay=0.01, betas=(0.9, 0.98))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))  # warm-up, then constant
         model.train()
         task_id = progress.add_task("warm start (SFT)", total=ws.steps, info="") if progress else None
-        for step in range(ws.steps):
-            exs = task.examples(ws.batch_size, seed=cfg.data.seed * 100003 + step + 1_000_000, split="train")
+        for step in range(1, ws.steps + 1):
+            exs = task.examples(ws.batch_size, seed=cfg.data.seed * 100003 + step - 1 + 1_000_000, split="train")
             pairs = list(_sft_pairs(task, prompts, exs, cfg, rng))
             width = max(len(p) + len(t) for p, t in pairs)
             ids = torch.full((len(pairs), width), tok.pad_token_id, dtype=torch.long)
@@ -118,9 +230,21 @@ def warm_start(cfg: Config, task, task_templates: dict | None, progress=None):
             sched.step()
             if progress:
                 progress.update(task_id, advance=1, description=f"warm start (SFT) loss {loss.item():.3f}")
+            if ws.target_accuracy > 0 and step % ws.check_every == 0 and step < ws.steps:
+                acc = format_accuracies(model, tok, prompts, task, val, cfg, formats=("student",))["student"]
+                model.train()
+                checks.append({"step": step, "student": acc})
+                _say(progress, f"warm start: step {step}/{ws.steps}, loss {loss.item():.3f}, student greedy accuracy "
+                               f"{100 * acc:.1f}% (target {100 * ws.target_accuracy:.0f}%)")
+                if acc >= ws.target_accuracy:
+                    break
+    accuracy = format_accuracies(model, tok, prompts, task, val, cfg)
+    record = {"key": path.name, "steps": step, "target_accuracy": ws.target_accuracy, "checks": checks,
+              "accuracy": accuracy, "validation_size": len(val), "config": cfg.to_dict()}
+    _say(progress, describe(record))
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # one per process: concurrent builds never share it
     model.save_pretrained(tmp)
-    (tmp / "warmstart.json").write_text(json.dumps({"key": path.name, "config": cfg.to_dict()}, indent=1))
+    (tmp / "warmstart.json").write_text(json.dumps(record, indent=1))
     try:
         tmp.rename(path)
     except OSError:  # a concurrent run (another node, another process) finished first: use its copy

@@ -31,6 +31,12 @@ def needs_teacher(cfg) -> bool:
     return True
 
 
+def teacher_kind(cfg) -> str:
+    """The teacher weights a run builds: ``teacher.kind`` resolved for the algorithm (``auto``: live
+    for ogls_sd, frozen otherwise), or ``live`` (no copy at all) when the algorithm never reads them."""
+    return cfg.teacher.resolve(cfg.train.algorithm) if needs_teacher(cfg) else "live"
+
+
 def build_algorithm(cfg, policy, teacher, prompts):
     """The algorithm named by ``cfg.train.algorithm``."""
     name = cfg.train.algorithm
@@ -63,4 +69,4 @@ def build_algorithm(cfg, policy, teacher, prompts):
 
 
 __all__ = ["Algorithm", "GRPO", "Group", "OGLSSD", "OPSDGRPO", "RFT", "Rollout", "SFT", "StepBatch",
-           "build_algorithm", "group_advantages", "needs_teacher"]
+           "build_algorithm", "group_advantages", "needs_teacher", "teacher_kind"]

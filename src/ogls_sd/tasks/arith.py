@@ -6,7 +6,8 @@ column from the right, one step per column (digits, carry in, column sum), then 
     347+568  ->  7+8=15 4+6+1=11 3+5+1=9 A:915
 
 Completions are graded by the integer after the last ``A:``. The task also writes plausible wrong
-attempts (one dropped or invented carry) for the warm start of the context-pooling template.
+attempts (a carry slip, a column sum off by one, a mis-assembled answer digit) for the warm start of
+the context-pooling template.
 
 Style ``templated`` (``data.arith_style``; see ``docs/experiments.md``): the REFERENCE solution
 follows every step with a check segment the student never uses (``TEMPLATE_MARKER``)::
@@ -92,8 +93,11 @@ class ArithTask:
         return [rng.randint(lo, hi) for _ in range(self.terms)]
 
     @staticmethod
-    def solution(operands: list[int], drop_carry_at: int | None = None, add_carry_at: int | None = None) -> str:
-        """The column-by-column solution; optionally with one carry error (for wrong attempts)."""
+    def solution(operands: list[int], drop_carry_at: int | None = None, add_carry_at: int | None = None,
+                 slip_at: int | None = None, slip: int = 1) -> str:
+        """The column-by-column solution; optionally with one slip (for wrong attempts): a carry
+        dropped or invented at a column, or a column sum off by ``slip`` at ``slip_at`` (the wrong
+        sum is then carried on consistently, as a student would)."""
         width = max(len(str(x)) for x in operands)
         digits = [[int(c) for c in str(x).zfill(width)[::-1]] for x in operands]
         steps, out_digits, carry = [], [], 0
@@ -104,6 +108,8 @@ class ArithTask:
                 carry += 1
             col_digits = [d[col] for d in digits]
             s = sum(col_digits) + carry
+            if slip_at == col:
+                s = max(0, s + slip)
             lhs = "+".join(str(d) for d in col_digits) + (f"+{carry}" if carry else "")
             steps.append(f"{lhs}={s}")
             out_digits.append(s % 10)
@@ -142,12 +148,26 @@ class ArithTask:
         return out
 
     def wrong_attempt(self, ex: Example, rng: random.Random) -> str:
-        """A plausible wrong solution: one carry dropped or invented. Falls back to a wrong digit."""
+        """A plausible wrong solution in the student's style, with one slip of the kinds a small
+        model makes: a carry dropped or invented, a column sum off by one (carried on
+        consistently), or correct steps with one answer digit mis-assembled. Always wrong."""
         ops = [int(x) for x in ex.problem.split("+")]
         width = max(len(str(x)) for x in ops)
         for _ in range(8):
-            col = rng.randrange(width)
-            sol = self.solution(ops, drop_carry_at=col) if rng.random() < 0.5 else self.solution(ops, add_carry_at=col)
+            col, kind = rng.randrange(width), rng.random()
+            if kind < 0.3:
+                sol = self.solution(ops, drop_carry_at=col)
+            elif kind < 0.55:
+                sol = self.solution(ops, add_carry_at=col)
+            elif kind < 0.85:
+                sol = self.solution(ops, slip_at=col, slip=rng.choice([-1, 1]))
+            else:  # steps right, one digit of the answer wrong
+                right = self.solution(ops)
+                body, _, ans = right.rpartition("A:")
+                pos = rng.randrange(len(ans))
+                digit = str((int(ans[pos]) + rng.choice([1, 9])) % 10)
+                wrong = ans[:pos] + digit + ans[pos + 1 :]
+                sol = body + "A:" + (wrong.lstrip("0") or "0")
             if self.extract(sol) != ex.answer:
                 return sol
         wrong = str(int(ex.answer) + rng.choice([-10, -1, 1, 10]))
