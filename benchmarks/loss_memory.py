@@ -32,7 +32,7 @@ on the same inputs (with the chunked implementation's where the reference does n
 
 The peer libraries live only in the ``bench`` extra; install them into a separate venv:
 
-    python3 -m venv .venv-bench && .venv-bench/bin/pip install -e ".[bench]"
+    python3 -m venv .venv-bench && .venv-bench/bin/pip install -c constraints-cpu.txt -e ".[bench]"
     .venv-bench/bin/python benchmarks/loss_memory.py
 
 The last line printed is a JSON summary (see ``summary`` below).

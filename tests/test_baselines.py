@@ -235,7 +235,7 @@ def test_opsd_grpo_is_grpo_plus_alpha_opsd(tok, tiny_model):
     got, g_got = loss_and_grads(tiny_model, lambda: step_loss(hyb, hp, size=4))
     lg, g_g = loss_and_grads(tiny_model, lambda: step_loss(grpo, grpo.plan(batch, 0), size=2))
     lo, g_o = loss_and_grads(tiny_model, lambda: step_loss(opsd, opsd.plan(batch, 0), size=5))
-    assert float(lg) != 0.0 and float(lo) != 0.0
+    assert float(lo) != 0.0 and any(float(g.abs().sum()) > 0 for g in g_g if g is not None)  # GRPO: equal lengths can make the loss value 0, never its gradient
     assert torch.allclose(got.double(), (lg + alpha * lo).double(), rtol=1e-5, atol=1e-8)
     assert_grads_close(g_got, [a + alpha * b for a, b in zip(g_g, g_o)])
     assert {"grpo/zero_spread_frac", "groups/all_incorrect"} <= set(hp.metrics)

@@ -38,7 +38,7 @@ def test_qwen_presets_have_the_published_settings(path):
     assert c.model.lora and (c.model.lora_r, c.model.lora_alpha) == (64, 128)
     assert set(c.model.lora_target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert c.model.dtype == "bfloat16" and c.train.mixed_precision == "bf16"
-    assert c.teacher.kind == "frozen"
+    assert c.teacher.resolve(c.train.algorithm) == "frozen"
     assert not c.templates.student_thinking
     assert (c.train.prompts_per_step, c.train.steps, c.train.lr, c.train.max_grad_norm) == (32, 100, 1e-5, 0.1)
     assert c.loss.impl == "chunked"

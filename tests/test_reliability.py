@@ -39,11 +39,11 @@ def test_arbitrary_json_rows_load_or_raise_dataerror_naming_row(tmp_path, rows):
     p.write_text(json.dumps(rows))
     try:
         res = load_examples(p, policy="error")
-        assert len(res.examples) == len(rows)
+        assert len(res.examples) + res.duplicates == len(rows)
     except DataError as e:
         assert "rows.json" in str(e) and "row" in str(e)
     res = load_examples(p, policy="skip")
-    assert len(res.examples) + res.skipped == len(rows)
+    assert len(res.examples) + res.skipped + res.duplicates == len(rows)
 
 
 def _cfg(tmp_path, *extra):

@@ -24,7 +24,7 @@ import torch
 
 from ogls_sd.config import Config
 from ogls_sd.rollout import Completion, HFBackend, PromptTooLong, RolloutTimeout, SamplingParams, build_backend
-from ogls_sd.rollout_vllm import (
+from ogls_sd.rollout.vllm_backend import (
     ColocateEngine,
     ServerEngine,
     VLLMBackend,
@@ -657,7 +657,7 @@ def test_build_backend_hf_and_config_choices(tiny_model):
 
 
 def test_trainer_uses_vllm_backend_and_syncs_every_step(tiny_cfg, monkeypatch):
-    import ogls_sd.rollout_vllm as rv
+    import ogls_sd.rollout.vllm_backend as rv
     from ogls_sd.trainer import train
 
     made: list[FakeLLM] = []
@@ -687,7 +687,7 @@ def test_trainer_uses_vllm_backend_and_syncs_every_step(tiny_cfg, monkeypatch):
 def test_export_initial_model_is_a_loadable_hf_directory(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from ogls_sd.rollout_vllm import export_initial_model
+    from ogls_sd.rollout.vllm_backend import export_initial_model
 
     base = make_model()
     pm = make_lora(copy.deepcopy(base))
@@ -702,7 +702,7 @@ def test_export_initial_model_is_a_loadable_hf_directory(tmp_path):
 def test_save_weights_shards_with_an_index(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from ogls_sd.rollout_vllm import save_weights
+    from ogls_sd.rollout.vllm_backend import save_weights
 
     m = make_model()
     with full_weights(m) as w:

@@ -5,24 +5,53 @@ Layout of ``<output_dir>/checkpoints/step_<N>/``::
     model/              save_pretrained (safetensors) + tokenizer
     teacher_ema.safetensors   EMA teacher weights (teacher.kind=ema only)
     trainer_state.pt    optimizer, scheduler, step, RNG states (read back with weights_only=True)
-    state.json          step and the config hash
+    state.json          step, the resolved config, the fingerprint of the initial weights, summary
+    manifest.json       size and sha256 of every other file (written last)
 
-A checkpoint is written to ``step_<N>.tmp`` and renamed when complete, so a killed run never leaves
-a half-written checkpoint under a final name. Only the newest ``keep_last`` are kept.
+A checkpoint is written to ``step_<N>.tmp``, its files are flushed to disk, ``manifest.json`` is
+written last, and the directory is renamed when complete, so a killed run never leaves a
+half-written checkpoint under a final name. A failed write (disk full, ...) removes the ``.tmp``
+directory and raises :class:`CheckpointError`; earlier checkpoints are untouched. Only the newest
+``keep_last`` are kept (0 = all). Only directories named ``step_<digits>`` are checkpoints.
+
+Resuming verifies the manifest (sizes and sha256): ``train.resume=latest`` falls back to the newest
+checkpoint that verifies (saying which ones it skipped and why); an explicit checkpoint path that
+fails is an error. Checkpoints without a manifest (written before manifests existed) are resumed
+with a warning; a file of theirs that cannot be read is still an error naming the file. On resume
+the config stored in ``state.json`` is compared with the new one (:func:`resume_config_changes`).
+
+Every problem with a checkpoint is a :class:`CheckpointError`, a one-line message naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
+import os
 import random
+import re
 import shutil
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+MANIFEST = "manifest.json"
+FORMAT = 2  # 1: no manifest, no config in state.json
+STEP_DIR = re.compile(r"step_(\d+)")
 
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be written, read or used (one line; names the file or directory).
+
+    A ``ValueError``, so the command line prints it as one ``error:`` line with exit code 1."""
+
+
+# ------------------------------------------------------------------------------------------ RNG
 def rng_state() -> dict:
     """Every RNG the loop draws from, in a form ``torch.load(weights_only=True)`` accepts."""
     np_state = np.random.get_state()
@@ -49,47 +78,285 @@ def _tuplify(x):
     return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+# ------------------------------------------------------------------------------------ helpers
+def _brief(e: BaseException) -> str:
+    """First line of an exception's message, without square brackets (the CLI prints with rich
+    markup) and bounded in length."""
+    lines = str(e).strip().splitlines()
+    msg = lines[0].strip() if lines else ""
+    msg = msg.replace("[", "(").replace("]", ")")
+    if len(msg) > 300:
+        msg = msg[:300] + "..."
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def _is_no_space(e: BaseException) -> bool:
+    """Disk full or quota exceeded, however the writer reports it: ``OSError`` (ENOSPC/EDQUOT),
+    safetensors' ``SafetensorError`` ("os error 28"), torch's "enforce fail at
+    inline_container.cc ... unexpected pos" (a short write), possibly as the cause of another."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        s = str(e).lower()
+        if ("no space left" in s or "os error 28" in s or "code: 28" in s or "storagefull" in s
+                or "quota exceeded" in s or ("inline_container" in s and "unexpected pos" in s)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def step_of(path: Path) -> int | None:
+    """N for a directory named ``step_<N>`` (digits only), else None."""
+    m = STEP_DIR.fullmatch(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoints (``checkpoints/step_<digits>``), oldest first by step."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if step_of(p) is not None and p.is_dir()]
+    return sorted(found, key=lambda p: (step_of(p), p.name))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot sync a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def weights_fingerprint(model) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of ``model``'s initial weights (LoRA
+    adapter weights excluded: they are saved with every checkpoint, and their random
+    initialisation depends on whether the warm start was built in the same process)."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        if ".lora_" in k or k.startswith("lora_"):
+            continue
+        t = v.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{k}|{t.dtype}|{tuple(v.shape)}|".encode())
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------- saving
+def write_manifest(ckpt: Path) -> None:
+    """Size and sha256 of every file under ``ckpt`` (each flushed to disk first), then
+    ``manifest.json`` itself."""
+    ckpt = Path(ckpt)
+    files = {}
+    for p in sorted(q for q in ckpt.rglob("*") if q.is_file()):
+        rel = p.relative_to(ckpt).as_posix()
+        if rel == MANIFEST:
+            continue
+        _fsync(p)
+        files[rel] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+    for d in sorted(q for q in ckpt.rglob("*") if q.is_dir()):
+        _fsync(d)  # their entries
+    mp = ckpt / MANIFEST
+    with open(mp, "w") as f:
+        f.write(json.dumps({"format": FORMAT, "files": files}, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, teacher, keep_last: int = 2,
                     extra: dict | None = None) -> Path:
+    """Write ``checkpoints/step_<step>`` atomically; keep the newest ``keep_last`` (0 = all).
+
+    Raises :class:`CheckpointError` (the ``.tmp`` directory removed, earlier checkpoints kept)
+    when writing fails, e.g. "no space left on device"."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    model.save_pretrained(tmp / "model")
-    tokenizer.save_pretrained(tmp / "model")
-    ema = teacher.state_dict() if teacher is not None else None
-    if ema is not None:
-        save_file({k: v.contiguous() for k, v in ema.items()}, tmp / "teacher_ema.safetensors")
-    torch.save({
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "step": step,
-        "rng": rng_state(),
-    }, tmp / "trainer_state.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=1))
+    try:
+        tmp.mkdir()
+        model.save_pretrained(tmp / "model")
+        tokenizer.save_pretrained(tmp / "model")
+        ema = teacher.state_dict() if teacher is not None else None
+        if ema is not None:
+            save_file({k: v.contiguous() for k, v in ema.items()}, tmp / "teacher_ema.safetensors")
+        torch.save({
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "step": step,
+            "rng": rng_state(),
+        }, tmp / "trainer_state.pt")
+        (tmp / "state.json").write_text(json.dumps({"format": FORMAT, "step": step, **(extra or {})}, indent=1))
+        write_manifest(tmp)  # last: a manifest means every file above is complete
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        prev = [p for p in checkpoint_dirs(run_dir) if p != final]
+        kept = f"; the previous checkpoint {prev[-1]} is kept" if prev else ""
+        if _is_no_space(e):
+            raise CheckpointError(f"writing checkpoint {final}: no space left on device; the partial {tmp.name} "
+                                  f"was removed{kept}. Free disk space and resume with --resume latest") from e
+        raise CheckpointError(f"writing checkpoint {final} failed ({_brief(e)}); the partial {tmp.name} was "
+                              f"removed{kept}") from e
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in done[: max(0, len(done) - keep_last)]:
-        shutil.rmtree(old, ignore_errors=True)
+    _fsync(root)
+    _rotate(run_dir, final, keep_last)
     return final
 
 
+def _rotate(run_dir: Path, final: Path, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` checkpoints up to ``final`` (0 = keep all). ``final`` is never
+    deleted; nor are checkpoints of later steps (a run resumed from an older checkpoint because
+    the newer ones failed verification overwrites those as it reaches them)."""
+    if keep_last <= 0:
+        return
+    s = step_of(final)
+    done = [p for p in checkpoint_dirs(run_dir) if step_of(p) <= s and p != final]
+    for old in done[: max(0, len(done) - (keep_last - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------ reading
+@contextlib.contextmanager
+def _reading(path: Path, what: str = "") -> Iterator[None]:
+    """Turn any failure to read ``path`` into a one-line :class:`CheckpointError` naming it."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: missing{what}") from e
+    except Exception as e:  # SafetensorError, pickle/zip errors, EOFError, JSON errors, ...
+        raise CheckpointError(f"{path}: unreadable{what} ({_brief(e)})") from e
+
+
+def _required(ckpt: Path) -> list[str]:
+    """Files every checkpoint must hold (relative paths); model weights are checked separately."""
+    return ["state.json", "trainer_state.pt"]
+
+
+def verify_checkpoint(ckpt: Path) -> bool:
+    """Check ``ckpt`` against its manifest (every listed file present with its size and sha256)
+    and that the required files are there. Returns True when a manifest was verified, False for
+    a checkpoint without one (older format: only the required files were checked). Raises
+    :class:`CheckpointError` with the reason."""
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{ckpt}: not a directory")
+    for rel in _required(ckpt):
+        if not (ckpt / rel).is_file():
+            raise CheckpointError(f"{ckpt / rel}: missing (not a complete checkpoint)")
+    mdir = ckpt / "model"
+    if not (mdir.is_dir() and any(mdir.glob("*.safetensors"))):
+        raise CheckpointError(f"{mdir}: no *.safetensors weights")
+    mp = ckpt / MANIFEST
+    if not mp.is_file():
+        return False
+    with _reading(mp):
+        man = json.loads(mp.read_text())
+        files = man["files"]
+        if not isinstance(files, dict):
+            raise TypeError("'files' is not a mapping")
+    for rel in _required(ckpt):
+        if rel not in files:
+            raise CheckpointError(f"{mp}: does not list {rel}")
+    for rel, meta in files.items():
+        p = ckpt / rel
+        if not p.is_file():
+            raise CheckpointError(f"{p}: missing (listed in {MANIFEST})")
+        size = p.stat().st_size
+        if size != meta.get("size"):
+            raise CheckpointError(f"{p}: {size} bytes, {MANIFEST} says {meta.get('size')} (truncated or overwritten)")
+        if _sha256(p) != meta.get("sha256"):
+            raise CheckpointError(f"{p}: sha256 differs from {MANIFEST} (the file changed after it was written)")
+    return True
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    root = Path(run_dir) / "checkpoints"
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    """The newest ``checkpoints/step_<digits>`` directory (not verified)."""
+    done = checkpoint_dirs(run_dir)
     return done[-1] if done else None
 
 
+def resolve_resume(run_dir: Path, resume: str, warn: Callable[[str], None] | None = None) -> Path | None:
+    """``resume`` is '' (no resume), 'latest' (the newest checkpoint of the run that verifies; None
+    if the run has none; each newer one that fails is skipped with a warning), or a checkpoint
+    path (an error if it fails verification). Checkpoints without a manifest pass with a warning."""
+    warn = warn or (lambda msg: None)
+    if not resume:
+        return None
+    if resume == "latest":
+        cands = checkpoint_dirs(run_dir)
+        if not cands:
+            return None
+        reasons = []
+        for p in reversed(cands):
+            try:
+                if not verify_checkpoint(p):
+                    warn(f"{p} has no {MANIFEST} (written by an older version): its files cannot be verified")
+                if reasons:
+                    warn(f"resuming from {p.name}, the newest checkpoint that verifies")
+                return p
+            except CheckpointError as e:
+                warn(f"skipping checkpoint {p.name}: {e}")
+                reasons.append(f"{p.name}: {e}")
+        raise CheckpointError(f"--resume latest: no checkpoint in {Path(run_dir) / 'checkpoints'} verifies ("
+                              + "; ".join(reasons) + ")")
+    p = Path(resume)
+    if not p.is_dir() or not ((p / "state.json").is_file() or (p / "trainer_state.pt").is_file()):
+        raise CheckpointError(f"--resume {resume}: not a checkpoint directory (no state.json or trainer_state.pt)")
+    try:
+        if not verify_checkpoint(p):
+            warn(f"{p} has no {MANIFEST} (written by an older version): its files cannot be verified")
+    except CheckpointError as e:
+        raise CheckpointError(f"--resume {resume}: {e}") from None
+    return p
+
+
+def read_state(ckpt: Path) -> dict:
+    """``state.json`` of a checkpoint (step, config, initial-weights fingerprint, summary)."""
+    p = Path(ckpt) / "state.json"
+    with _reading(p):
+        st = json.loads(p.read_text())
+        if not isinstance(st, dict):
+            raise TypeError("not a JSON object")
+        st["step"] = int(st["step"])
+    return st
+
+
 def load_trainer_state(ckpt: Path) -> dict:
-    return torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    p = Path(ckpt) / "trainer_state.pt"
+    with _reading(p):
+        st = torch.load(p, weights_only=True)
+        if not isinstance(st, dict) or not {"optimizer", "step", "rng"} <= set(st):
+            raise TypeError("not a trainer state (expected optimizer, step, rng)")
+    return st
 
 
-def load_ema(ckpt: Path) -> dict | None:
-    p = ckpt / "teacher_ema.safetensors"
-    return load_file(p) if p.is_file() else None
+def load_ema(ckpt: Path, required: bool = False) -> dict | None:
+    """The EMA teacher weights; None when the checkpoint has none, unless ``required`` (then an
+    error naming the file: a run with teacher.kind=ema must not silently restart its EMA)."""
+    p = Path(ckpt) / "teacher_ema.safetensors"
+    if not p.is_file():
+        if required:
+            raise CheckpointError(f"{p}: missing; teacher.kind=ema needs the EMA teacher state to resume exactly")
+        return None
+    with _reading(p):
+        return load_file(p)
 
 
 def load_model_weights(ckpt: Path, model) -> None:
@@ -99,36 +366,94 @@ def load_model_weights(ckpt: Path, model) -> None:
     if adapter.is_file():
         from peft import set_peft_model_state_dict
 
-        res = set_peft_model_state_dict(model, load_file(adapter))
+        with _reading(adapter):
+            sd = load_file(adapter)
+        res = set_peft_model_state_dict(model, sd)
         if getattr(res, "unexpected_keys", None):
-            raise ValueError(f"{adapter}: unexpected adapter keys {res.unexpected_keys[:5]}")
+            raise CheckpointError(f"{adapter}: unexpected adapter keys {', '.join(res.unexpected_keys[:5])}")
         return
     files = sorted(mdir.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{mdir}: no *.safetensors weights")
+        raise CheckpointError(f"{mdir}: no *.safetensors weights")
     from .modeling import unwrap
 
     target = unwrap(model)
     sd = {}
     for f in files:
-        sd.update(load_file(f))
-    missing, unexpected = target.load_state_dict(sd, strict=False)
+        with _reading(f):
+            sd.update(load_file(f))
+    try:
+        missing, unexpected = target.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatch
+        raise CheckpointError(f"{mdir}: weights do not match the model ({_brief(e)})") from e
     tied = set(getattr(target, "_tied_weights_keys", None) or [])
     if isinstance(getattr(target, "_tied_weights_keys", None), dict):
         tied = set(target._tied_weights_keys)
     bad_missing = [k for k in missing if k not in tied]
     if unexpected or bad_missing:
-        raise ValueError(f"{mdir}: weights do not match the model (missing {bad_missing[:5]}, unexpected {unexpected[:5]})")
+        raise CheckpointError(f"{mdir}: weights do not match the model (missing {', '.join(bad_missing[:5]) or 'none'}; "
+                              f"unexpected {', '.join(unexpected[:5]) or 'none'})")
 
 
-def resolve_resume(run_dir: Path, resume: str) -> Path | None:
-    """``resume`` is '' (no resume), 'latest' (newest checkpoint of the run, None if there is none),
-    or a checkpoint path."""
-    if not resume:
-        return None
-    if resume == "latest":
-        return latest_checkpoint(run_dir)
-    p = Path(resume)
-    if not (p / "trainer_state.pt").is_file():
-        raise FileNotFoundError(f"--resume {resume}: not a checkpoint directory (no trainer_state.pt)")
-    return p
+@contextlib.contextmanager
+def restoring(path: Path, what: str) -> Iterator[None]:
+    """Loading saved state into live objects (optimizer, scheduler, EMA teacher): a mismatch is a
+    one-line :class:`CheckpointError` naming the file."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as e:
+        raise CheckpointError(f"{path}: the {what} does not match this run ({_brief(e)})") from e
+
+
+# ------------------------------------------------------------------------ resume config checks
+# Fields that may differ between a run and its resume without changing the training trajectory
+# (bookkeeping, locations, timeouts, evaluation, logging). Everything else must be unchanged.
+RESUME_MUTABLE = frozenset({
+    "train.steps",  # upward only (checked against the checkpoint's step)
+    "train.save_every", "train.keep_last", "train.report_to", "train.output_dir", "train.resume",
+    "train.reflection_markers",  # logging only (markers/reflection)
+    "train.max_nonfinite_steps",  # when to give up; changes no update
+    "warmstart.cache_dir",  # a location: the initial weights themselves are checked by fingerprint
+    "rollout.vllm_timeout_s", "rollout.vllm_sync_dir",  # a time limit, a location
+})
+RESUME_MUTABLE_SECTIONS = frozenset({"eval"})
+RESUME_NOT_RECORDED = frozenset({"train.resume"})  # always differs on resume
+
+
+def resume_mutable(key: str) -> bool:
+    return key in RESUME_MUTABLE or key.split(".", 1)[0] in RESUME_MUTABLE_SECTIONS
+
+
+def _flat(d: dict) -> dict:
+    return {f"{s}.{k}": v for s, sec in d.items() if isinstance(sec, dict) for k, v in sec.items()}
+
+
+def resume_config_changes(old: dict, new: dict, defaults: dict | None = None) -> dict[str, tuple]:
+    """``{key: (old, new)}`` for every config field that differs between the checkpoint's config
+    ``old`` and ``new`` (a field unknown to ``old`` counts as its default in ``defaults``)."""
+    fo, fn, fd = _flat(old), _flat(new), _flat(defaults or {})
+    out = {}
+    for k, v in fn.items():
+        o = fo.get(k, fd.get(k, v))
+        if o != v:
+            out[k] = (o, v)
+    return out
+
+
+def _show(v) -> str:
+    return json.dumps(v) if not isinstance(v, str) else repr(v)
+
+
+def check_resume_config(ckpt: Path, old: dict | None, new: dict, defaults: dict | None = None) -> dict[str, tuple]:
+    """Refuse a resume whose config changes a field outside :data:`RESUME_MUTABLE` (one line listing
+    every changed key, old -> new). Returns the allowed changes (to be recorded)."""
+    changes = resume_config_changes(old or {}, new, defaults) if old is not None else {}
+    bad = {k: v for k, v in changes.items() if not resume_mutable(k)}
+    if bad:
+        listed = ", ".join(f"{k}: {_show(o)} -> {_show(n)}" for k, (o, n) in bad.items())
+        raise CheckpointError(
+            f"--resume {ckpt}: changed settings would break the exact continuation of the run ({listed}); resume with "
+            "the original values, or start a new run (another train.output_dir)")
+    return {k: v for k, v in changes.items() if k not in RESUME_NOT_RECORDED}

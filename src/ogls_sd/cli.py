@@ -1,21 +1,159 @@
-"""Command line: ``ogls-sd train``, ``eval``, ``compare``, ``report``. Parses arguments and nothing else."""
+"""Command line: ``ogls-sd train``, ``eval``, ``compare``, ``report``. Parses arguments and nothing else.
+
+Every failure is one line on stderr (``error: ...``) and a non-zero exit (2: bad config or
+arguments, 1: anything else); ``--debug`` or ``OGLS_SD_DEBUG=1`` shows the full traceback instead
+(see :func:`_guarded`)."""
 
 from __future__ import annotations
 
+import functools
 import os
-import sys
+import pickle
 import textwrap
+from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
-from .compare import DEFAULT_METHODS
+from .compare import DEFAULT_METHODS, METHODS
 from .config import Config, ConfigError, describe_fields
 
+DEBUG_ENV = "OGLS_SD_DEBUG"
+_DEBUG_HELP = f"On an error, show the full traceback instead of one line (same as {DEBUG_ENV}=1)."
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
-                  help="OGLS-SD: on-policy self-distillation with outcome-guided logit steering.")
+                  help="OGLS-SD: on-policy self-distillation with outcome-guided logit steering. An error is one "
+                       f"line and a non-zero exit; --debug (or {DEBUG_ENV}=1) shows its full traceback.")
 err = Console(stderr=True)
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help=_DEBUG_HELP)) -> None:
+    """``ogls-sd --debug COMMAND ...`` (the flag is also accepted after the command)."""
+
+
+# ------------------------------------------------------------------------------ error handling
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _debug_env() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _one_line(msg: object) -> str:
+    return " ".join(str(msg).split())
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str):
+        return _one_line(e.args[0])  # str(KeyError) adds quotes
+    return _one_line(e) or type(e).__name__
+
+
+def _frames(tb) -> list:
+    out = []
+    while tb is not None:
+        out.append(tb)
+        tb = tb.tb_next
+    return out
+
+
+def _raised_by_us(e: BaseException) -> bool:
+    """Raised by a ``raise`` statement in this package (a deliberate error with its message), as
+    opposed to a failure inside a library or a bug (``a, b = x``, ``d[k]``) in our code."""
+    tbs = _frames(e.__traceback__)
+    if not tbs or isinstance(e, AssertionError):
+        return False
+    import linecache
+
+    last = tbs[-1]
+    fn = os.path.abspath(last.tb_frame.f_code.co_filename)
+    return fn.startswith(_PKG_DIR + os.sep) and linecache.getline(fn, last.tb_lineno).lstrip().startswith("raise")
+
+
+def _unpickling_failure(e: BaseException) -> BaseException | None:
+    """The ``pickle.UnpicklingError`` (``torch.load(weights_only=True)`` refusing a file) behind ``e``."""
+    seen: set[int] = set()
+    x: BaseException | None = e
+    while x is not None and id(x) not in seen:
+        seen.add(id(x))
+        if isinstance(x, pickle.UnpicklingError) or "Weights only load failed" in str(x):
+            return x
+        x = x.__cause__ or x.__context__
+    return None
+
+
+def _file_of(*excs: BaseException) -> str | None:
+    """The file a failed load was reading: an argument of the innermost frame that names one
+    (``torch.load(f)``, transformers' ``checkpoint_file``, ...)."""
+    for e in excs:
+        for tb in reversed(_frames(e.__traceback__)):
+            loc = tb.tb_frame.f_locals
+            for name in ("f", "checkpoint_file", "resolved_archive_file", "filename", "file", "path", "p"):
+                v = loc.get(name)
+                if isinstance(v, (str, os.PathLike)) and os.path.isfile(v):
+                    return os.fspath(v)
+    return None
+
+
+def _describe(e: Exception) -> tuple[str, int]:
+    """``(one-line message, exit code)`` for an exception that reached the command line."""
+    if isinstance(e, ConfigError):
+        return _message(e), 2
+    if type(e).__module__.split(".")[0] == "ogls_sd":  # our own error classes (CheckpointError, DataError, ...)
+        return _message(e), 1
+    bad = _unpickling_failure(e)
+    if bad is not None:
+        lines = [ln.strip() for ln in str(bad).splitlines() if ln.strip()]
+        why = [ln for ln in lines if not ln.startswith(("Weights only load failed", "Check the documentation",
+                                                         "Please file an issue", "You can use"))]
+        reason = (why or lines or [type(bad).__name__])[0].removeprefix("WeightsUnpickler error:").strip()
+        where = _file_of(bad, e) or "a pickled state file"
+        return (f"{where}: not loaded: torch.load(weights_only=True) refused it ({reason[:300]}); a state file holds "
+                "only tensors and plain data, so this one is corrupt or was tampered with"), 1
+    if isinstance(e, OSError) or _raised_by_us(e):  # file system / network, or a deliberate error of ours
+        return _message(e), 1
+    msg = _message(e)
+    if len(msg) > 500:
+        msg = msg[:500] + "..."
+    return f"{type(e).__name__}: {msg} (run with --debug for the traceback)", 1
+
+
+def _print_error(msg: str) -> None:
+    # soft_wrap: rich would otherwise break a long message into several lines at the terminal width
+    err.print(Text.assemble(("error:", "bold red"), " ", _one_line(msg)), soft_wrap=True, highlight=False)
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    _print_error(msg)
+    raise typer.Exit(code)
+
+
+def _guarded(fn):
+    """Run a command; an exception becomes one ``error:`` line and exit code 1 (2 for a bad config),
+    unless ``--debug`` / ``OGLS_SD_DEBUG`` asks for the traceback. Unexpected exceptions (not ours,
+    not raised deliberately by our code, not OS errors) keep their type in the line and point to
+    ``--debug``: a bug is never disguised as a user error."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        ctx = kwargs.get("ctx")  # the command's typer.Context: `ogls-sd --debug COMMAND` sets the root's flag
+        root = ctx.find_root().params if ctx is not None else {}
+        debug = bool(kwargs.get("debug")) or bool(root.get("debug")) or _debug_env()
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if type(e).__module__.split(".")[0] in ("typer", "click"):  # Exit, Abort, usage errors: theirs
+                raise
+            if debug:
+                raise
+            msg, code = _describe(e)
+            _print_error(msg)
+            raise typer.Exit(code) from None
+
+    return wrapper
 
 
 def _fields_epilog() -> str:
@@ -26,44 +164,38 @@ def _fields_epilog() -> str:
     return "\n".join(lines)
 
 
-def _load(config: Optional[str], overrides: List[str]) -> Config:
-    try:
-        return Config.load(config, overrides)
-    except ConfigError as e:
-        err.print(f"[red]error:[/] {e}", highlight=False)
-        raise typer.Exit(2)
-
-
 class _RawEpilog(typer.core.TyperCommand):
     def format_epilog(self, ctx, formatter):  # keep line breaks of the field list
         if self.epilog:
             formatter.write("\n" + self.epilog + "\n")
 
 
+_DEBUG = typer.Option(False, "--debug", help=_DEBUG_HELP)
+
+
 @app.command(cls=_RawEpilog, epilog=_fields_epilog(),
              help="Train a model. With no arguments: the built-in default (arith task, tiny model, "
-                  "warm start if not cached, OGLS-SD) on CPU in a few minutes.")
+                  "warm start if not cached, OGLS-SD) on CPU in a few minutes. One run at a time per output "
+                  "directory (<output_dir>/.lock).")
+@_guarded
 def train(
+    ctx: typer.Context,
     overrides: List[str] = typer.Argument(None, help="section.key=value overrides, e.g. loss.clip=entry train.steps=20"),
     config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config file (sections as below)."),
     output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Run directory (same as train.output_dir)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="'latest' (newest checkpoint in the run directory) or a checkpoint path (same as train.resume)."),
+    debug: bool = _DEBUG,
 ):
     ov = list(overrides or [])
     if output_dir:
         ov.append(f"train.output_dir={output_dir}")
     if resume:
         ov.append(f"train.resume={resume}")
-    cfg = _load(config, ov)
-    from .trainer import TrainingHalted, train as run_train
-
+    cfg = Config.load(config, ov)
     from .distributed import shutdown
+    from .trainer import train as run_train
 
-    try:
-        summary = run_train(cfg)
-    except (ValueError, FileNotFoundError, OSError, TrainingHalted) as e:
-        err.print(f"[red]error:[/] {e}", highlight=False)
-        raise typer.Exit(1)
+    summary = run_train(cfg)
     shutdown()  # several processes: leave together, cleanly
     before, after = summary.get("accuracy_before"), summary.get("accuracy_after")
     if before is not None and after is not None:
@@ -74,7 +206,9 @@ def train(
 @app.command(cls=_RawEpilog, epilog=_fields_epilog(),
              help="Evaluate a model or checkpoint: k samples per problem on benchmarks; writes results.json "
                   "(avg@k, pass@k, maj@k, format rate, every setting) and generations_*.jsonl.")
+@_guarded
 def eval(
+    ctx: typer.Context,
     overrides: List[str] = typer.Argument(None, help="section.key=value overrides (model, templates, rollout sampling, eval)."),
     config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config file."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="A run checkpoint (…/checkpoints/step_N) or model directory; default: the configured model."),
@@ -83,35 +217,31 @@ def eval(
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding (k copies are identical)."),
     output_dir: str = typer.Option("runs/eval", "--output-dir", "-o", help="Where results.json and generations go."),
+    debug: bool = _DEBUG,
 ):
-    cfg = _load(config, list(overrides or []))
+    cfg = Config.load(config, list(overrides or []))
     if k < 1:
-        err.print("[red]error:[/] --k must be >= 1")
-        raise typer.Exit(2)
-    from pathlib import Path
-
+        _fail("--k must be >= 1")
     from .eval_harness import BenchmarkSpec, evaluate_benchmarks
     from .evaluate import load_for_eval
 
-    try:
-        model, tok, task, tpl, info = load_for_eval(cfg, checkpoint)
-        res = evaluate_benchmarks(cfg, model, tok, task, tpl, [BenchmarkSpec.parse(b) for b in benchmark], k, seed,
-                                  Path(output_dir), info, greedy=greedy, console=Console())
-    except (ValueError, FileNotFoundError, OSError, KeyError) as e:
-        err.print(f"[red]error:[/] {e}", highlight=False)
-        raise typer.Exit(1)
+    model, tok, task, tpl, info = load_for_eval(cfg, checkpoint)
+    evaluate_benchmarks(cfg, model, tok, task, tpl, [BenchmarkSpec.parse(b) for b in benchmark], k, seed,
+                        Path(output_dir), info, greedy=greedy, console=Console())
     print(f"results: {Path(output_dir) / 'results.json'}")
 
 
 @app.command(help="Run the miniature comparison (docs/experiments.md): SFT, RFT, GRPO, OPSD, OPSD+GRPO, OGLS-SD "
                   "context and global at equal budgets for several seeds on the built-in arith task, each run in "
                   "OUT/<method>/seed<k>/, then write OUT/report.md, report.json and PNG plots.")
+@_guarded
 def compare(
+    ctx: typer.Context,
     overrides: List[str] = typer.Argument(None, help="extra section.key=value overrides applied to every run"),
     output_dir: str = typer.Option("runs/compare", "--output-dir", "-o", help="Output directory."),
     methods: str = typer.Option(",".join(DEFAULT_METHODS), "--methods",
-                                help="Comma-separated methods (sft, rft, grpo, opsd, opsd_grpo, ogls_context, ogls_global, "
-                                     "ogls_context_refpos, ogls_context_skip); missing algorithms are skipped with a warning."),
+                                help=f"Comma-separated methods ({', '.join(METHODS)}; docs/experiments.md); "
+                                     "missing algorithms are skipped with a warning."),
     seeds: int = typer.Option(3, "--seeds", help="Number of seeds (0..N-1)."),
     seed_list: Optional[str] = typer.Option(None, "--seed-list", help="Explicit comma-separated seeds (overrides --seeds)."),
     steps: int = typer.Option(60, "--steps", help="Optimizer steps per run (the same for every method)."),
@@ -120,20 +250,18 @@ def compare(
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Accuracy threshold for 'rollout tokens to reach'; default: start + 0.1."),
     fresh: bool = typer.Option(False, "--fresh", help="Rerun runs that already finished with the same config (default: reuse them)."),
     threads: int = typer.Option(1, "--threads", help="torch CPU threads (1 is fastest for the tiny model; 0 = torch's default)."),
+    debug: bool = _DEBUG,
 ):
     from .compare import run_compare
 
-    sl = [int(x) for x in seed_list.split(",") if x.strip()] if seed_list else list(range(seeds))
-    if style not in ("plain", "templated"):
-        err.print("[red]error:[/] --style must be plain or templated")
-        raise typer.Exit(2)
     try:
-        rep = run_compare(output_dir, [m.strip() for m in methods.split(",") if m.strip()], sl, style, steps, eval_every,
-                          list(overrides or []), threshold, console=Console(), resume=not fresh,
-                          threads=threads or None)
-    except (ConfigError, ValueError, FileNotFoundError, OSError) as e:
-        err.print(f"[red]error:[/] {e}", highlight=False)
-        raise typer.Exit(1)
+        sl = [int(x) for x in seed_list.split(",") if x.strip()] if seed_list else list(range(seeds))
+    except ValueError:
+        _fail(f"--seed-list {seed_list!r}: expected comma-separated integers")
+    if style not in ("plain", "templated"):
+        _fail("--style must be plain or templated")
+    rep = run_compare(output_dir, [m.strip() for m in methods.split(",") if m.strip()], sl, style, steps, eval_every,
+                      list(overrides or []), threshold, console=Console(), resume=not fresh, threads=threads or None)
     from .report import markdown_table
 
     print(markdown_table(rep))
@@ -142,19 +270,18 @@ def compare(
 
 @app.command(help="Redraw the report (report.md, report.json, PNG plots) from the metrics.jsonl of any runs: each "
                   "RUN_DIR is a run directory or a directory containing runs (e.g. a compare output).")
+@_guarded
 def report(
+    ctx: typer.Context,
     run_dirs: List[str] = typer.Argument(..., help="Run directories or parents of run directories."),
     output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Where to write (default: the first RUN_DIR)."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Accuracy threshold for 'rollout tokens to reach'; default: start + 0.1."),
+    debug: bool = _DEBUG,
 ):
     from .report import markdown_table, write_report
 
     out = output_dir or run_dirs[0]
-    try:
-        rep = write_report(run_dirs, out, threshold=threshold)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        err.print(f"[red]error:[/] {e}", highlight=False)
-        raise typer.Exit(1)
+    rep = write_report(run_dirs, out, threshold=threshold)
     print(markdown_table(rep))
     print(f"report: {os.path.join(out, 'report.md')}")
 

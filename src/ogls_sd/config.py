@@ -7,6 +7,7 @@ for enumerations, its allowed values in ``metadata["choices"]``. Validation happ
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import hashlib
 import json
@@ -271,12 +272,12 @@ class TrainConfig(_Section):
     seed: int = opt(0, "Seed for sampling, context subsets and initialisation.")
     output_dir: str = opt("runs/default", "Run directory: resolved config, metrics.jsonl, checkpoints, summary.json.")
     save_every: int = opt(0, "Save a checkpoint every N steps (0 = only at the end).")
-    keep_last: int = opt(2, "Checkpoints kept (older ones are deleted).")
+    keep_last: int = opt(2, "Checkpoints kept: the newest N (older ones are deleted; the final checkpoint is never deleted); 0 = keep all.")
     device: str = opt("auto", "Device: auto (accelerate's choice), cpu, cuda.", choices=("auto", "cpu", "cuda"))
     mixed_precision: str = opt("no", "accelerate mixed precision.", choices=("no", "bf16", "fp16"))
     report_to: str = opt("tensorboard", "Experiment tracker that also receives every metrics record: TensorBoard event files under <output_dir>/tb, none, wandb or trackio (the last two must be installed).", choices=("tensorboard", "none", "wandb", "trackio"))
     reflection_markers: list = opt(None, "Reflection markers counted per completion (case-insensitive) as markers/reflection (method.md §6).", factory=lambda: ["wait", "hmm", "let me check", "actually", "alternatively", "verify"])
-    resume: str = opt("", "Resume: '' (start fresh), 'latest' (newest checkpoint in output_dir; fresh if none) or a checkpoint directory. Continues exactly: weights, optimizer, scheduler, EMA teacher, RNG states, data position.")
+    resume: str = opt("", "Resume: '' (start fresh), 'latest' (newest checkpoint in output_dir; fresh if none) or a checkpoint directory. Continues exactly: weights, optimizer, scheduler, EMA teacher, RNG states, data position. Checkpoints are verified against their sha256 manifest (latest falls back to the newest that verifies); a changed config field outside the allowed set (train.steps upward, saving, logging, eval, paths) or fewer train.steps than done is an error (docs/reliability.md).")
     max_nonfinite_steps: int = opt(5, "A step whose loss or gradient is not finite is skipped (counted as nonfinite/skipped); after this many in a row the run stops with a checkpoint.")
 
 
@@ -358,13 +359,34 @@ class Config:
             p = Path(path)
             source = str(p)
             if not p.is_file():
-                raise ConfigError(f"{p}: config file not found")
+                raise ConfigError(f"{p}: config file not found" if not p.exists() else f"{p}: not a file")
+            # every failure below is one line naming the file (no UnicodeDecodeError traceback)
             try:
-                d = yaml.safe_load(p.read_text()) or {}
+                raw = p.read_bytes()
+            except OSError as e:
+                raise ConfigError(f"{p}: cannot read the config file ({e.strerror or e})") from None
+            utf16 = raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))  # YAML allows UTF-16 with a BOM
+            head = b"" if utf16 else raw[:4096]
+            if b"\x00" in head or sum(b < 32 and b not in b"\t\n\r\f" for b in head) > len(head) // 10:
+                raise ConfigError(f"{p}: a binary file, not a YAML config (control bytes in its first {len(head)} bytes)")
+            try:
+                text = raw.decode("utf-16" if utf16 else "utf-8-sig")
+            except UnicodeDecodeError as e:
+                line = raw.count(b"\n", 0, e.start) + 1
+                col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+                raise ConfigError(f"{p}: line {line}, column {col}: not {'UTF-16' if utf16 else 'UTF-8'} text (byte "
+                                  f"0x{raw[e.start]:02x}); save the config as UTF-8") from None
+            try:
+                d = yaml.safe_load(text) or {}
             except yaml.YAMLError as e:
                 mark = getattr(e, "problem_mark", None)
-                where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-                raise ConfigError(f"{p}:{where} malformed YAML: {getattr(e, 'problem', e)}") from None
+                where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
+                pos = getattr(e, "position", None)
+                if mark is None and isinstance(pos, int):  # yaml.reader.ReaderError: a character YAML refuses
+                    where = f" line {text.count(chr(10), 0, pos) + 1}, column {pos - text.rfind(chr(10), 0, pos)}:"
+                problem = getattr(e, "problem", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+                problem = " ".join(str(problem).split())
+                raise ConfigError(f"{p}:{where} malformed YAML: {problem}") from None
             if not isinstance(d, dict):
                 raise ConfigError(f"{p}: top level must be a mapping of sections")
         for ov in overrides or []:

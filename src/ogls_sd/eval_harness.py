@@ -25,6 +25,7 @@ import torch
 from .config import Config
 from .data.example import Example
 from .eval_metrics import format_rate, maj_at_k, pass_at_k
+from .evaluate import check_eval_prompts, context_limit
 from .rollout import HFBackend, SamplingParams
 from .templates import PromptBuilder
 
@@ -56,6 +57,7 @@ def _versions() -> dict[str, str]:
 def load_eval_examples(spec: BenchmarkSpec, cfg: Config, task) -> tuple[str, list[Example], object]:
     """``(label, examples, grader)``; the grader has ``extract(text)`` and ``reward(text, answer)``."""
     from .data.benchmarks import get_benchmark, load_benchmark
+    from .data.files import require_examples
     from .tasks.dataset import DatasetTask
 
     if spec.name == "task":
@@ -65,7 +67,7 @@ def load_eval_examples(spec: BenchmarkSpec, cfg: Config, task) -> tuple[str, lis
     except KeyError:
         bench = None
     if bench is not None:
-        res = load_benchmark(bench.name, spec.path)
+        res = require_examples(load_benchmark(bench.name, spec.path), spec.path or bench.hub_id)
         grader = DatasetTask(res.examples, name=bench.name, mode=bench.answer_mode)
         return bench.name, res.examples, grader
     if Path(spec.name).is_file():
@@ -73,7 +75,8 @@ def load_eval_examples(spec: BenchmarkSpec, cfg: Config, task) -> tuple[str, lis
 
         cols = {"problem": cfg.data.problem_column, "answer": cfg.data.answer_column,
                 "reference": cfg.data.reference_column or None}
-        res = load_examples(spec.name, columns=cols, policy=cfg.data.policy, max_chars=cfg.data.max_chars)
+        res = require_examples(load_examples(spec.name, columns=cols, policy=cfg.data.policy,
+                                             max_chars=cfg.data.max_chars, dedupe=False), spec.name)
         return Path(spec.name).stem, res.examples, DatasetTask(res.examples, name=Path(spec.name).stem)
     raise ValueError(f"--benchmark {spec.name!r}: not 'task', a known benchmark, or an existing file")
 
@@ -103,14 +106,16 @@ def evaluate_benchmarks(cfg: Config, model, tok, task, task_tpl, benchmarks: lis
         "max_new_tokens": cfg.eval.max_new_tokens,
         "seed": seed,
         "verifier": "task grader (arith: integer after last 'A:')" if task_tpl else
-                    "ogls_sd.rewards.verifier: last \\boxed{} / #### / Answer:, math-verify, process-pool time limit",
+                    "ogls_sd.rewards.verifier: last \\boxed{} / #### / Answer:, pre-filter, math-verify in worker processes with a time limit",
         "versions": _versions(),
         "benchmarks": {},
     }
     for spec in benchmarks:
         label, examples, grader = load_eval_examples(spec, cfg, task)
+        prompt_ids = [prompts.student_ids(ex) for ex in examples]
+        check_eval_prompts(examples, prompt_ids, params.max_new_tokens, context_limit(model), f"{label} example")
         torch.manual_seed(seed)
-        ids = [prompts.student_ids(ex) for ex in examples for _ in range(k)]
+        ids = [p for p in prompt_ids for _ in range(k)]
         comps = backend.generate(ids, params)
         texts = [tok.decode(c.ids, skip_special_tokens=True) for c in comps]
         answers = [_extract(grader, t) for t in texts]

@@ -5,8 +5,36 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .data.example import Example
-from .rollout import HFBackend, SamplingParams
+from .rollout import HFBackend, PromptTooLong, SamplingParams
 from .templates import PromptBuilder
+
+
+def context_limit(model) -> int | None:
+    """The model's context (``config.max_position_embeddings``; also through PEFT / DDP wrappers),
+    or None when the model does not say."""
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def check_prompt_fits(example: Example, kind: str, n_tokens: int, max_new_tokens: int, limit: int | None,
+                      setting: str = "rollout.max_new_tokens", where: str = "example") -> None:
+    """The one context rule (training rollouts, held-out accuracy, ``ogls-sd eval``): a prompt plus
+    the generation limit must fit the model's context, or generation would run past it (transformers
+    only warns) or truncate. Raises :class:`~ogls_sd.rollout.PromptTooLong` (a ``ValueError``)
+    naming the example, the prompt kind and the setting to change; ``limit`` None or 0 skips it."""
+    if limit and n_tokens + max_new_tokens > limit:
+        raise PromptTooLong(
+            f"{where} {example.id or example.problem[:40]!r}: the {kind} prompt has {n_tokens} tokens; with "
+            f"{setting}={max_new_tokens} it exceeds the model's context of {limit} tokens. Lower {setting}, "
+            f"shorten templates.{kind}, or filter long problems (data.max_chars)."
+        )
+
+
+def check_eval_prompts(examples: list[Example], prompt_ids: list[list[int]], max_new_tokens: int,
+                       limit: int | None, where: str = "held-out example") -> None:
+    """:func:`check_prompt_fits` for evaluation prompts (student prompts, ``eval.max_new_tokens``)."""
+    for ex, ids in zip(examples, prompt_ids):
+        check_prompt_fits(ex, "student", len(ids), max_new_tokens, limit, "eval.max_new_tokens", where)
 
 
 @dataclass
@@ -20,10 +48,14 @@ class EvalResult:
 
 def evaluate_accuracy(model, tokenizer, prompts: PromptBuilder, task, examples: list[Example],
                       max_new_tokens: int, batch_size: int = 100, params: SamplingParams | None = None) -> EvalResult:
-    """Greedy (default) accuracy of ``model`` on ``examples`` graded by ``task.reward``."""
+    """Greedy (default) accuracy of ``model`` on ``examples`` graded by ``task.reward``. A prompt
+    that cannot fit the model's context with ``max_new_tokens`` is an error (:func:`check_prompt_fits`),
+    before anything is generated."""
     params = params or SamplingParams(max_new_tokens=max_new_tokens, greedy=True)
+    ids = [prompts.student_ids(ex) for ex in examples]
+    check_eval_prompts(examples, ids, params.max_new_tokens, context_limit(model))
     backend = HFBackend(model, prompts.pad_id, prompts.eos_id, batch_size)
-    comps = backend.generate([prompts.student_ids(ex) for ex in examples], params)
+    comps = backend.generate(ids, params)
     texts = [tokenizer.decode(c.ids, skip_special_tokens=True) for c in comps]
     correct = [task.reward(t, ex.answer) > 0.5 for t, ex in zip(texts, examples)]
     n = len(examples)

@@ -37,17 +37,31 @@ def resolve_model(name: str, gguf_file: str) -> tuple[str, str]:
 
 def load_tokenizer_and_model(name: str, gguf_file: str = "", dtype: str = "float32", trust_remote_code: bool = False):
     """Any causal LM by hub id, local path or named model, with a pad token set."""
+    from pathlib import Path
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, gguf = resolve_model(name, gguf_file)
+    what = f"model.name={name}" + (f" (model.gguf_file={gguf})" if gguf else "")
+    local = name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name  # hub ids: org/name
+    if local and not Path(path).expanduser().exists():
+        raise ValueError(f"{what}: no such file or directory (a local model path; a Hugging Face hub id looks like "
+                         "org/name)")
+    if Path(path).is_dir() and not gguf and not (Path(path) / "config.json").is_file():
+        raise ValueError(f"{what}: not a model directory (no config.json in it; save_pretrained writes one)")
     kw = dict(trust_remote_code=trust_remote_code)
     if gguf:
         kw["gguf_file"] = gguf
-    tok = AutoTokenizer.from_pretrained(path, **kw)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **kw)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kw)
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        tok.padding_side = "left"
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **kw)
+    except (OSError, ValueError) as e:  # not found / not a model / hub unreachable (transformers' messages are long)
+        msg = " ".join(str(e).split()) or "no message"
+        raise ValueError(f"{what}: cannot load the tokenizer and model ({type(e).__name__}: "
+                         f"{msg if len(msg) <= 300 else msg[:300] + '...'})") from e
     if gguf:
         # transformers de-quantises GGUF weights to `dtype` on load: the result is a plain model.
         # Drop the quantizer marker so that checkpoints can be saved as ordinary safetensors.

@@ -3,7 +3,9 @@
 ``train`` reads top to bottom like method.md §3: per step, (1) the step's prompts, (2) G rollouts
 per prompt from the student on token ids, (3) verified outcomes, (4–6) the algorithm's plan and
 loss terms with gradient accumulation, then one optimizer step, the teacher update, metrics and
-checkpoints. Runs resume exactly from a checkpoint (``train.resume``).
+checkpoints. Runs resume exactly from a checkpoint (``train.resume``); a resume that could not be
+exact (fewer steps than done, changed settings, other initial weights, missing or corrupt state) is
+refused with a one-line :class:`~ogls_sd.checkpoint.CheckpointError` (see :func:`check_resume`).
 """
 
 from __future__ import annotations
@@ -17,15 +19,19 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .algorithms import Group, Rollout, StepBatch, build_algorithm, teacher_kind
-from .checkpoint import load_ema, load_model_weights, load_trainer_state, resolve_resume, save_checkpoint, set_rng_state
+from .checkpoint import (CheckpointError, check_resume_config, checkpoint_dirs, load_ema, load_model_weights,
+                         load_trainer_state, read_state, resolve_resume, restoring, save_checkpoint, set_rng_state, step_of,
+                         weights_fingerprint)
 from .config import Config
 from .distributed import globalize_plan, rank_slice, sum_across_ranks, sum_dicts, sum_gradients, world
-from .evaluate import evaluate_accuracy
+from .evaluate import check_eval_prompts, check_prompt_fits, context_limit, evaluate_accuracy
 from .markers import marker_metrics
 from .models import load_policy
+from .runlock import holding_run_lock
 from .rollout import SamplingParams, build_backend
 from .teacher import Teacher
 from .templates import PromptBuilder
@@ -126,16 +132,9 @@ def collect_rollouts(cfg: Config, task, tok, prompts: PromptBuilder, backend, sa
 def check_context(groups: list[Group], max_new_tokens: int, limit: int | None) -> None:
     """A prompt (student or privileged teacher) plus the generation limit must fit the model's
     context: raise a clear error naming the example instead of silently truncating (anchors.md #5)."""
-    if not limit:
-        return
-    for g in groups:
+    for g in groups:  # the same rule as held-out accuracy and ogls-sd eval (evaluate.check_prompt_fits)
         for kind, ids in (("student", g.student_prompt), ("teacher", g.teacher_prompt)):
-            if len(ids) + max_new_tokens > limit:
-                raise ValueError(
-                    f"example {g.example.id or g.example.problem[:40]!r}: the {kind} prompt has {len(ids)} tokens; with "
-                    f"rollout.max_new_tokens={max_new_tokens} it exceeds the model's context of {limit} tokens. Lower "
-                    f"rollout.max_new_tokens, shorten templates.{kind}, or filter long problems (data.max_chars)."
-                )
+            check_prompt_fits(g.example, kind, len(ids), max_new_tokens, limit)
 
 
 def optimize(cfg: Config, algo, plan, accel, policy, params, opt, teacher) -> Optimized:
@@ -242,6 +241,64 @@ def harness_eval(cfg: Config, policy, tok, task, task_tpl, info: dict, out: Path
         policy.train()
 
 
+def _warn(console: Console, msg: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # data parallel: one process reports
+        console.print(f"[yellow]warning:[/] {escape(msg)}", highlight=False)
+
+
+def check_resume(cfg: Config, run: Path, ckpt: Path, state: dict, console: Console) -> dict:
+    """Before anything is loaded or written: may the run continue from ``ckpt`` with ``cfg``?
+
+    * ``train.steps`` below the checkpoint's step is an error (resuming never rewrites a run's
+      history; equal steps: nothing to do, see :func:`finished_summary`);
+    * an explicit checkpoint older than checkpoints already in ``<run>/checkpoints`` is an error
+      (continuing from it would overwrite them);
+    * a config field outside ``checkpoint.RESUME_MUTABLE`` that differs from the checkpoint's
+      config is an error listing every such key (old -> new).
+
+    Returns the allowed changes ``{key: (old, new)}``, recorded in ``metrics.jsonl``."""
+    start = state["step"]
+    if cfg.train.steps < start:
+        raise CheckpointError(
+            f"--resume: the run is at step {start} ({ckpt}); train.steps={cfg.train.steps} would rewrite its history "
+            f"(checkpoints, metrics.jsonl, summary.json). Pass train.steps >= {start} (= {start}: nothing to do)")
+    if cfg.train.resume != "latest":
+        newer = [p.name for p in checkpoint_dirs(run) if step_of(p) > start]
+        if newer:
+            raise CheckpointError(
+                f"--resume {ckpt}: {run / 'checkpoints'} already holds later checkpoints ({', '.join(newer)}); continuing "
+                f"from step {start} would overwrite the run's history. Use --resume latest, another train.output_dir, "
+                "or remove the later checkpoints first")
+    old = state.get("config")
+    if old is None:
+        _warn(console, f"{ckpt} records no config (written by an older version): changes to the config cannot be checked")
+    return check_resume_config(ckpt, old, cfg.to_dict(), Config().to_dict())
+
+
+def check_initial_weights(ckpt: Path, state: dict, init_weights: dict) -> None:
+    """The initial weights (warm start / model files) must be those the run started from: the
+    frozen teacher is θ₀, and the LoRA base is θ₀."""
+    old = state.get("init_weights") or {}
+    if old.get("sha256") and old["sha256"] != init_weights["sha256"]:
+        src = init_weights.get("warm_start") or init_weights.get("name", "")
+        raise CheckpointError(
+            f"--resume {ckpt}: the initial weights differ from those the run started from (sha256 {old['sha256'][:16]} "
+            f"then, {init_weights['sha256'][:16]} now; {src}): the warm start or the model files changed. Restore them "
+            "or start a new run in another train.output_dir")
+
+
+def finished_summary(run: Path, start: int, cfg: Config) -> dict | None:
+    """The run's ``summary.json`` when it already finished at ``train.steps == start``, else None."""
+    if start != cfg.train.steps or not (run / "summary.json").is_file():
+        return None
+    try:
+        summ = json.loads((run / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summ if isinstance(summ, dict) and summ.get("steps") == start and "output_dir" in summ else None
+
+
+@holding_run_lock  # one run per output directory (<output_dir>/.lock); before anything in it is touched
 def train(cfg: Config, console: Console | None = None) -> dict:
     """Run training as configured; returns the summary (also written to ``summary.json``)."""
     from accelerate import Accelerator
@@ -251,7 +308,17 @@ def train(cfg: Config, console: Console | None = None) -> dict:
     t_start = time.time()
     run = Path(cfg.train.output_dir)
     run.mkdir(parents=True, exist_ok=True)
-    resume_from = resolve_resume(run, cfg.train.resume)
+    resume_from = resolve_resume(run, cfg.train.resume, warn=lambda msg: _warn(console, msg))
+    resume_state: dict = {}
+    resume_changes: dict = {}
+    if resume_from is not None:
+        resume_state = read_state(resume_from)
+        resume_changes = check_resume(cfg, run, resume_from, resume_state, console)
+        finished = finished_summary(run, resume_state["step"], cfg)
+        if finished is not None:  # a finished run resumed with train.steps = its steps: nothing to do
+            console.print(f"the run already reached train.steps={cfg.train.steps} ({resume_from}): nothing to do",
+                          markup=False, highlight=False)
+            return finished
     set_seed(cfg.train.seed)
     # device=auto without a GPU is CPU: say so, or accelerate would not join the processes of
     # a multi-process CPU launch into one group (each would think it is rank 0).
@@ -278,6 +345,10 @@ def train(cfg: Config, console: Console | None = None) -> dict:
     # One process per machine first: it computes and caches the warm start; the others then load it.
     with accel.local_main_process_first(), _progress(console) as progress:
         policy, tok, task, task_tpl, info = load_policy(cfg, progress)
+    # the initial weights θ₀ (warm start / model files) are part of what a checkpoint continues
+    init_weights = {"sha256": weights_fingerprint(policy), **{k: info[k] for k in ("name", "warm_start") if k in info}}
+    if resume_from is not None:
+        check_initial_weights(resume_from, resume_state, init_weights)
     policy.to(accel.device)
     prompts = PromptBuilder(tok, cfg.templates, task_tpl)
     # algorithms that never read the teacher (SFT, RFT, GRPO without KL) get no teacher copy
@@ -292,18 +363,28 @@ def train(cfg: Config, console: Console | None = None) -> dict:
     if getattr(task, "skipped", 0):
         summary["data_skipped"] = task.skipped
         console.print(f"[yellow]data:[/] skipped {task.skipped} bad rows (data.policy=skip)")
+    if getattr(task, "duplicates", 0):
+        summary["data_duplicates"] = task.duplicates
+        console.print(f"[yellow]data:[/] dropped {task.duplicates} rows whose problem repeats an earlier row's "
+                      "(the first is kept, so no problem is both trained on and held out)")
     start = 0
     if resume_from is not None:
         load_model_weights(resume_from, policy)
         state = load_trainer_state(resume_from)
-        opt.load_state_dict(state["optimizer"])
-        if state.get("scheduler"):
-            sched.load_state_dict(state["scheduler"])
-        ema = load_ema(resume_from)
-        if ema is not None:
-            teacher.load_state_dict(ema)
         start = int(state["step"])
-        summary.update(json.loads((resume_from / "state.json").read_text()).get("summary", {}))
+        if start != resume_state["step"]:
+            raise CheckpointError(f"{resume_from}: trainer_state.pt is at step {start} but state.json at step "
+                                  f"{resume_state['step']}")
+        with restoring(resume_from / "trainer_state.pt", "optimizer or scheduler state"):
+            opt.load_state_dict(state["optimizer"])
+            if state.get("scheduler"):
+                sched.load_state_dict(state["scheduler"])
+        # a run with an EMA teacher cannot continue without its EMA state (never re-initialised)
+        ema = load_ema(resume_from, required=teacher.kind == "ema")
+        if ema is not None:
+            with restoring(resume_from / "teacher_ema.safetensors", "EMA teacher state"):
+                teacher.load_state_dict(ema)
+        summary.update(resume_state.get("summary", {}))
         console.print(f"resuming from {resume_from} (step {start})")
 
     # The model is not wrapped (no DDP): the algorithms call the backbone directly, and gradients
@@ -319,6 +400,10 @@ def train(cfg: Config, console: Console | None = None) -> dict:
 
     log = MetricsLog(run / "metrics.jsonl", open_tracker(cfg.train.report_to, run, cfg.to_dict()) if is_main else None,
                      keep_until_step=start if resume_from is not None else None, enabled=is_main)
+    if resume_changes:  # settings changed on resume (only those that keep the run exact): on the record
+        log.write({"step": start, "resume/changed": {k: [o, n] for k, (o, n) in resume_changes.items()}})
+        console.print("resumed with changed settings: " + ", ".join(f"{k} {o!r} -> {n!r}" for k, (o, n) in resume_changes.items()),
+                      highlight=False, markup=False)
 
     def held_out_accuracy() -> float:
         """Greedy accuracy on the held-out set; with several processes each evaluates every
@@ -328,11 +413,16 @@ def train(cfg: Config, console: Console | None = None) -> dict:
         correct, n = sum_across_ranks([float(sum(res.correct)), float(len(share))])
         return correct / max(1.0, n)
 
+    if cfg.eval.before_after or cfg.eval.every:  # before training, on every rank: the whole held-out set fits
+        check_eval_prompts(heldout, [prompts.student_ids(ex) for ex in heldout], cfg.eval.max_new_tokens,
+                           context_limit(policy))
+
     def checkpoint(step: int) -> Path:
         if not is_main:
             return run / "checkpoints" / f"step_{step:06d}"
         return save_checkpoint(run, step, accel.unwrap_model(policy), tok, opt, sched, teacher, cfg.train.keep_last,
-                               extra={"summary": {k: v for k, v in summary.items() if k.startswith("accuracy_")}})
+                               extra={"summary": {k: v for k, v in summary.items() if k.startswith("accuracy_")},
+                                      "config": cfg.to_dict(), "init_weights": init_weights})
 
     if cfg.eval.before_after and "accuracy_before" not in summary:
         summary["accuracy_before"] = held_out_accuracy()
@@ -342,7 +432,8 @@ def train(cfg: Config, console: Console | None = None) -> dict:
     # Sampling RNG: the same whether or not the warm start above came from the cache; on resume,
     # exactly the state saved with the checkpoint (last: everything above may draw random numbers).
     if resume_from is not None:
-        set_rng_state(state["rng"])
+        with restoring(resume_from / "trainer_state.pt", "RNG state"):
+            set_rng_state(state["rng"])
     else:
         set_seed(cfg.train.seed + rank)  # ranks sample different rollouts
     last_eval: tuple[int, float] | None = None  # (step, accuracy) of the latest eval.every measurement
@@ -387,7 +478,10 @@ def train(cfg: Config, console: Console | None = None) -> dict:
                 checkpoint(step + 1)
     log.close()
 
-    ckpt = checkpoint(cfg.train.steps)
+    if start == cfg.train.steps and resume_from is not None and resume_from.parent.resolve() == (run / "checkpoints").resolve():
+        ckpt = resume_from  # nothing was trained after it (a run killed before writing summary.json)
+    else:
+        ckpt = checkpoint(cfg.train.steps)
     summary["checkpoint"] = str(ckpt)
     summary["steps"] = cfg.train.steps
     if cfg.eval.before_after:

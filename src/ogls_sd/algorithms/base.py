@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from ..data.example import Example
 
 
@@ -36,10 +38,19 @@ class StepBatch:
     groups: list[Group]
     rollouts: list[Rollout]
 
-    def pools(self, g: int) -> tuple[list[int], list[int]]:
-        """``(P, N)``: indices of correct and incorrect rollouts of group ``g``."""
+    def pools(self, g: int, nonempty: bool = False) -> tuple[list[int], list[int]]:
+        """``(P, N)``: indices of correct and incorrect rollouts of group ``g`` (only those with at
+        least one token when ``nonempty``)."""
         idx = self.groups[g].rollouts
+        if nonempty:
+            idx = [i for i in idx if self.rollouts[i].ids]
         return [i for i in idx if self.rollouts[i].correct], [i for i in idx if not self.rollouts[i].correct]
+
+    def empty_rollouts(self) -> int:
+        """Rollouts without a single token (a backend that returned nothing). Every algorithm
+        skips them (no loss row, no context, no pooled direction) and reports the count as the
+        step metric ``rollouts/empty``."""
+        return sum(1 for r in self.rollouts if not r.ids)
 
 
 class Algorithm:
@@ -62,6 +73,16 @@ class Algorithm:
 
     def step_metrics(self, agg: dict[str, float]) -> dict[str, float]:
         return {}
+
+
+EMPTY_METRIC = "rollouts/empty"
+
+
+def loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of loss normalisers, row weights and weighted sums: float32, or the hidden states'
+    dtype when that is wider (float64). In bf16 a weight 1/N is off by up to 2^-9, and a step's
+    weights would not sum to 1."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def student_hidden(policy, batch: StepBatch, micro: list[int], pad_id: int):

@@ -38,7 +38,7 @@ from ..losses import get_token_logprobs
 from ..modeling import SeqBatch, lm_head
 from ..teacher import Teacher
 from ..templates import PromptBuilder, join_completion
-from .base import Algorithm, StepBatch, student_hidden
+from .base import EMPTY_METRIC, Algorithm, StepBatch, loss_dtype, student_hidden
 
 
 def group_advantages(rewards: list[float], scale_std: bool = True, std: str = "sample", eps: float = 1e-4) -> list[float]:
@@ -128,6 +128,7 @@ class GRPO(Algorithm):
             "grpo/adv_max": max(adv, default=0.0),
             "grpo/adv_min": min(adv, default=0.0),
             "grpo/active_rollouts": float(sum(1 for i in valid if adv[i] != 0.0)),
+            EMPTY_METRIC: float(len(batch.rollouts) - len(valid)),
         }
         return GRPOPlan(batch, adv, work, norm, old, ref, metrics)
 
@@ -178,10 +179,12 @@ class GRPO(Algorithm):
         lp = self.token_logprobs(h_s[rows], w, b, ids, self.temperature)
         lens = [offsets[k + 1] - offsets[k] for k in sel]
         adv = torch.cat([torch.full((n,), plan.advantages[micro[k]]) for k, n in zip(sel, lens)]).to(dev, lp.dtype)
+        # token weights and the weighted sum in float32 (or wider): a step's weights sum to 1
+        wdtype = loss_dtype(lp.dtype)
         if self.g.reduction == "token_mean":
-            wts = torch.full_like(lp, 1.0 / plan.norm)
+            wts = torch.full(lp.shape, 1.0 / plan.norm, dtype=wdtype, device=dev)
         else:
-            wts = torch.cat([torch.full((n,), 1.0 / (n * plan.norm)) for n in lens]).to(dev, lp.dtype)
+            wts = torch.cat([torch.full((n,), 1.0 / (n * plan.norm), dtype=torch.float64) for n in lens]).to(dev, wdtype)
         if plan.old_logprobs is not None:
             old = torch.cat([plan.old_logprobs[micro[k]] for k in sel]).to(dev, lp.dtype)
         else:
@@ -194,9 +197,9 @@ class GRPO(Algorithm):
             k3 = k3_kl(lp, ref)
             per_tok = per_tok + self.g.kl_coef * k3
             m["grpo_kl_sum"] = float(k3.detach().sum())
-        total = total + (per_tok * wts).sum()
+        total = total + (per_tok.to(wdtype) * wts).sum()
         m.update({
-            "grpo_pg_loss": float((pg.detach() * wts).sum()),
+            "grpo_pg_loss": float((pg.detach().to(wdtype) * wts).sum()),
             "grpo_tokens": float(lp.numel()),
             "grpo_clipped_sum": float(clipped.sum()),
             "grpo_ratio_sum": float(ratio.detach().sum()),

@@ -30,7 +30,7 @@ from ..losses import get_distill_loss, get_token_logprobs
 from ..modeling import SeqBatch, lm_head
 from ..templates import PromptBuilder, join_completion
 from ..teacher import Teacher
-from .base import Algorithm, StepBatch, student_hidden
+from .base import EMPTY_METRIC, Algorithm, StepBatch, loss_dtype, student_hidden
 
 
 @dataclass
@@ -104,10 +104,13 @@ class OGLSSD(Algorithm):
                 n_all_wrong += 1
             else:
                 n_mixed += 1
+            # Empty rollouts (no token) are neither distilled nor used as contexts or pooled: a
+            # group whose correct rollouts are all empty has no positive (the no_positive rule).
+            P, N = batch.pools(gi, nonempty=True)
             # positive-tail SFT on short correct rollouts (ended with EOS before the limit)
             if s.tail_weight > 0:
                 tail += [i for i in P if batch.rollouts[i].finished]
-            cand = N if s.distill_on == "incorrect" else list(g.rollouts)
+            cand = N if s.distill_on == "incorrect" else [i for i in g.rollouts if batch.rollouts[i].ids]
             if not cand:
                 continue
             anchor = {"unprivileged": g.student_prompt, "privileged": g.teacher_prompt, "none": None}[s.anchor]
@@ -155,6 +158,7 @@ class OGLSSD(Algorithm):
             "no_positive/reference": float(fired["reference"]),
             "no_positive/opsd": float(fired["opsd"]),
             "targets": float(len(targets)),
+            EMPTY_METRIC: float(batch.empty_rollouts()),
             "tail_rollouts": float(len(tail)),
             "pool/pos_mean": sum(len(t.pos) for t in targets.values()) / max(1, len(targets)),
             "pool/neg_mean": sum(len(t.neg) for t in targets.values()) / max(1, len(targets)),
@@ -175,10 +179,13 @@ class OGLSSD(Algorithm):
             h = self.teacher.hidden(sb, self.pad_id)
             return mean_log_softmax(h, w, b, self.l.chunk_size)
 
-        zpos = pooled(pos_attempts)
-        if not N:
-            return torch.zeros_like(zpos)
-        return zpos - pooled([batch.rollouts[k].ids for k in N])
+        # A pool without a single token (its attempts all empty, e.g. an empty reference) has no
+        # mean: no direction for the group (d = 0), like a group without negatives.
+        pos_attempts = [a for a in pos_attempts if a]
+        neg_attempts = [batch.rollouts[k].ids for k in N if batch.rollouts[k].ids]
+        if not pos_attempts or not neg_attempts:
+            return torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+        return pooled(pos_attempts) - pooled(neg_attempts)
 
     # ------------------------------------------------------------------ loss of one micro-batch
     def loss(self, plan: Plan, micro: list[int]) -> tuple[Tensor, dict[str, float]]:
@@ -201,6 +208,7 @@ class OGLSSD(Algorithm):
         tgt_ids = [i for i in micro if i in plan.targets]
         if tgt_ids and plan.distill_norm > 0:
             rows, ids, weights = [], [], []
+            wdtype = loss_dtype(h_s.dtype)  # weights of a step sum to 1, also with bf16 hidden states
             for i in tgt_ids:
                 k = micro.index(i)
                 n = self._n_distill(i, batch)
@@ -214,7 +222,7 @@ class OGLSSD(Algorithm):
             target = self._teacher_target([plan.targets[i] for i in tgt_ids], batch, plan)
             out = self.distill(
                 h_s[rows_t], w_s, b_s, target, self.spec,
-                torch.tensor(weights, dtype=h_s.dtype, device=h_s.device),
+                torch.tensor(weights, dtype=wdtype, device=h_s.device),
                 torch.tensor(ids, device=h_s.device),
             )
             total = total + out.loss
@@ -238,7 +246,7 @@ class OGLSSD(Algorithm):
                 ids += batch.rollouts[i].ids[L - n :]
             rows_t = torch.cat(rows).to(h_s.device)
             lp = self.token_logprobs(h_s[rows_t], w_s, b_s, torch.tensor(ids, device=h_s.device))
-            nll = -lp.sum() / plan.tail_norm
+            nll = -lp.to(loss_dtype(lp.dtype)).sum() / plan.tail_norm
             total = total + self.s.tail_weight * nll
             m["tail_nll"] = float(nll.detach())
         return total, m

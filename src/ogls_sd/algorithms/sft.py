@@ -22,7 +22,7 @@ from ..config import LossConfig, SFTConfig
 from ..losses import get_token_logprobs
 from ..modeling import SeqBatch, completion_hidden, lm_head
 from ..templates import PromptBuilder, join_completion
-from .base import Algorithm, StepBatch, student_hidden
+from .base import EMPTY_METRIC, Algorithm, StepBatch, loss_dtype, student_hidden
 
 
 @dataclass
@@ -43,7 +43,7 @@ class NLLPlan:
 def _nll(token_logprobs, policy, h: Tensor, ids: list[int], norm: float) -> Tensor:
     w, b = lm_head(policy)
     lp = token_logprobs(h, w, b, torch.tensor(ids, device=h.device))
-    return -lp.sum() / norm
+    return -lp.to(loss_dtype(lp.dtype)).sum() / norm  # float32 (or wider) sum and normaliser
 
 
 class SFT(Algorithm):
@@ -109,6 +109,7 @@ class RFT(Algorithm):
             "rft/rollouts": float(len(items)),
             "rft/tokens": norm,
             "rft/groups_without_correct": no_correct / max(1, len(batch.groups)),
+            EMPTY_METRIC: float(batch.empty_rollouts()),
         }
         return NLLPlan(batch, items, {}, norm, metrics)
 

@@ -204,6 +204,7 @@ def load_benchmark(
         limit=limit,
         transforms=bench.transforms,
         id_prefix=bench.name,
+        dedupe=False,  # a benchmark is scored as published, repeats included
     )
     prefix = bench.name + ":"
     result.examples = [

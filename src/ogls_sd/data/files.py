@@ -13,9 +13,28 @@ line is decoded strictly on its own; elsewhere undecodable bytes and lone surrog
 on the field that holds them), malformed JSON line, line that is not an object. With
 ``policy="error"`` the first bad row raises :class:`DataError` naming the file, the 1-based row
 (the line number for ``.jsonl``, the element / data-row / row index otherwise) and the field; with
-``policy="skip"`` bad rows are dropped, counted and described in :attr:`LoadResult.skip_reasons`.
+``policy="skip"`` bad rows are dropped, counted and described in :attr:`LoadResult.skip_reasons`
+(:meth:`LoadResult.describe_skips`: the most common reasons with counts).
+
+CSV quoting: a quoted field may span lines (multi-line references are fine). A record is an
+*unterminated quote* when the strict CSV grammar rejects it (a quote opened and never closed
+before the end of the file, or a closing quote followed by anything but a delimiter or the end of
+the line: the stray quote ran into a later field's opening quote), or when it spans several lines
+and has fewer cells than the header. Such a record is reported at the physical ``line`` where it
+starts (file line numbers, the header is line 1), only that line is dropped, and reading resumes
+on the next line, so the rows the quote would have swallowed are read on their own. (A stray
+quote whose run happens to end in a well-formed closing quote with the right number of cells is
+valid CSV and cannot be told from a genuine multi-line field.)
+
+Duplicates (``dedupe=True``, the default): rows whose ``problem`` is the same after Unicode NFKC
+normalisation and whitespace collapsing (case is kept) are one problem; a duplicate could land in
+both the training and the held-out split. The first occurrence is kept; later ones are dropped
+under either ``policy`` (real data sets repeat problems; that is not a broken row), counted in
+:attr:`LoadResult.duplicates` and described in :attr:`LoadResult.duplicate_notes` (which row they
+repeat, and a conflicting answer if there is one).
+
 Problems with the file as a whole (missing file, unsupported format, JSON that is not a list,
-unreadable parquet, hub errors) always raise.
+unreadable parquet, a CSV header that cannot be read, hub errors) always raise.
 """
 
 from __future__ import annotations
@@ -27,6 +46,8 @@ import math
 import numbers
 import os
 import re
+import unicodedata
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +62,8 @@ __all__ = [
     "load_champ",
     "load_examples",
     "load_reasoning_gym",
+    "normalise_problem",
+    "require_examples",
     "simplify_champ_answer",
 ]
 
@@ -78,26 +101,75 @@ class LoadResult:
     """What a loader returns.
 
     Attributes:
-        examples: the valid rows, in file order.
-        skipped: number of rows dropped (``policy="skip"``; always 0 with ``policy="error"``).
+        examples: the valid rows, in file order (the first occurrence of each problem).
+        skipped: number of bad rows dropped (``policy="skip"``; always 0 with ``policy="error"``).
         skip_reasons: one message per skipped row, formatted like :class:`DataError` messages.
+        duplicates: rows dropped because their problem repeats an earlier row's (any policy).
+        duplicate_notes: one message per dropped duplicate.
+        skip_kinds: one short reason per skipped row, without its location (counted by
+            :meth:`reason_counts`).
     """
 
     examples: list[Example]
     skipped: int = 0
     skip_reasons: list[str] = field(default_factory=list)
+    duplicates: int = 0
+    skip_kinds: list[str] = field(default_factory=list)
+    duplicate_notes: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    def reason_counts(self) -> list[tuple[str, int]]:
+        """``(reason, rows)`` of the skipped rows, most common first."""
+        return Counter(self.skip_kinds).most_common()
+
+    def describe_skips(self, top: int = 3) -> str:
+        """``"7 rows skipped: 4 x field 'answer': empty; 2 x malformed JSON; 1 other"``."""
+        if not self.skipped:
+            return "no rows skipped"
+        counts = self.reason_counts()
+        parts = [f"{n} x {kind}" for kind, n in counts[:top]]
+        rest = sum(n for _, n in counts[top:])
+        if rest:
+            parts.append(f"{rest} other")
+        first = f"; first: {self.skip_reasons[0]}" if self.skip_reasons else ""
+        return f"{self.skipped} row{'s' if self.skipped != 1 else ''} skipped: {'; '.join(parts)}{first}"
+
+
+def require_examples(result: LoadResult, source: str) -> LoadResult:
+    """``result`` when it has examples; otherwise a :class:`DataError` saying why there are none
+    (an empty source, or every row skipped: how many and the most common reasons)."""
+    if result.examples:
+        return result
+    if result.skipped:
+        raise DataError(source, f"no usable rows: all {result.describe_skips()}")
+    raise DataError(source, "no rows")
 
 
 # --------------------------------------------------------------------------- value validation
 
 
+_DUPLICATE = "duplicate problem"
+
+
 class _RowError(Exception):
-    def __init__(self, field: str | None, problem: str):
+    """A bad row. ``row``/``unit`` override the reader's location (a CSV quote error is reported at
+    its physical line); ``kind`` is the short reason counted in :meth:`LoadResult.reason_counts`."""
+
+    def __init__(self, field: str | None, problem: str, *, row: int | None = None, unit: str | None = None,
+                 kind: str | None = None):
         super().__init__(problem)
-        self.field, self.problem = field, problem
+        self.field, self.problem, self.row, self.unit = field, problem, row, unit
+        if kind is None:
+            kind = re.sub(r"\d+", "N", re.sub(r"\s*\(.*$", "", problem, flags=re.DOTALL))
+        self.duplicate = kind == _DUPLICATE
+        self.kind = (f"field {field!r}: " if field else "") + kind
+
+
+def normalise_problem(text: str) -> str:
+    """The key duplicates are found by: Unicode NFKC, whitespace runs as one space, stripped."""
+    return " ".join(unicodedata.normalize("NFKC", text).split())
 
 
 def _has_lone_surrogate(s: str) -> bool:
@@ -227,16 +299,85 @@ def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
             yield i, item
 
 
+class _Lines:
+    """The physical lines of a text (as ``csv`` splits them) with a rewindable position."""
+
+    def __init__(self, text: str):
+        self.lines = io.StringIO(text, newline="").readlines()
+        self.pos = 0  # 0-based index of the next line to hand out
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        if self.pos >= len(self.lines):
+            raise StopIteration
+        self.pos += 1
+        return self.lines[self.pos - 1]
+
+
+def _csv_records(src: _Lines, resume: list[int]) -> Iterator[tuple[int, int, list[str] | csv.Error]]:
+    """``(first line, last line, cells or the csv.Error)`` per record, 1-based physical lines,
+    under the strict CSV grammar. After an error, reading resumes on the line after the broken
+    record's first line; so it does after a record the consumer rejects by appending that
+    record's first line to ``resume``."""
+    reader = csv.reader(src, strict=True)
+    while True:
+        start = src.pos
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            resume.append(start + 1)
+            yield start + 1, src.pos, e
+        else:
+            if cells:  # blank lines are no records
+                yield start + 1, src.pos, cells
+        if resume:
+            src.pos = resume.pop()  # the 0-based index of the line after the record's first
+            resume.clear()
+            reader = csv.reader(src, strict=True)  # a fresh parser state
+
+
+def _quote_error(first: int, what: str) -> _RowError:
+    return _RowError(None, f"unterminated quote: {what}; this line was skipped and reading resumed on line "
+                           f"{first + 1}", row=first, unit="line", kind="unterminated quote")
+
+
 def _iter_csv(path: Path) -> Iterator[tuple[int, Any]]:
     text = _decode_file(path)
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    if reader.fieldnames is None:
+    resume: list[int] = []
+    records = _csv_records(_Lines(text), resume)
+    fieldnames = None
+    for first, last, cells in records:
+        if isinstance(cells, csv.Error):
+            raise DataError(str(path), f"unreadable CSV header: unterminated quote ({cells})", row=first, unit="line")
+        fieldnames = cells
+        break
+    if fieldnames is None:
         raise DataError(str(path), "empty CSV file (no header row)")
-    for i, row in enumerate(reader, start=1):
-        if None in row:  # more cells than header columns
-            yield i, _RowError(None, f"{len(row[None]) + len(reader.fieldnames)} cells for {len(reader.fieldnames)} columns")
+    n = len(fieldnames)
+    for i, (first, last, cells) in enumerate(records, start=1):
+        if isinstance(cells, csv.Error):
+            if "unexpected end of data" in str(cells):
+                yield i, _quote_error(first, "a quote opened on this line is never closed (the rest of the file "
+                                             "would be one field)")
+            elif "expected after" in str(cells):
+                yield i, _quote_error(first, f"a quoted field that starts on this line closes on line {last} with "
+                                             f"text after the closing quote ({cells})")
+            else:  # e.g. a field over csv.field_size_limit()
+                yield i, _RowError(None, f"unreadable CSV record ({cells}) starting on this line; reading resumed on "
+                                         f"line {first + 1}", row=first, unit="line", kind="unreadable CSV record")
             continue
-        yield i, row
+        if last > first and len(cells) < n:
+            resume.append(first)  # read the lines it swallowed on their own
+            yield i, _quote_error(first, f"the record spans lines {first}-{last} but has only {len(cells)} of {n} cells")
+            continue
+        if len(cells) > n:  # more cells than header columns
+            yield i, _RowError(None, f"{len(cells)} cells for {n} columns")
+            continue
+        yield i, dict(zip(fieldnames, cells + [None] * (n - len(cells))))
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
@@ -295,21 +436,38 @@ def _collect(
     id_prefix: str,
     transforms: Mapping[str, Callable[[str], str]] | None,
     limit: int | None,
+    dedupe: bool = True,
 ) -> LoadResult:
     result = LoadResult(examples=[])
+    seen: dict[str, tuple[int, str, Example]] = {}  # normalised problem -> (row, unit, example)
     for rownum, row in rows:
         if limit is not None and len(result.examples) >= limit:
             break
         try:
             if isinstance(row, _RowError):
                 raise row
-            result.examples.append(_build_example(row, columns, max_chars, f"{id_prefix}:{rownum}", transforms))
+            ex = _build_example(row, columns, max_chars, f"{id_prefix}:{rownum}", transforms)
+            if dedupe:
+                key = normalise_problem(ex.problem)
+                if key in seen:
+                    first, first_unit, kept = seen[key]
+                    clash = f"; its answer there is {kept.answer!r}, here {ex.answer!r}" if kept.answer != ex.answer else ""
+                    result.duplicates += 1
+                    result.duplicate_notes.append(
+                        f"{source}: {unit} {rownum}: duplicate of {first_unit} {first} (the same problem after "
+                        f"normalising Unicode and whitespace{clash}); dropped, the first is kept")
+                    continue
+                seen[key] = (rownum, unit, ex)
+            result.examples.append(ex)
         except _RowError as e:
-            err = DataError(source, e.problem, row=rownum, field=e.field, unit=unit)
+            err = DataError(source, e.problem, row=e.row if e.row is not None else rownum, field=e.field,
+                            unit=e.unit or unit)
             if policy == "error":
                 raise err from None
             result.skipped += 1
             result.skip_reasons.append(str(err))
+            result.skip_kinds.append(e.kind)
+            result.duplicates += e.duplicate
     return result
 
 
@@ -324,6 +482,7 @@ def load_examples(
     limit: int | None = None,
     transforms: Mapping[str, Callable[[str], str]] | None = None,
     id_prefix: str | None = None,
+    dedupe: bool = True,
 ) -> LoadResult:
     """Load and validate examples from a local file or a Hugging Face hub dataset.
 
@@ -342,6 +501,9 @@ def load_examples(
         transforms: per-field functions applied to the validated string (e.g. take the text after
             ``####`` for GSM8K answers); an exception marks the row bad.
         id_prefix: prefix of generated ids (``{prefix}:{row}``); default the file name or hub id.
+        dedupe: treat a row whose problem repeats an earlier one (see :func:`normalise_problem`)
+            as bad: ``policy="error"`` raises, ``"skip"`` drops and counts it
+            (:attr:`LoadResult.duplicates`). Off for benchmarks, which are evaluated as published.
 
     Returns:
         A :class:`LoadResult`.
@@ -380,7 +542,7 @@ def load_examples(
         rows = _iter_hub(source, split, config)
         unit = "row"
         prefix = id_prefix if id_prefix is not None else f"{source}:{split}"
-    return _collect(rows, source, unit, cols, policy, max_chars, prefix, transforms, limit)
+    return _collect(rows, source, unit, cols, policy, max_chars, prefix, transforms, limit, dedupe)
 
 
 # -------------------------------------------------------------------------- optional packages
@@ -405,8 +567,9 @@ def load_reasoning_gym(
     ``Example(problem=question, reference=metadata[reference_key] or "", answer=answer,
     id=f"rg:{task}:{seed}:{index}")``. ``gsm_symbolic`` exposes a step-by-step solution as
     ``metadata["answer_cot"]`` (ending in ``#### <answer>``); most other tasks have no worked
-    solution, and their reference is ``""``. Entries whose question or answer is empty are skipped
-    and reported. Deterministic for a given ``(task, size, seed, task_config)``.
+    solution, and their reference is ``""``. Entries whose question or answer is empty, and repeated
+    questions (see :func:`normalise_problem`), are skipped and reported. Deterministic for a given
+    ``(task, size, seed, task_config)``.
 
     Raises:
         ImportError: reasoning-gym is not installed (``pip install 'ogls-sd[data]'``).

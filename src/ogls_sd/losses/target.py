@@ -163,11 +163,13 @@ def steered_logits(tgt: TeacherTarget) -> tuple[Tensor, Tensor]:
 def mean_log_softmax(hidden: Tensor, weight: Tensor, bias: Tensor | None, chunk_size: int = 1024) -> Tensor:
     """``mean_rows log_softmax(hidden W^T + b)`` → ``[V]`` (global pooling), in row blocks.
 
-    ``hidden`` is ``[M, H]`` with ``M >= 1``.
+    ``hidden`` is ``[M, H]`` with ``M >= 1`` (a pool without tokens has no mean: callers give such
+    a group no direction, see ``OGLSSD._global_direction``). The sum over rows is accumulated in
+    float32 (or wider) whatever the hidden dtype; the result has the hidden dtype.
     """
     if hidden.shape[0] == 0:
-        raise ValueError("mean_log_softmax needs at least one row")
-    acc = torch.zeros(weight.shape[0], dtype=hidden.dtype, device=hidden.device)
+        raise ValueError("mean_log_softmax needs at least one row (a pool whose rollouts are all empty has no mean)")
+    acc = torch.zeros(weight.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
     for s in range(0, hidden.shape[0], chunk_size):
-        acc += torch.log_softmax(lm_logits(hidden[s : s + chunk_size], weight, bias), -1).sum(0)
-    return acc / hidden.shape[0]
+        acc += torch.log_softmax(lm_logits(hidden[s : s + chunk_size], weight, bias), -1).sum(0, dtype=acc.dtype)
+    return (acc / hidden.shape[0]).to(hidden.dtype)

@@ -3,17 +3,34 @@
 Two layers:
 
 * :func:`extract_answer` pulls the final answer out of a completion. It is pure Python, runs in
-  linear time on any input (a 1 MB string, 100k nested braces) and never recurses.
+  linear time on any input (a 1 MB string, 100k nested braces, any number of empty boxes) and
+  never recurses.
 * :class:`Verifier` decides whether an extracted answer equals a gold answer. Cheap cases
-  (no answer, over-long answer, identical strings, equal or unequal integers) are decided in the
-  calling process; everything else goes to `math-verify <https://github.com/huggingface/Math-Verify>`_
-  (``math_verify.parse`` / ``math_verify.verify``) in a worker process of a
-  :class:`concurrent.futures.ProcessPoolExecutor`. math-verify's own timeout uses
-  ``signal.alarm``, which only works in the main thread, so it is switched off
-  (``parsing_timeout=None``, ``timeout_seconds=None``) and the limit is enforced here instead: a
-  check that runs past ``timeout`` seconds is reported as ``"timeout"`` and the worker running it
-  is killed, so a pathological answer such as ``9^{9^{9^9}}`` can never hang the caller. A
-  ``Verifier`` can be used from any thread. Model output is never passed to ``eval``.
+  (no answer, over-long answer, hedged answer, identical strings, equal or unequal integers) are
+  decided in the calling process, then a cheap size/shape pre-filter
+  (:mod:`ogls_sd.rewards.prefilter`) rejects answers that would make sympy compute for seconds
+  (``9^{9^{9^9}}``, ``1000000!``, 30 nested ``\\frac``). Everything else goes to
+  `math-verify <https://github.com/huggingface/Math-Verify>`_ (``math_verify.parse`` /
+  ``math_verify.verify``) in a worker process started as ``python -m ogls_sd.rewards.mv_worker``
+  (a plain subprocess talking JSON lines over pipes, see :mod:`ogls_sd.rewards.mv_worker`).
+  Because it is not started by ``multiprocessing``, it never re-imports the caller's
+  ``__main__``: :func:`verify` works from a script without an ``if __name__ == "__main__":``
+  guard and from ``python -``. math-verify's own timeout uses ``signal.alarm`` and stays off
+  (``parsing_timeout=None``, ``timeout_seconds=None``); the limit is enforced here instead: a
+  check that runs past ``timeout`` seconds is reported as ``"timeout"`` and the worker running
+  it is killed and replaced, so a pathological answer that passes the pre-filter can never hang
+  the caller. Each worker has an address-space cap. A ``Verifier`` can be used from any thread.
+  Model output is never passed to ``eval``.
+
+Which answer is graded (boxes): the content of the **last non-empty outermost** ``\\boxed{...}``
+(or ``\\fbox{...}``), with proper brace matching. Empty boxes (an echoed "put your answer in
+\\boxed{}") are ignored, however many there are. A box whose content contains another box
+(``\\boxed{12 \\text{ or } \\boxed{13}}``, ``\\boxed{\\boxed{7}}``) is a hedge and never scores
+(reason ``"hedge"``); the inner box is never graded on its own. The box content is graded as a
+whole: if math-verify cannot parse all of it, it does not fall back to a sub-expression, so a
+two-answer hedge such as ``\\boxed{12 \\lor 13}`` or ``\\boxed{12 \\text{ or } 13}`` does not equal
+``13``. With no box, the rest of the line after the last ``####``, else the value after the last
+``Answer:`` / ``answer is`` is graded.
 
 Result reasons (:attr:`VerifyResult.reason`):
 
@@ -21,6 +38,9 @@ Result reasons (:attr:`VerifyResult.reason`):
 ``"wrong"``        an answer was found and parsed, and it is not equivalent to the gold answer.
 ``"no_answer"``    no final answer could be extracted from the completion.
 ``"too_long"``     the extracted answer (or the gold answer) is longer than ``max_answer_chars``.
+``"hedge"``        the graded box contains another box.
+``"too_complex"``  the pre-filter rejected the answer (too deeply nested, a huge number such as a
+                   power tower or factorial, a huge exponent); math-verify was not run.
 ``"parse_error"``  math-verify could not parse the extracted answer (or the gold answer).
 ``"timeout"``      the equivalence check ran past the time limit (its worker was killed).
 ``"error"``        the worker process died (e.g. out of memory) twice on this item.
@@ -29,18 +49,25 @@ Result reasons (:attr:`VerifyResult.reason`):
 from __future__ import annotations
 
 import atexit
+import json
 import logging
-import multiprocessing
 import os
+import queue
 import re
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from fractions import Fraction
+from pathlib import Path
 from typing import Literal
+
+from .prefilter import reject_reason
 
 __all__ = [
     "REASONS",
@@ -56,7 +83,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Mode = Literal["math", "exact"]
-REASONS = ("ok", "wrong", "no_answer", "too_long", "parse_error", "timeout", "error")
+REASONS = ("ok", "wrong", "no_answer", "too_long", "hedge", "too_complex", "parse_error", "timeout", "error")
 
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_MAX_ANSWER_CHARS = 1000
@@ -148,8 +175,11 @@ def extract_answer(text: str) -> str | None:
 
     Order of preference:
 
-    1. the content of the last complete, non-empty ``\\boxed{...}`` or ``\\fbox{...}``, with
-       proper (nested) brace matching; escaped braces ``\\{``/``\\}`` are literal;
+    1. the content of the last non-empty *outermost* complete ``\\boxed{...}`` or ``\\fbox{...}``,
+       with proper (nested) brace matching; escaped braces ``\\{``/``\\}`` are literal, empty
+       boxes are skipped (any number of them), and a box inside another box is never returned
+       on its own (for ``\\boxed{12 \\boxed{13}}`` the result is ``12 \\boxed{13}``, which
+       :class:`Verifier` grades as a hedge);
     2. else the rest of the line after the last ``#### `` (GSM8K style);
     3. else the value after the last ``Answer: X`` / ``answer is X`` (case-insensitive; markdown
        bold, ``$...$``, ``\\(...\\)``, ``\\[...\\]`` and a trailing period are stripped).
@@ -160,7 +190,7 @@ def extract_answer(text: str) -> str | None:
     """
     if not isinstance(text, str) or not text:
         return None
-    boxed = _last_box_iterative(text)
+    boxed = _last_outermost_box(text)
     if boxed is not None:
         return boxed
     hashes = _last_hashes(text)
@@ -169,50 +199,39 @@ def extract_answer(text: str) -> str | None:
     return _last_answer_marker(text)
 
 
-def _last_box_iterative(text: str) -> str | None:
-    """Content of the last complete, non-empty ``\\boxed{...}`` / ``\\fbox{...}``, or None.
+def _last_outermost_box(text: str) -> str | None:
+    """Content of the last non-empty outermost complete ``\\boxed{...}`` / ``\\fbox{...}``, or None.
 
-    "Last" means the box whose closing brace comes last (for nested boxes, the outer one). An empty
-    box (e.g. an echoed "put your answer in \\boxed{}") is skipped in favour of an earlier one.
+    One pass collects every complete box (in closing order); matched braces make the boxes
+    laminar, so walking them backwards, a box that starts after the current outermost one is
+    inside it. Outermost boxes are disjoint, so stripping their contents is linear in total.
     """
-    end = len(text)
-    # Each iteration scans text[:end]; the number of iterations is the number of trailing *empty*
-    # boxes, which a normal completion has at most one or two of. Cap it to stay linear-ish.
-    for _ in range(8):
-        found = _find_last_box_span(text, end)
-        if found is None:
-            return None
-        start, stop, box_start = found
-        content = text[start:stop].strip()
-        if content:
-            return content
-        end = box_start
-        if end <= 0:
-            return None
-    return None
-
-
-def _find_last_box_span(text: str, end: int) -> tuple[int, int, int] | None:
-    """(content start, content end, box token start) of the box in ``text[:end]`` closing last."""
-    if text.find("\\boxed", 0, end) < 0 and text.find("\\fbox", 0, end) < 0:
+    if "\\boxed" not in text and "\\fbox" not in text:
         return None
-    stack: list[tuple[int, int]] = []  # (content start, token start); content start -1: plain "{"
-    best: tuple[int, int, int] | None = None
-    for m in _BRACE_TOKENS.finditer(text, 0, end):
+    stack: list[tuple[int, int]] = []  # (token start, content start); (-1, -1): a plain "{"
+    boxes: list[tuple[int, int, int]] = []  # (token start, content start, content end)
+    for m in _BRACE_TOKENS.finditer(text):
         tok = m.group()
         if len(tok) == 2 and tok[0] == "\\":  # escaped brace
             continue
         if tok == "}":
             if stack:
-                start, tok_start = stack.pop()
-                if start >= 0:
-                    best = (start, m.start(), tok_start)
-            continue
-        if tok[0] == "\\":
-            stack.append((m.end(), m.start()))
+                tok_start, start = stack.pop()
+                if tok_start >= 0:
+                    boxes.append((tok_start, start, m.start()))
+        elif tok[0] == "\\":
+            stack.append((m.start(), m.end()))
         else:
             stack.append((-1, -1))
-    return best
+    outer_start = len(text)
+    for tok_start, start, stop in reversed(boxes):
+        if tok_start > outer_start:
+            continue  # nested in a later (outermost) box
+        outer_start = tok_start
+        content = text[start:stop].strip()
+        if content:
+            return content
+    return None
 
 
 # ------------------------------------------------------------------------------- normalization
@@ -272,72 +291,228 @@ def _fast_path(pred: str, gold: str, mode: Mode) -> bool | None:
     return None
 
 
-# ---------------------------------------------------------------------------------- worker side
-
-def _worker_init(memory_limit_mb: int | None) -> None:
-    """Runs once in each worker: optional address-space cap, import and quiet math-verify."""
-    if memory_limit_mb:
-        try:
-            import resource
-
-            limit = int(memory_limit_mb) * 1024 * 1024
-            soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-            if hard != resource.RLIM_INFINITY:
-                limit = min(limit, hard)
-            resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-        except (ImportError, ValueError, OSError):  # pragma: no cover - platform dependent
-            pass
-    import math_verify.grader as grader
-    import math_verify.parser as parser
-
-    # We enforce the time limit ourselves (process kill); silence the "timeout disabled" warning.
-    grader.TIMEOUT_WARNING_SHOWN = True
-    parser.TIMEOUT_WARNING_SHOWN = True
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
-
-
-def _worker_ping() -> int:
-    return os.getpid()
-
-
-def _mv_wrap(answer: str) -> str:
-    return answer if "\\boxed" in answer else "\\boxed{" + answer + "}"
-
-
-def _worker_check(pred: str, gold: str) -> tuple[bool, str]:
-    """Compare two extracted answers with math-verify (runs in a worker process)."""
-    from math_verify import parse
-    from math_verify import verify as mv_verify
-
-    try:
-        gold_parsed = parse(_mv_wrap(gold), parsing_timeout=None)
-        if not gold_parsed:
-            return False, "parse_error"
-        pred_parsed = parse(_mv_wrap(pred), parsing_timeout=None)
-        if not pred_parsed:
-            return False, "parse_error"
-        ok = mv_verify(gold_parsed, pred_parsed, timeout_seconds=None)
-    except MemoryError:
-        return False, "error"
-    except Exception:  # noqa: BLE001 - math-verify/sympy can raise anything on odd input
-        return False, "parse_error"
-    return (True, "ok") if ok else (False, "wrong")
-
-
 # ---------------------------------------------------------------------------------- the pool
 
+_BOX_COMMAND = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+_WORKER_MODULE = "ogls_sd.rewards.mv_worker"
+# The directory that holds the ogls_sd package: the workers import this very copy of it.
+_PKG_ROOT = str(Path(__file__).resolve().parents[2])
 
-def _mp_context() -> multiprocessing.context.BaseContext:
-    """forkserver where available (cheap restarts; safe with threads in the parent), else spawn."""
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        ctx = multiprocessing.get_context("forkserver")
+
+def _worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    paths = [_PKG_ROOT] + [os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
+
+
+class _Worker:
+    """One ``python -m ogls_sd.rewards.mv_worker`` subprocess and the thread reading its replies.
+
+    Every line the worker writes (and a final ``None`` at end of file) is put on the pool's event
+    queue as ``(worker, line)``.
+    """
+
+    def __init__(self, events: queue.Queue, memory_limit_mb: int | None) -> None:
+        self.ready = False
+        self.dead = False
+        self.job: int | None = None  # index (in the current batch) of the item it is checking
+        self.msg_id = -1
+        self.deadline = 0.0
+        self.started = time.monotonic()
+        self._stderr = tempfile.TemporaryFile()
+        cmd = [sys.executable or "python3", "-m", _WORKER_MODULE]
+        if memory_limit_mb:
+            cmd += ["--memory-limit-mb", str(int(memory_limit_mb))]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            cwd=_PKG_ROOT,  # sys.path[0] of "-m": never the caller's working directory
+            env=_worker_env(),
+            close_fds=True,
+            start_new_session=True,  # a Ctrl-C in the terminal goes to the caller only
+        )
+        threading.Thread(target=self._read, args=(events,), name="verifier-reader", daemon=True).start()
+
+    def _read(self, events: queue.Queue) -> None:
+        stdout = self.proc.stdout
         try:
-            # Only effective if the fork server has not started yet; harmless otherwise.
-            ctx.set_forkserver_preload(["math_verify", __name__])
-        except Exception:  # pragma: no cover
+            for line in stdout:  # type: ignore[union-attr]
+                events.put((self, line))
+        except (OSError, ValueError):
             pass
-        return ctx
-    return multiprocessing.get_context("spawn")
+        finally:
+            events.put((self, None))
+            try:
+                stdout.close()  # type: ignore[union-attr]
+            except OSError:  # pragma: no cover
+                pass
+
+    def send(self, msg_id: int, pred: str, gold: str) -> None:
+        line = json.dumps({"id": msg_id, "pred": pred, "gold": gold}) + "\n"
+        self.proc.stdin.write(line.encode("ascii"))  # type: ignore[union-attr]
+        self.proc.stdin.flush()  # type: ignore[union-attr]
+
+    def stderr_tail(self, limit: int = 2000) -> str:
+        try:
+            self.proc.wait(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            self._stderr.seek(0)
+            return self._stderr.read().decode("utf-8", "replace")[-limit:].strip()
+        except (OSError, ValueError):
+            return ""
+
+    def kill(self) -> None:
+        self.dead = True
+        for step in (self.proc.kill, lambda: self.proc.wait(timeout=5.0)):
+            try:
+                step()
+            except (OSError, subprocess.TimeoutExpired):  # pragma: no cover - already gone
+                pass
+        for f in (self.proc.stdin, self._stderr):
+            try:
+                f.close()  # type: ignore[union-attr]
+            except (OSError, ValueError):  # pragma: no cover
+                pass
+
+
+def _kill_workers(workers: list[_Worker], owner_pid: int) -> None:
+    if os.getpid() != owner_pid:  # a forked child (at exit): the workers are its parent's
+        return
+    for w in workers:
+        w.kill()
+
+
+class _WorkerPool:
+    """A fixed number of math-verify worker subprocesses, each checking one item at a time.
+
+    A worker whose item runs past its deadline is killed and replaced at once (its replacement
+    starts while the other workers keep going); the deadline of an item starts when it is written
+    to an idle, started worker, so start-up time never counts against it.
+    """
+
+    def __init__(self, size: int, memory_limit_mb: int | None, start_timeout: float) -> None:
+        self.memory_limit_mb = memory_limit_mb
+        self.start_timeout = start_timeout
+        self.events: queue.Queue = queue.Queue()
+        self.workers: list[_Worker] = []
+        self.pid = os.getpid()  # a forked child must not talk to (or kill) its parent's workers
+        self._finalizer = weakref.finalize(self, _kill_workers, self.workers, self.pid)
+        self.sent = 0  # items written to a worker
+        self.restarts = 0  # workers replaced after a timeout or a crash
+        self._next_id = 0
+        for _ in range(size):
+            self.workers.append(_Worker(self.events, memory_limit_mb))
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def wait_ready(self) -> None:
+        """Block until every worker has started (math-verify imported); RuntimeError if one can't."""
+        while not all(w.ready for w in self.workers):
+            wait_s = min(w.started + self.start_timeout for w in self.workers if not w.ready) - time.monotonic()
+            try:
+                w, line = self.events.get(timeout=max(0.0, wait_s))
+            except queue.Empty:
+                self._check_start_deadlines()
+                continue
+            if w in self.workers and not w.dead:
+                self._startup_event(w, line)
+
+    def _check_start_deadlines(self) -> None:
+        now = time.monotonic()
+        for w in self.workers:
+            if not w.ready and now - w.started > self.start_timeout:
+                raise RuntimeError(f"a verifier worker did not start within {self.start_timeout:.0f} s")
+
+    def _startup_event(self, w: _Worker, line: bytes | None) -> None:
+        msg = _decode(line)
+        if line is None or (msg is not None and "ready" in msg and not msg["ready"]):
+            why = (msg or {}).get("error") or w.stderr_tail() or f"exit status {w.proc.poll()}"
+            raise RuntimeError(f"a verifier worker failed to start: {why}")
+        if msg is not None and msg.get("ready"):
+            w.ready = True
+
+    def _replace(self, idx: int) -> None:
+        self.workers[idx].kill()
+        self.workers[idx] = _Worker(self.events, self.memory_limit_mb)
+        self.restarts += 1
+
+    def run(self, jobs: list[tuple[str, str]], timeout: float) -> list[tuple[bool, str]]:
+        """math-verify every ``(pred, gold)`` job, each within ``timeout`` seconds of wall time."""
+        out: list[tuple[bool, str] | None] = [None] * len(jobs)
+        crashes = [0] * len(jobs)
+        pending: deque[int] = deque(range(len(jobs)))
+        while pending or any(w.job is not None for w in self.workers):
+            for idx, w in enumerate(self.workers):
+                if pending and w.ready and w.job is None:
+                    i = pending.popleft()
+                    self._next_id += 1
+                    try:
+                        w.send(self._next_id, *jobs[i])
+                    except (OSError, ValueError):  # it died while idle: replace it, retry the item
+                        pending.appendleft(i)
+                        self._replace(idx)
+                        continue
+                    w.job, w.msg_id, w.deadline = i, self._next_id, time.monotonic() + timeout
+                    self.sent += 1
+            waits = [w.deadline for w in self.workers if w.job is not None]
+            waits += [w.started + self.start_timeout for w in self.workers if not w.ready]
+            wait_s = max(0.0, min(waits) - time.monotonic()) if waits else 0.0
+            try:
+                event = self.events.get(timeout=wait_s)
+                while True:  # handle everything that has arrived before judging deadlines
+                    self._job_event(*event, out, crashes, pending)
+                    event = self.events.get_nowait()
+            except queue.Empty:
+                pass
+            now = time.monotonic()
+            for idx, w in enumerate(self.workers):
+                if w.job is not None and w.deadline <= now:
+                    out[w.job] = (False, "timeout")
+                    w.job = None
+                    self._replace(idx)
+            self._check_start_deadlines()
+        return [r if r is not None else (False, "error") for r in out]
+
+    def _job_event(
+        self, w: _Worker, line: bytes | None, out: list, crashes: list[int], pending: deque[int]
+    ) -> None:
+        if w.dead or w not in self.workers:
+            return  # from a worker already killed and replaced
+        if not w.ready:
+            self._startup_event(w, line)
+            return
+        if line is None:  # the worker died (crash, OOM kill): retry its item once, then give up
+            if w.job is not None:
+                i, w.job = w.job, None
+                crashes[i] += 1
+                if crashes[i] >= 2:
+                    out[i] = (False, "error")
+                else:
+                    pending.appendleft(i)
+            self._replace(self.workers.index(w))
+            return
+        msg = _decode(line)
+        if msg is not None and w.job is not None and msg.get("id") == w.msg_id:
+            reason = msg.get("reason")
+            ok = msg.get("ok") is True and reason == "ok"
+            out[w.job] = (ok, reason if reason in REASONS else "error")
+            w.job = None
+
+
+def _decode(line: bytes | None) -> dict | None:
+    if not line:
+        return None
+    try:
+        msg = json.loads(line)
+    except ValueError:
+        return None
+    return msg if isinstance(msg, dict) else None
 
 
 class Verifier:
@@ -345,19 +520,23 @@ class Verifier:
 
     Args:
         timeout: seconds one math-verify check may take (wall clock, measured from the moment
-            it is handed to an idle worker). Past it the item is ``"timeout"`` and the workers are
-            killed and restarted.
+            it is handed to an idle worker). Past it the item is ``"timeout"`` and its worker is
+            killed and replaced.
         max_workers: worker processes (default ``min(4, os.cpu_count())``).
-        mode: default comparison mode. ``"math"``: fast path, then math-verify (``\\frac{1}{2}``
-            equals ``0.5``). ``"exact"``: only the fast path (normalized string or exact numeric
-            equality), e.g. for tasks with integer answers; never starts a worker.
+        mode: default comparison mode. ``"math"``: fast path, pre-filter, then math-verify
+            (``\\frac{1}{2}`` equals ``0.5``). ``"exact"``: only the fast path (normalized string or
+            exact numeric equality), e.g. for tasks with integer answers; never starts a worker.
         max_answer_chars: extracted (or gold) answers longer than this are ``"too_long"``.
         memory_limit_mb: address-space cap per worker (POSIX ``RLIMIT_AS``); None disables it.
-        start_timeout: seconds allowed for (re)starting the worker pool.
+        start_timeout: seconds allowed for starting a worker (importing math-verify).
+        prefilter: reject answers that are too costly for math-verify (``"too_complex"``, see
+            :mod:`ogls_sd.rewards.prefilter`) without contacting a worker. Switch it off only to
+            exercise the deadline.
 
-    The pool is created lazily on the first item that needs math-verify, and restarted after a
-    timeout or a worker crash. Calls from several threads are serialized by a lock. Call
-    :meth:`close` (or use the verifier as a context manager) to stop the workers.
+    The workers (``python -m ogls_sd.rewards.mv_worker`` subprocesses; nothing is re-imported
+    from the caller's ``__main__``) are started lazily on the first item that needs math-verify.
+    Calls from several threads are serialized by a lock. Call :meth:`close` (or use the verifier
+    as a context manager) to stop the workers; they also stop when the caller exits.
     """
 
     def __init__(
@@ -368,6 +547,7 @@ class Verifier:
         max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS,
         memory_limit_mb: int | None = 4096,
         start_timeout: float = 120.0,
+        prefilter: bool = True,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be > 0")
@@ -379,10 +559,11 @@ class Verifier:
         self.max_answer_chars = int(max_answer_chars)
         self.memory_limit_mb = memory_limit_mb
         self.start_timeout = float(start_timeout)
-        self._pool: ProcessPoolExecutor | None = None
+        self.prefilter = bool(prefilter)
+        self._pool: _WorkerPool | None = None
         self._lock = threading.RLock()
-        self._closed = False
-        self.restarts = 0  # pool restarts after a timeout or crash (for diagnostics)
+        self.restarts = 0  # workers replaced after a timeout or crash (for diagnostics)
+        self.jobs_sent = 0  # items handed to a math-verify worker (for diagnostics)
 
     # -- public API ------------------------------------------------------------------------
     def verify(self, completion: str, gold: str, mode: Mode | None = None) -> VerifyResult:
@@ -400,8 +581,8 @@ class Verifier:
 
         Raises:
             ValueError: the two sequences differ in length, or ``mode`` is unknown.
-            RuntimeError: the worker processes cannot be started at all (e.g. the main script
-                cannot be re-imported by ``multiprocessing``).
+            RuntimeError: the worker processes cannot be started at all (e.g. math-verify is not
+                importable by ``sys.executable``).
         """
         if len(completions) != len(golds):
             raise ValueError(f"{len(completions)} completions but {len(golds)} gold answers")
@@ -444,6 +625,8 @@ class Verifier:
         gold_s = "" if gold is None else str(gold)
         if len(gold_s) > self.max_answer_chars:
             return VerifyResult(False, "too_long", extracted), None
+        if _BOX_COMMAND.search(extracted):  # a box inside the graded box: a hedge, never scores
+            return VerifyResult(False, "hedge", extracted), None
         pred_n, gold_n = normalize_answer(extracted), normalize_answer(gold_s)
         if not gold_n:
             return VerifyResult(False, "parse_error", extracted), None
@@ -454,118 +637,44 @@ class Verifier:
             return VerifyResult(True, "ok", extracted), None
         if fast is False:
             return VerifyResult(False, "wrong", extracted), None
+        if self.prefilter:
+            why = reject_reason(pred_n)
+            if why is not None:
+                logger.debug("answer rejected before math-verify (%s): %.80r", why, extracted)
+                return VerifyResult(False, "too_complex", extracted), None
         return None, (extracted, gold_s)
 
-    def _ensure_pool(self) -> ProcessPoolExecutor:
-        if self._pool is not None:
-            return self._pool
-        pool = ProcessPoolExecutor(
-            max_workers=self.max_workers,
-            mp_context=_mp_context(),
-            initializer=_worker_init,
-            initargs=(self.memory_limit_mb,),
-        )
-        # Warm up: start every worker (and import math-verify) before any deadline is counted.
-        pings = [pool.submit(_worker_ping) for _ in range(self.max_workers)]
-        done, not_done = wait(pings, timeout=self.start_timeout)
-        errors = [f.exception() for f in done if f.exception() is not None]
-        if not_done or errors:
-            _kill_executor(pool)
-            why = f"failed: {errors[0]!r}" if errors else f"did not start within {self.start_timeout:.0f} s"
-            raise RuntimeError(f"the verifier worker pool {why}")
-        self._pool = pool
-        return pool
+    def _ensure_pool(self) -> _WorkerPool:
+        if self._pool is not None and self._pool.pid != os.getpid():  # we are a forked child
+            self._kill_pool()  # forgets the parent's workers without touching them
+        if self._pool is None:
+            pool = _WorkerPool(self.max_workers, self.memory_limit_mb, self.start_timeout)
+            try:
+                pool.wait_ready()  # start every worker before any deadline is counted
+            except BaseException:
+                pool.close()
+                raise
+            self._pool = pool
+        return self._pool
 
     def _kill_pool(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
-            _kill_executor(pool)
+            pool.close()  # a no-op in a forked child: the workers are its parent's
 
     def _run_jobs(self, jobs: list[tuple[str, str]]) -> list[tuple[bool, str]]:
         """Run math-verify on every job with a per-job deadline; see the class docstring."""
         with self._lock:
-            out: list[tuple[bool, str] | None] = [None] * len(jobs)
-            crashes = [0] * len(jobs)
-            pending: deque[int] = deque(range(len(jobs)))
-            inflight: dict[Future, tuple[int, float]] = {}
-            while pending or inflight:
-                pool = self._ensure_pool()
-                # At most one job per worker: a submitted job starts at once, so its deadline is fair.
-                while pending and len(inflight) < self.max_workers:
-                    i = pending.popleft()
-                    try:
-                        fut = pool.submit(_worker_check, *jobs[i])
-                    except Exception:  # broken pool: restart and retry
-                        pending.appendleft(i)
-                        self._restart(inflight, pending, out)
-                        pool = self._ensure_pool()
-                        continue
-                    inflight[fut] = (i, time.monotonic() + self.timeout)
-                if not inflight:
-                    continue
-                next_deadline = min(d for _, d in inflight.values())
-                done, _ = wait(
-                    list(inflight), timeout=max(0.0, next_deadline - time.monotonic()), return_when=FIRST_COMPLETED
-                )
-                broken = False
-                for fut in done:
-                    i, _ = inflight.pop(fut)
-                    exc = fut.exception()
-                    if exc is None:
-                        out[i] = fut.result()
-                    else:  # the worker died (crash, OOM kill): retry once, then give up
-                        broken = True
-                        crashes[i] += 1
-                        if crashes[i] >= 2:
-                            out[i] = (False, "error")
-                        else:
-                            pending.appendleft(i)
-                now = time.monotonic()
-                expired = [f for f, (_, d) in inflight.items() if d <= now and not f.done()]
-                for fut in expired:
-                    i, _ = inflight.pop(fut)
-                    out[i] = (False, "timeout")
-                if expired or broken:
-                    self._restart(inflight, pending, out)
-            return [r if r is not None else (False, "error") for r in out]
-
-    def _restart(
-        self, inflight: dict[Future, tuple[int, float]], pending: deque[int], out: list[tuple[bool, str] | None]
-    ) -> None:
-        """Kill the pool; keep finished results of in-flight jobs and requeue the others."""
-        for fut, (i, _) in list(inflight.items()):
-            if fut.done() and fut.exception() is None:
-                out[i] = fut.result()
-            else:
-                pending.appendleft(i)
-        inflight.clear()
-        self._kill_pool()
-        self.restarts += 1
-
-
-def _kill_executor(pool: ProcessPoolExecutor) -> None:
-    """Kill a pool's workers now (running tasks included) and shut it down without waiting."""
-    kill = getattr(pool, "kill_workers", None)  # Python >= 3.14
-    procs = list((getattr(pool, "_processes", None) or {}).values())
-    if callable(kill):
-        try:
-            kill()
-        except Exception:  # pragma: no cover
-            pass
-    for p in procs:
-        try:
-            p.kill()
-        except Exception:  # pragma: no cover - already gone
-            pass
-    try:
-        pool.shutdown(wait=False, cancel_futures=True)
-    except Exception:  # pragma: no cover
-        pass
-    for p in procs:
-        try:
-            p.join(timeout=2.0)
-        except Exception:  # pragma: no cover
-            pass
+            pool = self._ensure_pool()
+            sent, restarts = pool.sent, pool.restarts
+            try:
+                return pool.run(jobs, self.timeout)
+            except BaseException:  # a worker could not be (re)started, or KeyboardInterrupt
+                self._kill_pool()
+                raise
+            finally:
+                self.jobs_sent += pool.sent - sent
+                self.restarts += pool.restarts - restarts
 
 
 # ------------------------------------------------------------------------- module-level helpers

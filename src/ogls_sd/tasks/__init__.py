@@ -24,7 +24,9 @@ def get_task(data_cfg):
                    "reference": data_cfg.reference_column or None}
         res = files.load_examples(t, columns=columns, split=data_cfg.split, policy=data_cfg.policy,
                                   max_chars=data_cfg.max_chars, config=data_cfg.hub_config or None)
-    task = DatasetTask(res.examples, test_size=data_cfg.eval_size, name=t, skipped=res.skipped)
+    files.require_examples(res, t)  # none usable: say how many rows were skipped and why
+    task = DatasetTask(res.examples, test_size=data_cfg.eval_size, name=t, skipped=res.skipped,
+                       duplicates=res.duplicates)
     return task
 
 

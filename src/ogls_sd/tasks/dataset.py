@@ -28,7 +28,8 @@ class DatasetTask:
     test_size: int = 0
     name: str = "dataset"
     mode: str = "math"
-    skipped: int = 0
+    skipped: int = 0  # bad rows dropped by the loader (data.policy=skip)
+    duplicates: int = 0  # rows dropped as repeated problems (data_duplicates in summary.json)
     verifier: Verifier | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:

@@ -8,7 +8,7 @@ Two modes (``rollout.vllm_mode``):
   ``/v1/completions`` as lists of token ids, with ``return_token_ids`` and ``logprobs=0`` so that the
   sampled token ids and their log-probs come back.
 
-Same contract as :class:`ogls_sd.rollout.HFBackend`: prompts are token ids and are never decoded or
+Same contract as :class:`ogls_sd.rollout.hf.HFBackend`: prompts are token ids and are never decoded or
 re-encoded (peer defect #1); a completion's ``ids`` are exactly the sampled tokens, ending with the
 EOS id when the model stopped (``finished``). The engine stops only at ``eos_id`` (``ignore_eos`` +
 ``stop_token_ids=[eos_id]``), as HF ``generate`` does. A prompt that does not fit the engine's
@@ -50,7 +50,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from .rollout import Completion, RolloutTimeout, SamplingParams, check_prompt_lengths
+from .contract import Completion, RolloutTimeout, SamplingParams, check_prompt_lengths
 
 # ----------------------------------------------------------------------------- requests
 
@@ -739,7 +739,7 @@ def export_initial_model(model: nn.Module, path: Path, merge_lora: bool = True) 
     """The policy as a Hugging Face directory vLLM can load: ``config.json`` and safetensors
     weights (no tokenizer: the engine runs with ``skip_tokenizer_init``). LoRA is merged in unless
     ``merge_lora=False`` (adapter sync: the engine holds the base weights, the adapter comes apart)."""
-    from .modeling import unwrap
+    from ..modeling import unwrap
 
     with full_weights(model, merge_lora) as weights:
         save_weights(weights, path)
@@ -750,7 +750,7 @@ def export_initial_model(model: nn.Module, path: Path, merge_lora: bool = True) 
 def _needs_export(cfg: Any) -> bool:
     if cfg is None:
         return True
-    from .models import NAMED_MODELS
+    from ..models import NAMED_MODELS
 
     return cfg.model.name == "tiny" or bool(cfg.model.gguf_file) or cfg.model.name in NAMED_MODELS
 
