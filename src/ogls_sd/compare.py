@@ -39,6 +39,10 @@ METHODS: dict[str, tuple[str, list[str], str]] = {
                      "control: OGLS-SD with lambda = 0 (live anchor = no distillation pull; only the tail SFT acts)"),
     "ogls_ref": ("ogls_sd", ["steering.no_positive=reference", "steering.fallback_reference=plain"],
                  "OGLS-SD as shipped, but all-wrong groups use the task's student-style reference as the positive context"),
+    # the clip comparison (issue 15; docs/results.md "Clipping"): the published per-entry clip and the gradient-safe one
+    "opsd_entry": ("opsd", ["loss.clip=entry", "loss.clip_tau=0.05"], "OPSD with the published per-entry clip (tau 0.05)"),
+    "opsd_safe": ("opsd", ["loss.clip=safe", "loss.clip_tau=0.05"], "OPSD with the gradient-safe clip (tau 0.05)"),
+    "ogls_safe": ("ogls_sd", ["loss.clip=safe", "loss.clip_tau=0.05"], "OGLS-SD as shipped with the gradient-safe clip (tau 0.05)"),
     "ogls_global": ("ogls_sd", ["steering.pooling=global"], "OGLS-SD with global pooling (live anchor)"),
     # the methods of the first comparison (docs/results.md history): frozen anchor, plain-reference fallback
     "ogls_context": ("ogls_sd", ["teacher.kind=frozen", "steering.pooling=context", "steering.no_positive=reference",

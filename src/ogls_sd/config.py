@@ -85,6 +85,7 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     _section = "data"
     _positive = ("arith_digits", "arith_terms", "eval_size", "max_chars", "size")
+    _unit = ("eval_fraction_max",)
     task: str = opt("arith", "Training data: 'arith' (built-in generator), 'reasoning_gym:<task>' (e.g. reasoning_gym:gsm_symbolic), 'champ', a local file (.jsonl/.json/.parquet/.csv) or a Hugging Face dataset id.")
     problem_column: str = opt("problem", "File/hub data: column holding the problem.")
     reference_column: str = opt("solution", "File/hub data: column holding the worked reference solution ('' for none).")
@@ -97,7 +98,8 @@ class DataConfig(_Section):
     arith_digits: int = opt(3, "arith: digits per operand.")
     arith_terms: int = opt(2, "arith: number of operands added.")
     arith_style: str = opt("plain", "arith: reference style. plain = the reference is written like the student's own solution; templated = every step of the REFERENCE is followed by a check segment ('chk:15-8=7 ok') the student never uses (docs/experiments.md). Pair templated with rollout.max_new_tokens / eval.max_new_tokens of a plain solution's length.", choices=("plain", "templated"))
-    eval_size: int = opt(200, "Held-out problems for accuracy before/after training.")
+    eval_size: int = opt(200, "Held-out problems for accuracy before/after training. File/hub/reasoning_gym data: at most data.eval_fraction_max of the rows are held out (the rest train); the split is printed ('data: N rows -> X training, Y held out').")
+    eval_fraction_max: float = opt(0.2, "File/hub/reasoning_gym data: the held-out split (data.eval_size) never takes more than this fraction of the rows (rounded down), so a small file keeps most rows for training. Raise it (up to 1; at least one row always trains) only to hold out more on purpose.")
     seed: int = opt(0, "Seed of the data generator (held-out problems use a disjoint stream).")
 
 
@@ -195,7 +197,7 @@ class LossConfig(_Section):
     divergence: str = opt("forward_kl", "Per-position divergence between teacher and student.", choices=("forward_kl", "reverse_kl", "jsd", "sampled_token", "topk"))
     beta: float = opt(0.5, "JSD beta in TRL's convention: m = beta*p_T + (1-beta)*p_S; 0 = forward KL, 1 = reverse KL.")
     top_k: int = opt(20, "divergence=topk: teacher top-k tokens plus one tail bucket.")
-    clip: str = opt("none", "Clip of forward-KL summands: per vocabulary entry (published), per position, or none (default; see method.md hazard).", choices=("none", "entry", "token"))
+    clip: str = opt("none", "Clip: per vocabulary entry (published; can reverse gradients, see method.md hazard), per position (token: clamp), safe (per-position rescale min(1, tau/D): value min(D, tau), gradient never zeroed or sign-flipped), or none (default).", choices=("none", "entry", "token", "safe"))
     clip_tau: float = opt(0.05, "Clip threshold tau.")
     temperature: float = opt(1.0, "Both logits are divided by this before log-softmax.")
     max_distill_tokens: int = opt(1024, "Only the first N completion tokens are distilled.")
@@ -268,13 +270,15 @@ class TrainConfig(_Section):
     lr: float = opt(1e-4, "AdamW learning rate.")
     weight_decay: float = opt(0.0, "AdamW weight decay.")
     max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 = off).")
-    warmup_steps: int = opt(0, "Linear learning-rate warm-up steps (then constant).")
+    warmup_steps: int = opt(0, "Linear learning-rate warm-up steps (then as train.lr_scheduler says).")
+    lr_scheduler: str = opt("constant", "Learning-rate schedule after the warm-up (transformers' get_scheduler): constant (default: linear warm-up over train.warmup_steps reaching train.lr at step warmup_steps, then constant), constant_with_warmup (transformers' version: warm-up starts from 0), linear (decay to 0 at train.steps) or cosine (cosine decay to 0 at train.steps). linear and cosine depend on train.steps, so a resume with another train.steps is refused for them.", choices=("constant", "constant_with_warmup", "linear", "cosine"))
     seed: int = opt(0, "Seed for sampling, context subsets and initialisation.")
     output_dir: str = opt("runs/default", "Run directory: resolved config, metrics.jsonl, checkpoints, summary.json.")
     save_every: int = opt(0, "Save a checkpoint every N steps (0 = only at the end).")
     keep_last: int = opt(2, "Checkpoints kept: the newest N (older ones are deleted; the final checkpoint is never deleted); 0 = keep all.")
     device: str = opt("auto", "Device: auto (accelerate's choice), cpu, cuda.", choices=("auto", "cpu", "cuda"))
     mixed_precision: str = opt("no", "accelerate mixed precision.", choices=("no", "bf16", "fp16"))
+    run_name: str = opt("", "Run name given to the tracker (train.report_to) and recorded as run_name in summary.json; '' = the name of train.output_dir.")
     report_to: str = opt("tensorboard", "Experiment tracker that also receives every metrics record: TensorBoard event files under <output_dir>/tb, none, wandb or trackio (the last two must be installed).", choices=("tensorboard", "none", "wandb", "trackio"))
     reflection_markers: list = opt(None, "Reflection markers counted per completion (case-insensitive) as markers/reflection (method.md §6).", factory=lambda: ["wait", "hmm", "let me check", "actually", "alternatively", "verify"])
     resume: str = opt("", "Resume: '' (start fresh), 'latest' (newest checkpoint in output_dir; fresh if none) or a checkpoint directory. Continues exactly: weights, optimizer, scheduler, EMA teacher, RNG states, data position. Checkpoints are verified against their sha256 manifest (latest falls back to the newest that verifies); a changed config field outside the allowed set (train.steps upward, saving, logging, eval, paths) or fewer train.steps than done is an error (docs/reliability.md).")
@@ -310,6 +314,9 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
 
     # ---------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict:
@@ -348,7 +355,10 @@ class Config:
                 kwargs[name] = sec_cls(**vals)
             except ConfigError as e:
                 raise ConfigError(f"{source}: {e}") from None
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> "Config":
@@ -412,6 +422,18 @@ class Config:
         if sections:
             d = {s: d[s] for s in sections}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+SIBLING_ALGORITHMS = ("ogls_sd", "grpo", "opsd_grpo")  # learn from differences between a prompt's rollouts
+
+
+def validate(cfg: Config) -> None:
+    """Checks across sections (each section checks its own fields in ``__post_init__``)."""
+    if cfg.train.algorithm in SIBLING_ALGORITHMS and cfg.rollout.num_generations < 2:
+        raise ConfigError(
+            f"rollout.num_generations: must be >= 2 with train.algorithm={cfg.train.algorithm} (got "
+            f"{cfg.rollout.num_generations}): it learns from the differences between a prompt's rollouts, and a "
+            "single rollout has no siblings, so every step would be a no-op")
 
 
 def _coerce(key: str, value: Any, f: dataclasses.Field, owner: type) -> Any:

@@ -231,6 +231,7 @@ PLOTS = {
     "kl.png": ("Teacher-student KL per distilled token vs step", "kl/token", "step", "KL (nats)"),
     "entropy.png": ("Student entropy per distilled token vs step", "entropy/student", "step", "entropy (nats)"),
     "completion_length.png": ("Completion length (tokens, mean) vs step", "completion/len_mean", "step", "tokens"),
+    "loop_rate.png": ("Repetition loops (fraction of rollouts) vs step", "completion/loop_frac", "step", "fraction"),
     "template_markers.png": ("Template markers per completion vs step", "markers/template", "step", "count"),
     "reflection_markers.png": ("Reflection markers per completion vs step", "markers/reflection", "step", "count"),
 }

@@ -4,7 +4,7 @@
   ``tensorboard --logdir runs/``). If the ``tensorboard`` package is missing, a warning is printed
   and training goes on with ``metrics.jsonl`` only (the record of truth).
 * ``wandb`` / ``trackio``: imported lazily; a clear error when not installed. They log under the
-  project ``ogls-sd`` with the run directory's name, and write their local files under the run
+  project ``ogls-sd`` with ``train.run_name`` (default: the run directory's name), and write their local files under the run
   directory where the library allows it.
 * ``none``: no tracker.
 
@@ -66,11 +66,11 @@ class TensorBoardTracker(Tracker):
 class WandbTracker(Tracker):
     name = "wandb"
 
-    def __init__(self, run_dir: Path, config: dict | None):
+    def __init__(self, run_dir: Path, config: dict | None, name: str = ""):
         import wandb
 
         self.wandb = wandb
-        self.run = wandb.init(project="ogls-sd", name=Path(run_dir).name, dir=str(run_dir), config=config or {},
+        self.run = wandb.init(project="ogls-sd", name=name or Path(run_dir).name, dir=str(run_dir), config=config or {},
                               reinit=True)
 
     def log(self, rec: dict, step: int | None = None) -> None:
@@ -84,11 +84,11 @@ class WandbTracker(Tracker):
 class TrackioTracker(Tracker):
     name = "trackio"
 
-    def __init__(self, run_dir: Path, config: dict | None):
+    def __init__(self, run_dir: Path, config: dict | None, name: str = ""):
         import trackio
 
         self.trackio = trackio
-        self.run = trackio.init(project="ogls-sd", name=Path(run_dir).name, config=config or {})
+        self.run = trackio.init(project="ogls-sd", name=name or Path(run_dir).name, config=config or {})
 
     def log(self, rec: dict, step: int | None = None) -> None:
         step = int(rec.get("step", 0) if step is None else step)
@@ -101,8 +101,24 @@ class TrackioTracker(Tracker):
 _INSTALL = {"wandb": "pip install wandb", "trackio": "pip install trackio", "tensorboard": "pip install tensorboard"}
 
 
-def open_tracker(report_to: str, run_dir: str | Path, config: dict | None = None) -> Tracker:
-    """The tracker named by ``report_to`` writing under ``run_dir``."""
+def check_tracker(report_to: str) -> None:
+    """Fail early (before any model is loaded) when the optional tracker ``report_to`` is not
+    installed: one line naming the package and the alternatives."""
+    import importlib.util
+
+    if report_to in ("wandb", "trackio"):
+        try:
+            found = importlib.util.find_spec(report_to) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise TrackerError(f"train.report_to={report_to}: the {report_to} package is not installed "
+                               f"({_INSTALL[report_to]}), or set train.report_to=tensorboard|none")
+
+
+def open_tracker(report_to: str, run_dir: str | Path, config: dict | None = None, name: str = "") -> Tracker:
+    """The tracker named by ``report_to`` writing under ``run_dir``; ``name`` is the run's name
+    (``train.run_name``; '' = the run directory's name)."""
     run_dir = Path(run_dir)
     if report_to in ("none", "", None):
         return Tracker()
@@ -120,7 +136,7 @@ def open_tracker(report_to: str, run_dir: str | Path, config: dict | None = None
     else:
         raise TrackerError(f"train.report_to: unknown tracker {report_to!r}")
     try:
-        return cls(run_dir, config)
+        return cls(run_dir, config, name)
     except ImportError as e:
         raise TrackerError(f"train.report_to={report_to}: the {report_to} package is not installed "
                            f"({_INSTALL[report_to]}), or set train.report_to=tensorboard|none ({e})") from None

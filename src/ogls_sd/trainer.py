@@ -10,6 +10,7 @@ refused with a one-line :class:`~ogls_sd.checkpoint.CheckpointError` (see :func:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -29,7 +30,7 @@ from .checkpoint import (CheckpointError, check_resume_config, checkpoint_dirs, 
 from .config import Config
 from .distributed import globalize_plan, rank_slice, sum_across_ranks, sum_dicts, sum_gradients, world
 from .evaluate import check_eval_prompts, check_prompt_fits, context_limit, evaluate_accuracy
-from .markers import marker_metrics
+from .markers import loop_fraction, marker_metrics
 from .models import load_policy
 from .runlock import holding_run_lock
 from .rollout import SamplingParams, build_backend
@@ -46,6 +47,32 @@ def _progress(console: Console) -> Progress:
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console, transient=False,
     )
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(0.0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class StepLines:
+    """The training progress when stdout is not a terminal (a log file, CI, ``nohup``): one plain
+    line per step instead of a redrawn bar, e.g.
+    ``step 3/40  reward 0.125  loss 0.0123  kl 0.0040  tok/s 812  eta 0:01:23``."""
+
+    def __init__(self, console: Console, total: int, start: int):
+        self.console, self.total, self.start, self.t0 = console, total, start, time.time()
+
+    def step(self, rec: dict) -> None:
+        done = rec["step"] - self.start
+        eta = (time.time() - self.t0) / max(1, done) * (self.total - rec["step"])
+        parts = [f"step {rec['step']}/{self.total}"]
+        if "reward/mean" in rec:
+            parts.append(f"reward {rec['reward/mean']:.3f}")
+        parts += [f"loss {rec['loss']:.4f}", f"kl {rec['kl/token']:.4f}"]
+        if "throughput/rollout_tok_s" in rec:
+            parts.append(f"tok/s {rec['throughput/rollout_tok_s']:.0f}")
+        parts.append(f"eta {_clock(eta)}")
+        self.console.print("  ".join(parts), markup=False, highlight=False, soft_wrap=True)
 
 
 class MetricsLog:
@@ -103,6 +130,46 @@ class Optimized:
     agg: dict
     grad_norm: float
     skipped: bool
+
+
+def build_scheduler(cfg: Config, opt):
+    """``train.lr_scheduler``: ``constant`` is linear warm-up reaching ``train.lr`` at step
+    ``warmup_steps`` then constant (the schedule before the option existed); the others are
+    transformers' ``get_scheduler`` over ``train.steps``."""
+    t = cfg.train
+    if t.lr_scheduler == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, t.warmup_steps)))
+    from transformers import get_scheduler
+
+    return get_scheduler(t.lr_scheduler, opt, num_warmup_steps=t.warmup_steps, num_training_steps=t.steps)
+
+
+NOOP_WARN_AFTER = 3  # consecutive no-op steps before the console warning
+
+
+def is_noop(res: "Optimized") -> bool:
+    """A step that changed nothing although it was not skipped: no loss term at all (no
+    distillation target, no tail, no non-zero advantage) or an exactly zero gradient."""
+    return not res.skipped and res.grad_norm == 0.0
+
+
+def noop_cause(cfg: Config, metrics: dict) -> str:
+    """Why a step had no loss term, with the knobs that change it (one line)."""
+    algo = cfg.train.algorithm
+    if metrics.get("groups/all_incorrect", 0.0) >= 1.0 and metrics.get("no_positive/skip", 0.0) > 0:
+        why = "every group was all-incorrect and steering.no_positive=skip drops such groups"
+        knobs = "set steering.no_positive=reference|opsd, raise rollout.num_generations, or use an easier task"
+    elif metrics.get("groups/all_correct", 0.0) >= 1.0:
+        why = "every group was all-correct (nothing to distil; no short correct rollout for the tail)"
+        knobs = "use a harder task, raise rollout.max_new_tokens or set steering.distill_on=all"
+    elif metrics.get("grpo/zero_spread_frac", 0.0) >= 1.0:
+        why = "every group's rollouts had the same reward, so every advantage was 0"
+        knobs = "raise rollout.num_generations or rollout.temperature, or use an easier (or harder) task"
+    else:
+        why = f"train.algorithm={algo} produced no loss term (no distillation target, no tail, zero gradient)"
+        knobs = ("set steering.no_positive=reference|opsd, raise rollout.num_generations, or use an easier task"
+                 if algo in ("ogls_sd", "opsd", "opsd_grpo") else "raise rollout.num_generations or use an easier task")
+    return f"{why}; {knobs}"
 
 
 def collect_rollouts(cfg: Config, task, tok, prompts: PromptBuilder, backend, sampling, algo, step: int) -> StepBatch:
@@ -207,8 +274,10 @@ def step_record(step: int, batch: StepBatch, plan, res: Optimized, lr: float, t:
         "completion/len_p90": _p90(lens),
         "completion/truncated": sum(not r.finished for r in rollouts) / n_roll,
         "completion/eos": sum(r.finished for r in rollouts) / n_roll,
+        "completion/loop_frac": loop_fraction(rollouts),
         "grad_norm": res.grad_norm if math.isfinite(res.grad_norm) else None,
         "nonfinite/skipped": float(res.skipped),
+        "step/noop": float(is_noop(res)),
         "lr": lr,
         "time/rollout_s": t["rollout"],
         "time/train_s": t["train"],
@@ -221,7 +290,7 @@ def step_record(step: int, batch: StepBatch, plan, res: Optimized, lr: float, t:
     }
     if not rollouts:  # SFT: nothing was generated; no rollout statistics
         for k in ("reward/mean", "completion/len_mean", "completion/len_p90", "completion/truncated",
-                  "completion/eos", "throughput/rollout_tok_s"):
+                  "completion/eos", "completion/loop_frac", "throughput/rollout_tok_s"):
             rec.pop(k)
     return rec
 
@@ -243,7 +312,7 @@ def harness_eval(cfg: Config, policy, tok, task, task_tpl, info: dict, out: Path
 
 def _warn(console: Console, msg: str) -> None:
     if os.environ.get("RANK", "0") == "0":  # data parallel: one process reports
-        console.print(f"[yellow]warning:[/] {escape(msg)}", highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(msg)}", highlight=False, soft_wrap=True)  # one line
 
 
 def check_resume(cfg: Config, run: Path, ckpt: Path, state: dict, console: Console) -> dict:
@@ -272,7 +341,14 @@ def check_resume(cfg: Config, run: Path, ckpt: Path, state: dict, console: Conso
     old = state.get("config")
     if old is None:
         _warn(console, f"{ckpt} records no config (written by an older version): changes to the config cannot be checked")
-    return check_resume_config(ckpt, old, cfg.to_dict(), Config().to_dict())
+    changes = check_resume_config(ckpt, old, cfg.to_dict(), Config().to_dict())
+    if "train.steps" in changes and cfg.train.lr_scheduler in ("linear", "cosine"):
+        o, n = changes["train.steps"]
+        raise CheckpointError(
+            f"--resume {ckpt}: train.lr_scheduler={cfg.train.lr_scheduler} decays over train.steps, so changing it "
+            f"({o} -> {n}) would change the schedule mid-run (the steps taken followed the old one); resume with "
+            f"train.steps={o}, or start a new run (another train.output_dir)")
+    return changes
 
 
 def check_initial_weights(ckpt: Path, state: dict, init_weights: dict) -> None:
@@ -304,7 +380,10 @@ def train(cfg: Config, console: Console | None = None) -> dict:
     from accelerate import Accelerator
     from transformers import set_seed
 
+    from .tracking import check_tracker
+
     console = console or Console()
+    check_tracker(cfg.train.report_to)  # a missing optional tracker: one line, before any model is loaded
     t_start = time.time()
     run = Path(cfg.train.output_dir)
     run.mkdir(parents=True, exist_ok=True)
@@ -357,9 +436,14 @@ def train(cfg: Config, console: Console | None = None) -> dict:
     algo.context_limit = getattr(policy.config, "max_position_embeddings", None)
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.train.warmup_steps)))
+    sched = build_scheduler(cfg, opt)
 
-    summary: dict = {"algorithm": cfg.train.algorithm, "model": info, "output_dir": str(run)}
+    run_name = cfg.train.run_name or run.resolve().name
+    summary: dict = {"algorithm": cfg.train.algorithm, "run_name": run_name, "model": info, "output_dir": str(run),
+                     "noop_steps": 0}
+    if hasattr(task, "split_line"):  # a file / hub data set: what was held out
+        console.print(task.split_line(), markup=False, highlight=False)
+        summary["data_split"] = dict(zip(("train", "held_out"), task.split_sizes))
     if getattr(task, "skipped", 0):
         summary["data_skipped"] = task.skipped
         console.print(f"[yellow]data:[/] skipped {task.skipped} bad rows (data.policy=skip)")
@@ -398,7 +482,7 @@ def train(cfg: Config, console: Console | None = None) -> dict:
     heldout = task.examples(cfg.data.eval_size, seed=cfg.data.seed, split="test")
     from .tracking import open_tracker
 
-    log = MetricsLog(run / "metrics.jsonl", open_tracker(cfg.train.report_to, run, cfg.to_dict()) if is_main else None,
+    log = MetricsLog(run / "metrics.jsonl", open_tracker(cfg.train.report_to, run, cfg.to_dict(), name=run_name) if is_main else None,
                      keep_until_step=start if resume_from is not None else None, enabled=is_main)
     if resume_changes:  # settings changed on resume (only those that keep the run exact): on the record
         log.write({"step": start, "resume/changed": {k: [o, n] for k, (o, n) in resume_changes.items()}})
@@ -421,7 +505,7 @@ def train(cfg: Config, console: Console | None = None) -> dict:
         if not is_main:
             return run / "checkpoints" / f"step_{step:06d}"
         return save_checkpoint(run, step, accel.unwrap_model(policy), tok, opt, sched, teacher, cfg.train.keep_last,
-                               extra={"summary": {k: v for k, v in summary.items() if k.startswith("accuracy_")},
+                               extra={"summary": {k: v for k, v in summary.items() if k.startswith("accuracy_") or k == "noop_steps"},
                                       "config": cfg.to_dict(), "init_weights": init_weights})
 
     if cfg.eval.before_after and "accuracy_before" not in summary:
@@ -437,10 +521,12 @@ def train(cfg: Config, console: Console | None = None) -> dict:
     else:
         set_seed(cfg.train.seed + rank)  # ranks sample different rollouts
     last_eval: tuple[int, float] | None = None  # (step, accuracy) of the latest eval.every measurement
-    nonfinite_run = 0
+    nonfinite_run = noop_run = 0
 
-    with _progress(console) as progress:
-        bar = progress.add_task(f"{cfg.train.algorithm}", total=cfg.train.steps, completed=start, info="")
+    plain = None if console.is_terminal else StepLines(console, cfg.train.steps, start)  # not a TTY: plain lines
+    with (_progress(console) if plain is None else contextlib.nullcontext()) as progress:
+        if plain is None:
+            bar = progress.add_task(f"{cfg.train.algorithm}", total=cfg.train.steps, completed=start, info="")
         for step in range(start, cfg.train.steps):
             t0 = time.time()
             with accel.autocast():
@@ -466,9 +552,17 @@ def train(cfg: Config, console: Console | None = None) -> dict:
                 if cfg.eval.benchmarks and is_main:
                     harness_eval(cfg, policy, tok, task, task_tpl, info, run / "eval" / f"step_{step + 1:06d}", console)
             log.write(rec)
-            progress.update(bar, advance=1, info=f"reward {rec.get('reward/mean', 0.0):.3f}  loss {rec['loss']:.4f}  kl {rec['kl/token']:.3f}")
+            if plain is None:
+                progress.update(bar, advance=1, info=f"reward {rec.get('reward/mean', 0.0):.3f}  loss {rec['loss']:.4f}  kl {rec['kl/token']:.3f}")
+            else:
+                plain.step(rec)
 
             nonfinite_run = nonfinite_run + 1 if res.skipped else 0
+            noop_run = noop_run + 1 if rec["step/noop"] else 0
+            summary["noop_steps"] += int(rec["step/noop"])
+            if noop_run == NOOP_WARN_AFTER:
+                _warn(console, f"{noop_run} steps in a row changed nothing (steps {step + 2 - noop_run}-{step + 1}, "
+                               f"step/noop in metrics.jsonl): {noop_cause(cfg, rec)}")
             if nonfinite_run >= cfg.train.max_nonfinite_steps:
                 log.close()
                 ck = checkpoint(step + 1)

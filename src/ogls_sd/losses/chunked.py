@@ -28,14 +28,19 @@ Closed forms used (``w`` row weight, ``T`` temperature, ``s = log p_S``, ``t = l
 * forward KL, ``L = Σ_v f(ℓ_v)``, ``ℓ_v = p_T(v)(t_v − s_v)``: with ``q = p_T · m``,
   ``m_v = [ℓ_v ≤ τ]`` for the entry clip (a clamped summand has zero gradient) and ``m = 1``
   otherwise, ``dL/dx = (w/T) (p_S Σ_v q_v − q)``; the token clip multiplies the row by
-  ``[L ≤ τ]``.
+  ``[L ≤ τ]``, the safe clip by ``α = min(1, τ/L)`` (both act on any divergence's row value).
 * reverse KL, ``L = Σ p_S (s − t)``: ``dL/dx = (w/T) p_S (s − t − L + 1 − Σ p_S)``.
 * JSD, ``0 < β < 1``: ``dL/dx = (w/T)(1 − β) p_S (s − log m − KL(p_S‖m))``; β = 0 and β = 1 are
   forward and reverse KL.
 * sampled-token, ``L = −A s_y`` with ``A = sg(t_y − s_y)``: ``dL/dx = (w/T) A (p_S − onehot(y))``.
 
-The computation runs in the dtype of the inputs (as the reference does); low-precision weights get a
-float32 ``grad_weight`` accumulator, cast back at the end.
+Precision: the softmax/divergence math runs in float32 at least, whatever the model dtype (as in
+the reference, :func:`ogls_sd.losses.reference.compute_dtype`). With bf16/fp16 inputs each logits GEMM
+(student, every teacher context, the anchor) writes float32-accumulated, unrounded logits into the
+float32 work buffers (see :func:`_linear_into`); row weights, direction, anchor scale and strength
+are upcast too. ``G`` is cast to the weight dtype for the two gradient GEMMs; low-precision weights
+get a float32 ``grad_weight`` accumulator; gradients are returned in the input dtypes. The loss and
+the stats are float32.
 """
 
 from __future__ import annotations
@@ -48,9 +53,9 @@ import torch
 from torch import Tensor
 
 from . import reference as _reference
-from .divergence import DivergenceSpec, divergence_rows
-from .reference import DistillOutput, row_stats
-from .target import RMS_EPS, TeacherTarget, lm_logits, steered_logits
+from .divergence import DivergenceSpec, divergence_rows, safe_scale
+from .reference import DistillOutput, compute_dtype, row_stats
+from .target import RMS_EPS, TeacherTarget
 
 SCRATCH_ELEMENTS = 1 << 21  # per small scratch buffer (8 MiB in float32): rows of the divergence step
 STAT_KEYS = ("kl", "clipped", "vocab", "teacher_entropy", "student_entropy", "steer_rms")
@@ -74,13 +79,36 @@ def _rowdot(a: Tensor, b: Tensor, tmp: Tensor) -> Tensor:
     return torch.cat([torch.mul(a[i : i + r], b[i : i + r], out=tmp[: min(r, a.shape[0] - i)]).sum(-1) for i in range(0, a.shape[0], r)])
 
 
+_MM_OUT_DTYPE = [True]  # torch.mm(..., out_dtype=) usable (CUDA builds of recent torch); cleared on failure
+
+
 def _linear_into(out: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``out[n, V] = hidden[n, H] @ weight[V, H]^T + bias`` written into the work buffer ``out``."""
+    """``out[n, V] = hidden[n, H] @ weight[V, H]^T + bias`` written into the work buffer ``out``.
+
+    When ``out`` is wider than the inputs (bf16/fp16 model, float32 work buffer) the logits are
+    computed with float32 accumulation and written unrounded: on CUDA by a low-precision GEMM with a
+    float32 output (``torch.mm(..., out_dtype=)``); otherwise by upcasting the weight a slice of
+    rows at a time (``SCRATCH_ELEMENTS`` per slice; no full float32 copy of the lm head).
+    """
     if hidden.dtype == weight.dtype == out.dtype and (bias is None or bias.dtype == out.dtype):
         if bias is None:
             return torch.mm(hidden, weight.t(), out=out)
         return torch.addmm(bias, hidden, weight.t(), out=out)
-    return out.copy_(lm_logits(hidden, weight, bias))
+    done = False
+    if out.device.type == "cuda" and hidden.dtype == weight.dtype and _MM_OUT_DTYPE[0]:
+        try:
+            out.copy_(torch.mm(hidden, weight.t(), out_dtype=out.dtype))
+            done = True
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE[0] = False
+    if not done:
+        h = hidden.to(out.dtype)
+        step = max(1, SCRATCH_ELEMENTS // max(1, weight.shape[1]))
+        for a in range(0, weight.shape[0], step):
+            out[:, a : a + step] = h @ weight[a : a + step].to(out.dtype).t()
+    if bias is not None:
+        out.add_(bias.to(out.dtype))
+    return out
 
 
 def _log_softmax_(x: Tensor) -> Tensor:
@@ -237,12 +265,16 @@ def _generic_block(h, W, b, tgt, spec, w, ids):
     Returns ``(value [n], stats dict, G [n, V])`` with ``G = d(Σ w·value)/d logits``.
     """
     T = spec.temperature
+    dtype = compute_dtype(h.dtype, tgt.weight.dtype)
     with torch.no_grad():
-        z, rms = steered_logits(tgt)
-        t_logp = torch.log_softmax(z / T, -1)
-        del z
+        n, V = h.shape[0], tgt.weight.shape[0]
+        d, lp = (torch.empty(n, V, dtype=dtype, device=h.device) for _ in range(2))
+        tmp = torch.empty(max(1, min(n, SCRATCH_ELEMENTS // max(1, V))), V, dtype=dtype, device=h.device)
+        t_logp, rms = _teacher_block(tgt, T, d, lp, tmp)
+        del d, tmp
     with torch.enable_grad():
-        x = lm_logits(h, W, b).detach().requires_grad_(True)
+        x = _linear_into(torch.empty(h.shape[0], W.shape[0], dtype=dtype, device=h.device), h.detach(), W.detach(), b if b is None else b.detach())
+        x.requires_grad_(True)
         s_logp = torch.log_softmax(x / T, -1)
         value, clipped = divergence_rows(t_logp, s_logp, spec, ids)
         (g,) = torch.autograd.grad((value * w).sum(), x)
@@ -329,6 +361,11 @@ def _divergence_rows_(tl: Tensor, x: Tensor, spec: DivergenceSpec, w: Tensor, id
         clipped = over.to(value.dtype)
         coef = coef * (~over).to(coef.dtype)
         value = torch.clamp(value, max=tau)
+    elif clip == "safe":  # L = sg(α)·D, α = min(1, τ/D): gradient scaled by α > 0, never zeroed
+        clipped = (value > tau).to(value.dtype)
+        alpha = safe_scale(value, tau)
+        coef = coef * alpha
+        value = value * alpha
     if div == "sampled_token":
         a = adv * coef
         G.mul_(_col(a))
@@ -382,7 +419,7 @@ class _ChunkedDistill(torch.autograd.Function):
         V = weight.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
-        dtype = torch.promote_types(hidden.dtype, target.weight.dtype)
+        dtype = compute_dtype(hidden.dtype, target.weight.dtype)  # float32 at least
         dev = hidden.device
         rw = row_weight.to(device=dev, dtype=dtype)
 
@@ -582,7 +619,8 @@ def get_distill_loss(impl: str, chunk_size: int | None = None) -> Callable[..., 
             return functools.partial(distill_loss, chunk_size=chunk_size)
 
         def _auto(student_hidden, student_weight, student_bias, target, spec, row_weight, target_ids=None):
-            cs = auto_chunk_size(student_weight.shape[0], student_hidden.shape[0], element_size=student_hidden.element_size())
+            # the work buffers are float32 at least (see the module docstring)
+            cs = auto_chunk_size(student_weight.shape[0], student_hidden.shape[0], element_size=max(4, student_hidden.element_size()))
             return distill_loss(student_hidden, student_weight, student_bias, target, spec, row_weight, target_ids, cs)
 
         return _auto

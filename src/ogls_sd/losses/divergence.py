@@ -6,6 +6,10 @@ divergence ``[N]``. Conventions (method.md §1):
 
 * forward KL ``Σ_v p_T (log p_T − log p_S)``; clip ``entry`` clamps each summand at τ before the
   sum, ``token`` clamps the per-row sum, ``none`` does nothing. A clipped value can be negative.
+  ``safe`` rescales the row instead of clamping it: ``L = sg(α)·D`` with ``α = min(1, τ/D)``
+  (``α = 1`` when ``D ≤ τ``), so the value is ``min(D, τ)`` and the gradient is the unclipped one
+  times ``α > 0`` (never zero, never sign-flipped; method.md §1). ``token`` and ``safe`` apply to
+  every divergence (the row value ``D``).
 * generalized JSD in **TRL's convention**: ``m = β p_T + (1−β) p_S``,
   ``JSD_β = β KL(p_T‖m) + (1−β) KL(p_S‖m)``; β = 0 is forward ``KL(p_T‖p_S)``, β = 1 is reverse
   ``KL(p_S‖p_T)`` (special-cased: the interior formula degenerates to 0 at the ends).
@@ -23,7 +27,7 @@ import torch
 from torch import Tensor
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "sampled_token", "topk")
-CLIPS = ("none", "entry", "token")
+CLIPS = ("none", "entry", "token", "safe")
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,8 @@ class DivergenceSpec:
             raise ValueError(f"loss.clip: {self.clip!r} not in {CLIPS}")
         if self.clip == "entry" and self.divergence not in ("forward_kl", "topk"):
             raise ValueError("loss.clip=entry clamps forward-KL summands: use it with divergence forward_kl or topk")
+        if self.clip == "safe" and not self.clip_tau > 0:
+            raise ValueError(f"loss.clip=safe needs clip_tau > 0 (its gradient scale is tau / D), got {self.clip_tau}")
         if self.divergence == "topk" and self.top_k < 1:
             raise ValueError(f"loss.top_k: must be >= 1, got {self.top_k}")
         if not 0.0 <= self.beta <= 1.0:
@@ -57,20 +63,39 @@ def _xlogy_diff(logp: Tensor, logq: Tensor) -> Tensor:
     return p * diff
 
 
+def safe_scale(value: Tensor, tau: float) -> Tensor:
+    """The ``safe`` clip's per-row scale ``α = min(1, τ / D)`` (1 where ``D ≤ τ``), detached."""
+    with torch.no_grad():
+        over = value > tau
+        return torch.where(over, tau / torch.where(over, value, torch.ones_like(value)), torch.ones_like(value))
+
+
+def clip_rows(value: Tensor, clip: str, tau: float) -> tuple[Tensor, Tensor]:
+    """Row clip of per-row values ``[N]`` for ``token`` / ``safe`` (identity otherwise).
+
+    ``token``: ``min(D, τ)`` (zero gradient on clamped rows). ``safe``: ``sg(α)·D`` with
+    ``α = min(1, τ/D)``: the same value, the unclipped gradient scaled by ``α > 0``.
+    Returns ``(value [N], clipped [N] 0/1)``.
+    """
+    if clip == "token":
+        over = value > tau
+        return torch.clamp(value, max=tau), over.to(value.dtype)
+    if clip == "safe":
+        over = value > tau
+        return value * safe_scale(value, tau), over.to(value.dtype)
+    return value, torch.zeros_like(value)
+
+
 def clip_sum(summands: Tensor, clip: str, tau: float) -> tuple[Tensor, Tensor]:
     """Reduce summands ``[N, K]`` over the last dim with the clip rule.
 
     Returns ``(value [N], clipped_count [N])``; ``clipped_count`` counts clamped entries (``entry``)
-    or clamped rows (``token``, 0/1).
+    or clamped/rescaled rows (``token``, ``safe``: 0/1).
     """
     if clip == "entry":
         over = summands > tau
         return torch.clamp(summands, max=tau).sum(-1), over.sum(-1).to(summands.dtype)
-    total = summands.sum(-1)
-    if clip == "token":
-        over = total > tau
-        return torch.clamp(total, max=tau), over.to(summands.dtype)
-    return total, torch.zeros_like(total)
+    return clip_rows(summands.sum(-1), clip, tau)
 
 
 def forward_kl(t_logp: Tensor, s_logp: Tensor, clip: str = "none", tau: float = 0.05) -> tuple[Tensor, Tensor]:
@@ -149,7 +174,4 @@ def divergence_rows(
         v = sampled_token_loss(t_logp.gather(-1, ids).squeeze(-1), s_logp.gather(-1, ids).squeeze(-1))
     else:  # pragma: no cover - guarded by DivergenceSpec
         raise ValueError(d)
-    if spec.clip == "token":
-        over = v > spec.clip_tau
-        return torch.clamp(v, max=spec.clip_tau), over.to(v.dtype)
-    return v, torch.zeros_like(v)
+    return clip_rows(v, spec.clip, spec.clip_tau)

@@ -13,10 +13,17 @@ Interface shared by both implementations::
 ``row_weight`` carries masking, gating and the reduction: for ``token_mean`` it is
 ``1 / (number of valid distilled tokens in the whole global batch)``, so summing the losses of all
 micro-batches and ranks gives the gradient of one big batch.
+
+Precision: the softmax and divergence math runs in float32 at least (:func:`compute_dtype`),
+whatever the model dtype: with bf16/fp16 inputs the student and teacher inputs (hidden states,
+lm heads, biases) are upcast first, so the logits too are float32 GEMMs (a float32 copy of the lm
+heads: the reference is the memory-hungry implementation anyway). The loss and the stats are
+float32; autograd casts the gradients back to the input dtypes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +42,29 @@ class DistillOutput:
 
     loss: Tensor
     stats: dict[str, Tensor] = field(default_factory=dict)
+
+
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype of the softmax/divergence math: the widest of ``dtypes`` and float32."""
+    out = torch.float32
+    for d in dtypes:
+        out = torch.promote_types(out, d)
+    return out
+
+
+def upcast_target(tgt: TeacherTarget, dtype: torch.dtype) -> TeacherTarget:
+    """``tgt`` with its floating tensors cast to ``dtype`` (unchanged when they already have it)."""
+
+    def up(t):
+        if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != dtype:
+            return t.to(dtype)
+        return t
+
+    names = ("weight", "bias", "anchor_hidden", "anchor_scale", "pos_hidden", "neg_hidden", "direction", "strength")
+    changes = {k: up(getattr(tgt, k)) for k in names}
+    if all(changes[k] is getattr(tgt, k) for k in names):
+        return tgt
+    return dataclasses.replace(tgt, **changes)
 
 
 def _entropy(logp: Tensor) -> Tensor:
@@ -73,10 +103,12 @@ def distill_loss(
 ) -> DistillOutput:
     """Reference distillation loss; see the module docstring for the contract."""
     T = spec.temperature
+    dtype = compute_dtype(student_hidden.dtype, target.weight.dtype)
     with torch.no_grad():
-        z, steer_rms = steered_logits(target)
+        z, steer_rms = steered_logits(upcast_target(target, dtype))
         t_logp = torch.log_softmax(z / T, -1)
-    s_logp = torch.log_softmax(lm_logits(student_hidden, student_weight, student_bias) / T, -1)
+    up = (lambda t: t.to(dtype) if t is not None and t.dtype != dtype else t)
+    s_logp = torch.log_softmax(lm_logits(up(student_hidden), up(student_weight), up(student_bias)) / T, -1)
     value, clipped = divergence_rows(t_logp, s_logp, spec, target_ids)
     loss = (value * row_weight.to(value.dtype)).sum()
     return DistillOutput(loss, row_stats(t_logp, s_logp, clipped, steer_rms, spec))

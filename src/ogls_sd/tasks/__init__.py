@@ -25,7 +25,7 @@ def get_task(data_cfg):
         res = files.load_examples(t, columns=columns, split=data_cfg.split, policy=data_cfg.policy,
                                   max_chars=data_cfg.max_chars, config=data_cfg.hub_config or None)
     files.require_examples(res, t)  # none usable: say how many rows were skipped and why
-    task = DatasetTask(res.examples, test_size=data_cfg.eval_size, name=t, skipped=res.skipped,
+    task = DatasetTask(res.examples, test_size=data_cfg.eval_size, max_test_fraction=data_cfg.eval_fraction_max, name=t, skipped=res.skipped,
                        duplicates=res.duplicates)
     return task
 

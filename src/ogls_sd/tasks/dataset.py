@@ -20,12 +20,15 @@ class DatasetTask:
     Args:
         examples: all examples.
         test_size: examples held out for ``split="test"`` (the last ones of the permutation).
+        max_test_fraction: at most this fraction of the examples (rounded down) is held out
+            (``data.eval_fraction_max``); at least one example always stays for training.
         name: a label for logs.
         mode: verifier mode (``math`` or ``exact``).
     """
 
     all_examples: list[Example]
     test_size: int = 0
+    max_test_fraction: float = 1.0
     name: str = "dataset"
     mode: str = "math"
     skipped: int = 0  # bad rows dropped by the loader (data.policy=skip)
@@ -37,9 +40,19 @@ class DatasetTask:
             raise ValueError(f"{self.name}: no examples")
         order = list(range(len(self.all_examples)))
         random.Random(f"{self.name}/split").shuffle(order)
-        n_test = min(self.test_size, len(order) - 1)
+        n_test = min(self.test_size, len(order) - 1, int(self.max_test_fraction * len(order) + 1e-9))
         self._test = [self.all_examples[i] for i in order[len(order) - n_test :]] if n_test > 0 else []
         self._train = [self.all_examples[i] for i in order[: len(order) - n_test]]
+
+    @property
+    def split_sizes(self) -> tuple[int, int]:
+        """``(training, held out)`` example counts."""
+        return len(self._train), len(self._test)
+
+    def split_line(self) -> str:
+        """What was split, for the console: ``data: N rows -> X training, Y held out``."""
+        n_train, n_test = self.split_sizes
+        return f"data: {len(self.all_examples)} rows -> {n_train} training, {n_test} held out"
 
     def examples(self, n: int, seed: int, split: str = "train") -> list[Example]:
         """``n`` examples. ``test``: the first ``n`` held-out ones (fixed). ``train``: a seeded
