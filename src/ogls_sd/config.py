@@ -89,7 +89,8 @@ class DataConfig(_Section):
     task: str = opt("arith", "Training data: 'arith' (built-in generator), 'reasoning_gym:<task>' (e.g. reasoning_gym:gsm_symbolic), 'champ', a local file (.jsonl/.json/.parquet/.csv) or a Hugging Face dataset id.")
     problem_column: str = opt("problem", "File/hub data: column holding the problem.")
     reference_column: str = opt("solution", "File/hub data: column holding the worked reference solution ('' for none).")
-    answer_column: str = opt("answer", "File/hub data: column holding the final answer.")
+    answer_column: str = opt("answer", "File/hub data: column holding the final answer (data.answer_from=column).")
+    answer_from: str = opt("column", "File/hub data: where the final answer comes from. column = data.answer_column; reference_boxed = the last non-empty outermost \\boxed{} of the reference column (data.reference_column), as in OpenThoughts-style data without an answer column: rows without one are bad rows (data.policy: error names the row, skip counts it); 'module:function' = your own extractor, called with the reference text, returning the answer string (raise to reject a row).")
     split: str = opt("train", "Hub data: split to load.")
     hub_config: str = opt("", "Hub data: configuration name (e.g. 'main' for openai/gsm8k).")
     policy: str = opt("error", "Bad data rows: stop with an error naming file, row and field, or skip and count them.", choices=("error", "skip"))
@@ -429,6 +430,13 @@ SIBLING_ALGORITHMS = ("ogls_sd", "grpo", "opsd_grpo")  # learn from differences 
 
 def validate(cfg: Config) -> None:
     """Checks across sections (each section checks its own fields in ``__post_init__``)."""
+    import re
+
+    af = cfg.data.answer_from
+    if af not in ("column", "reference_boxed") and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", af):
+        raise ConfigError(f"data.answer_from: {af!r} is not column, reference_boxed or module:function")
+    if af != "column" and not cfg.data.reference_column:
+        raise ConfigError(f"data.answer_from={af}: needs data.reference_column (the answer is taken from the reference)")
     if cfg.train.algorithm in SIBLING_ALGORITHMS and cfg.rollout.num_generations < 2:
         raise ConfigError(
             f"rollout.num_generations: must be >= 2 with train.algorithm={cfg.train.algorithm} (got "

@@ -720,3 +720,16 @@ def verify_batch(
             return v.verify_batch(completions, golds, mode=mode)
         finally:
             v.timeout = saved
+
+
+def boxed_answer(text: str) -> str:
+    """The answer a worked solution states: the content of its last non-empty outermost
+    ``\\boxed{}`` (the rule :func:`extract_answer` grades by). Raises ``ValueError`` when there is
+    none or when that box holds another box (a hedge): ``data.answer_from=reference_boxed``."""
+    box = _last_outermost_box(text)
+    if box is None or not box.strip():
+        raise ValueError("no \\boxed{} answer in the reference")
+    if "\\boxed" in box or "\\fbox" in box:
+        raise ValueError("the last \\boxed{} of the reference holds another box (a hedge)")
+    return box.strip()
+

@@ -22,16 +22,37 @@ def get_task(data_cfg):
     else:
         columns = {"problem": data_cfg.problem_column, "answer": data_cfg.answer_column,
                    "reference": data_cfg.reference_column or None}
+        transforms = None
+        if getattr(data_cfg, "answer_from", "column") != "column":  # the answer is derived from the reference
+            columns["answer"] = data_cfg.reference_column
+            transforms = {"answer": answer_extractor(data_cfg.answer_from)}
         res = files.load_examples(t, columns=columns, split=data_cfg.split, policy=data_cfg.policy,
-                                  max_chars=data_cfg.max_chars, config=data_cfg.hub_config or None)
+                                  max_chars=data_cfg.max_chars, config=data_cfg.hub_config or None,
+                                  transforms=transforms)
     files.require_examples(res, t)  # none usable: say how many rows were skipped and why
     task = DatasetTask(res.examples, test_size=data_cfg.eval_size, max_test_fraction=data_cfg.eval_fraction_max, name=t, skipped=res.skipped,
                        duplicates=res.duplicates)
     return task
 
 
+def answer_extractor(spec: str):
+    """``data.answer_from`` as a function reference text -> answer: ``reference_boxed`` (the last
+    non-empty outermost ``\\boxed{}``) or ``module:function`` (imported; the user's own code)."""
+    if spec == "reference_boxed":
+        from ..rewards.verifier import boxed_answer
+
+        return boxed_answer
+    import importlib
+
+    mod, _, fn = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"data.answer_from={spec}: cannot import {fn} from {mod} ({e})") from None
+
+
 def task_templates(task) -> dict | None:
     return ARITH_TEMPLATES if isinstance(task, ArithTask) else None
 
 
-__all__ = ["ArithTask", "get_task", "task_templates"]
+__all__ = ["ArithTask", "answer_extractor", "get_task", "task_templates"]
