@@ -97,3 +97,41 @@ def test_compare_end_to_end_tiny(tmp_path):
     rep2 = run_compare(out, ["opsd"], [0], style="plain", steps=2, eval_every=1, extra=extra)
     assert json.loads((out / "compare.json").read_text())["status"] == {"opsd/seed0": "cached"}
     assert rep2["methods"]["opsd"]["n"] == 1
+
+
+def test_single_run_report_plots_only_measured_points(tmp_path):
+    """A single run with accuracy measured before and after only: no AUC (needs >= 3 evaluations),
+    the accuracy plot shows two markers and no connecting line, the report is titled by the
+    algorithm as configured."""
+    import json
+
+    import yaml
+
+    from ogls_sd import report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"train": {"algorithm": "ogls_sd", "seed": 0}}))
+    recs = [{"step": 0, "eval/accuracy": 0.3}] + [{"step": s, "reward/mean": 0.1 * s} for s in range(1, 5)]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    (run / "summary.json").write_text(json.dumps({"accuracy_before": 0.3, "accuracy_after": 0.6}))
+    lines = []
+    import matplotlib.axes
+
+    orig = matplotlib.axes.Axes.plot
+
+    def spy(self, *a, **k):
+        lines.append(k)
+        return orig(self, *a, **k)
+
+    matplotlib.axes.Axes.plot = spy
+    try:
+        agg = report.write_report([run], tmp_path / "out")
+    finally:
+        matplotlib.axes.Axes.plot = orig
+    row = agg["methods"]["ogls_sd"]
+    assert row["auc"]["mean"] is None and row["accuracy_final"]["mean"] == 0.6
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert md.startswith("# Run report: ogls_sd")
+    acc = [k for k in lines if k.get("marker") == "o" and k.get("ms") == 5]
+    assert acc and all(k["ls"] == "none" for k in acc)

@@ -137,9 +137,10 @@ def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
 
 
 def _auc(curve: list[tuple[int, float]]) -> float | None:
-    """Mean accuracy over the training steps (trapezoid rule over the evaluated steps)."""
-    if len(curve) < 2:
-        return curve[0][1] if curve else None
+    """Mean accuracy over the training steps (trapezoid rule over the evaluated steps); None with
+    fewer than 3 evaluations (two points would only say "the mean of before and after")."""
+    if len(curve) < 3:
+        return None
     area = sum((s1 - s0) * (a0 + a1) / 2 for (s0, a0), (s1, a1) in zip(curve, curve[1:]))
     span = curve[-1][0] - curve[0][0]
     return area / span if span > 0 else curve[-1][1]
@@ -283,7 +284,9 @@ def plot_all(runs: list[RunLog], out: Path) -> list[Path]:
             if key.startswith("markers/") and not any(r.series("reward/mean") for r in rs):
                 continue  # no rollouts (SFT): nothing was generated to count markers in
             col = colours(i % 10)
-            ax.plot(xs, mu, label=f"{m} (n={len(rs)})", color=col, lw=1.6, marker="o" if key == "eval/accuracy" else None, ms=3)
+            sparse = len(xs) < 3  # two measurements joined by a line would suggest a curve that was not measured
+            ax.plot(xs, mu, label=f"{m} (n={len(rs)})", color=col, lw=1.6, ls="none" if sparse else "-",
+                    marker="o" if key == "eval/accuracy" or sparse else None, ms=5 if sparse else 3)
             if len(rs) > 1:
                 ax.fill_between(xs, lo, hi, color=col, alpha=0.15, lw=0)
             drawn += 1
@@ -331,7 +334,8 @@ def write_report(paths: list[str | Path], out: str | Path, threshold: float | No
         meta = json.loads((out / "compare.json").read_text())
         agg["compare"] = {k: meta.get(k) for k in ("methods", "seeds", "style", "steps", "eval_every", "extra", "wall_seconds")}
     (out / "report.json").write_text(json.dumps(agg, indent=1))
-    md = ["# Comparison report", ""]
+    single = not meta and len({r.method for r in runs}) == 1
+    md = [f"# Run report: {runs[0].method}" if single else "# Comparison report", ""]
     if meta:
         md += [f"Task style `{meta.get('style')}`, {meta.get('steps')} steps, seeds {meta.get('seeds')}, "
                f"held-out accuracy every {meta.get('eval_every')} steps; extra overrides: {meta.get('extra') or 'none'}.", ""]
