@@ -139,7 +139,7 @@ def test_allowed_resume_changes_unit():
 
     old = Config.load(None, ["train.steps=2"]).to_dict()
     new = Config.load(None, ["train.steps=5", "train.resume=latest", "eval.every=2", "train.report_to=none"]).to_dict()
-    assert check_resume_config(Path("c"), old, new) == {"train.steps": (2, 5), "eval.every": (0, 2),
+    assert check_resume_config(Path("c"), old, new) == {"train.steps": (2, 5), "eval.every": (10, 2),
                                                         "train.report_to": ("tensorboard", "none")}
     bad = Config.load(None, ["train.steps=5", "rollout.temperature=0.5", "train.micro_batch_size=4"]).to_dict()
     with pytest.raises(CheckpointError, match=r"rollout.temperature: 1.0 -> 0.5, train.micro_batch_size: 16 -> 4"):

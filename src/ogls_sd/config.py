@@ -292,7 +292,7 @@ class EvalConfig(_Section):
     _positive = ("max_new_tokens", "batch_size", "k")
     _nonneg = ("every",)
     before_after: bool = opt(True, "Measure held-out greedy accuracy before and after training.")
-    every: int = opt(0, "Record held-out greedy accuracy as eval/accuracy in metrics.jsonl every N steps (and at step 0 when before_after); 0 = off.")
+    every: int = opt(10, "Record held-out greedy accuracy as eval/accuracy in metrics.jsonl every N steps (and at step 0 when before_after), so reports have an accuracy curve; 0 = off.")
     benchmarks: list = opt(None, "With eval.every: also run the eval harness (as `ogls-sd eval`) on these benchmarks every N steps, writing <output_dir>/eval/step_N/results.json and generations_*.jsonl. Same syntax as `ogls-sd eval -b`: task, a registry name, NAME=PATH, or a data file; comma-separated on the command line.", factory=list)
     k: int = opt(1, "eval.benchmarks: samples per problem (avg@k, pass@k, maj@k).")
     seed: int = opt(0, "eval.benchmarks: sampling seed (the training RNG is left untouched).")
