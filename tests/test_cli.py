@@ -37,8 +37,9 @@ def test_train_end_to_end_writes_summary_metrics_and_checkpoint(tmp_path):
         assert k in summary
     assert summary["steps"] == 2 and summary["algorithm"] == "ogls_sd"
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines] == [1, 2]
-    assert {"reward/mean", "kl/token", "groups/all_incorrect", "grad_norm", "completion/len_mean"} <= set(lines[0])
+    assert [r["step"] for r in lines] == [0, 1, 2]  # step 0: held-out accuracy before training (eval.every)
+    assert "eval/accuracy" in lines[0] and "reward/mean" in lines[1]
+    assert {"reward/mean", "kl/token", "groups/all_incorrect", "grad_norm", "completion/len_mean"} <= set(lines[1])
     assert (out / "config.yaml").is_file()
     ckpt = out / "checkpoints" / "step_000002"
     assert (ckpt / "model" / "model.safetensors").is_file()
