@@ -49,3 +49,27 @@ def tiny_cfg(tmp_path):
         return Config.load(None, TINY_OVERRIDES + [f"warmstart.cache_dir={tmp_path / 'ws'}",
                                                    f"train.output_dir={tmp_path / 'run'}", *extra])
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only add contention (and stall badly on a busy 2-core box).
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+VERIFIER_TIMEOUT = 2.0  # per-item deadline of the verifier the tests share
+
+
+@pytest.fixture(scope="module")
+def verifier():
+    """A verifier with two workers and a short deadline, closed after the module."""
+    from ogls_sd.rewards.verifier import Verifier
+
+    v = Verifier(timeout=VERIFIER_TIMEOUT, max_workers=2)
+    yield v
+    v.close()
+

@@ -18,12 +18,7 @@ from ogls_sd.losses.divergence import forward_kl, generalized_jsd, reverse_kl, t
 TOL = 1e-12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors, one torch thread
 
 
 # ---------------------------------------------------------------------------- naive helpers

@@ -17,12 +17,7 @@ BOUND = 1e-2
 SPECS = {"jsd05": DivergenceSpec(divergence="jsd", beta=0.5), "fkl": DivergenceSpec()}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors, one torch thread
 
 
 def make_case(kind: str, N=24, H=64, V=509, seed=0):

@@ -11,15 +11,12 @@ from hypothesis import strategies as st
 
 from ogls_sd.rewards import REASONS, Verifier, VerifyResult, extract_answer, normalize_answer, verify
 
-TIMEOUT = 2.0
+from conftest import VERIFIER_TIMEOUT
+
+TIMEOUT = VERIFIER_TIMEOUT  # the deadline of the shared `verifier` fixture (conftest)
 SLACK = 10.0  # generous bound on top of the timeout: pool restarts on a loaded 2-core machine
 
 
-@pytest.fixture(scope="module")
-def verifier():
-    v = Verifier(timeout=TIMEOUT, max_workers=2)
-    yield v
-    v.close()
 
 
 # ------------------------------------------------------------------------------------ extraction

@@ -13,15 +13,12 @@ import pytest
 
 from ogls_sd.rewards import REASONS, Verifier, extract_answer, normalize_answer
 
-TIMEOUT = 2.0
+from conftest import VERIFIER_TIMEOUT
+
+TIMEOUT = VERIFIER_TIMEOUT  # the deadline of the shared `verifier` fixture (conftest)
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
-@pytest.fixture(scope="module")
-def verifier():
-    v = Verifier(timeout=TIMEOUT, max_workers=2)
-    yield v
-    v.close()
 
 
 # ------------------------------------------------------------- 10. nested boxes, hedges, empty boxes

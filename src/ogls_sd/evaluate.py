@@ -31,10 +31,10 @@ def check_prompt_fits(example: Example, kind: str, n_tokens: int, max_new_tokens
 
 
 def check_eval_prompts(examples: list[Example], prompt_ids: list[list[int]], max_new_tokens: int,
-                       limit: int | None, where: str = "held-out example") -> None:
-    """:func:`check_prompt_fits` for evaluation prompts (student prompts, ``eval.max_new_tokens``)."""
+                       limit: int | None, where: str = "held-out example", kind: str = "student") -> None:
+    """:func:`check_prompt_fits` for evaluation prompts (``kind`` prompts, ``eval.max_new_tokens``)."""
     for ex, ids in zip(examples, prompt_ids):
-        check_prompt_fits(ex, "student", len(ids), max_new_tokens, limit, "eval.max_new_tokens", where)
+        check_prompt_fits(ex, kind, len(ids), max_new_tokens, limit, "eval.max_new_tokens", where)
 
 
 @dataclass
@@ -47,13 +47,15 @@ class EvalResult:
 
 
 def evaluate_accuracy(model, tokenizer, prompts: PromptBuilder, task, examples: list[Example],
-                      max_new_tokens: int, batch_size: int = 100, params: SamplingParams | None = None) -> EvalResult:
-    """Greedy (default) accuracy of ``model`` on ``examples`` graded by ``task.reward``. A prompt
-    that cannot fit the model's context with ``max_new_tokens`` is an error (:func:`check_prompt_fits`),
-    before anything is generated."""
+                      max_new_tokens: int, batch_size: int = 100, params: SamplingParams | None = None,
+                      prompt_ids: list[list[int]] | None = None, kind: str = "student") -> EvalResult:
+    """Greedy (default) accuracy of ``model`` on ``examples`` graded by ``task.reward``, from the
+    student prompts or from ``prompt_ids`` (one per example; ``kind`` names them in errors, e.g. the
+    warm start's privileged and context formats). A prompt that cannot fit the model's context with
+    ``max_new_tokens`` is an error (:func:`check_prompt_fits`), before anything is generated."""
     params = params or SamplingParams(max_new_tokens=max_new_tokens, greedy=True)
-    ids = [prompts.student_ids(ex) for ex in examples]
-    check_eval_prompts(examples, ids, params.max_new_tokens, context_limit(model))
+    ids = prompt_ids if prompt_ids is not None else [prompts.student_ids(ex) for ex in examples]
+    check_eval_prompts(examples, ids, params.max_new_tokens, context_limit(model), kind=kind)
     backend = HFBackend(model, prompts.pad_id, prompts.eos_id, batch_size)
     comps = backend.generate(ids, params)
     texts = [tokenizer.decode(c.ids, skip_special_tokens=True) for c in comps]

@@ -29,6 +29,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -87,6 +90,7 @@ def _sft_pairs(task, prompts: PromptBuilder, examples: list[Example], cfg: Confi
 
 
 FORMATS = ("student", "privileged", "context_correct", "context_wrong")
+TEMPLATE_OF = {"student": "student", "privileged": "teacher", "context_correct": "context", "context_wrong": "context"}
 
 
 def validation_examples(task, cfg: Config) -> list[Example]:
@@ -104,13 +108,12 @@ def format_accuracies(model, tok, prompts: PromptBuilder, task, examples: list[E
     template); ``context_correct`` / ``context_wrong``: the context template with the correct
     student-style solution / a :meth:`wrong_attempt` as the earlier attempt (one fixed wrong attempt
     per problem, seeded). The generation budget is ``eval.max_new_tokens`` (twice that for the
-    privileged format, whose templated references are longer).
+    privileged format, whose templated references are longer). Each format is scored by
+    :func:`ogls_sd.evaluate.evaluate_accuracy` (same context check, same grading).
     """
-    from .rollout import HFBackend, SamplingParams
+    from .evaluate import evaluate_accuracy
 
     rng = random.Random(f"warmstart/check/{cfg.data.seed}")
-    backend = HFBackend(model, prompts.pad_id, prompts.eos_id, cfg.eval.batch_size)
-    budget = cfg.eval.max_new_tokens
     out = {}
     for fmt in formats:
         if fmt == "student":
@@ -122,10 +125,9 @@ def format_accuracies(model, tok, prompts: PromptBuilder, task, examples: list[E
                         for ex in examples]
             ps = [prompts.context_ids(ex, prompts.text_ids(a), cfg.steering.max_context_tokens)
                   for ex, a in zip(examples, attempts)]
-        n = budget * 2 if fmt == "privileged" else budget
-        comps = backend.generate(ps, SamplingParams(max_new_tokens=n, greedy=True))
-        texts = [tok.decode(c.ids, skip_special_tokens=True) for c in comps]
-        out[fmt] = sum(task.reward(t, ex.answer) > 0.5 for t, ex in zip(texts, examples)) / max(1, len(examples))
+        n = cfg.eval.max_new_tokens * (2 if fmt == "privileged" else 1)
+        out[fmt] = evaluate_accuracy(model, tok, prompts, task, examples, n, cfg.eval.batch_size,
+                                     prompt_ids=ps, kind=TEMPLATE_OF[fmt]).accuracy
     return out
 
 
@@ -148,9 +150,6 @@ def clean_stale_temporaries(cache_dir: Path) -> list[Path]:
     """Remove ``<key>.tmp<PID>`` directories left by a warm start that was killed while saving
     (their process is gone, and they are over a minute old: a temporary lives for the seconds of a
     save); returns what was removed. A live process's temporary is kept."""
-    import re
-    import shutil
-
     removed = []
     if not cache_dir.is_dir():
         return removed
@@ -166,8 +165,6 @@ def clean_stale_temporaries(cache_dir: Path) -> list[Path]:
             alive = False
         except PermissionError:
             alive = True
-        import time
-
         old = time.time() - d.stat().st_mtime > 60  # not one being renamed this second (another node's)
         if old and (pid == os.getpid() or not alive):
             shutil.rmtree(d, ignore_errors=True)
@@ -250,7 +247,5 @@ def warm_start(cfg: Config, task, task_templates: dict | None, progress=None):
     except OSError:  # a concurrent run (another node, another process) finished first: use its copy
         if not (path / "model.safetensors").is_file():
             raise
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32), tok, path
