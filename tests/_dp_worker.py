@@ -1,11 +1,13 @@
 """One optimizer step of an algorithm on hand-made rollouts, with the trainer's own ``optimize``;
 run by ``tests/test_data_parallel.py`` under ``torchrun`` with 1 and with 2 processes.
 
-Usage: ``torchrun --nproc_per_node N tests/_dp_worker.py OUT_DIR CASE [CASE ...]`` where a CASE is
-``NAME=ALGORITHM[,OVERRIDE,...]`` (``python tests/_dp_worker.py ...`` runs one process).
+Usage: ``torchrun --nproc_per_node N tests/_dp_worker.py [--fsdp] OUT_DIR CASE [CASE ...]`` where a
+CASE is ``NAME=ALGORITHM[,OVERRIDE,...]`` (``python tests/_dp_worker.py ...`` runs one process).
 For each case every rank builds the same tiny model and the same 4 prompt groups, keeps its share
 of the groups (the trainer's ``rank_slice``), takes 2 optimizer steps, and writes its parameters
-to ``OUT_DIR/NAME/ws{N}_rank{R}.safetensors``.
+to ``OUT_DIR/NAME/ws{N}_rank{R}.safetensors``. With ``--fsdp`` the model (and the teacher copy) is
+sharded with FSDP2 (``ogls_sd.sharding``) as the trainer does with ``train.fsdp=true``, and rank 0
+writes the gathered full weights to ``OUT_DIR/NAME/fsdp{N}_rank0.safetensors``.
 """
 
 import json
@@ -23,6 +25,7 @@ from safetensors.torch import save_file
 from ogls_sd.algorithms import Group, Rollout, StepBatch, build_algorithm, teacher_kind
 from ogls_sd.config import Config
 from ogls_sd.distributed import globalize_plan, rank_slice, shutdown, world
+from ogls_sd.sharding import Sharding
 from ogls_sd.tasks.arith import TEMPLATES, ArithTask
 from ogls_sd.teacher import Teacher
 from ogls_sd.templates import PromptBuilder
@@ -55,16 +58,19 @@ build_needs_rollouts = True
 
 
 def main() -> None:
-    out, cases = Path(sys.argv[1]), sys.argv[2:]
+    args = sys.argv[1:]
+    fsdp = "--fsdp" in args
+    args = [a for a in args if a != "--fsdp"]
+    out, cases = Path(args[0]), args[1:]
     accel = Accelerator(cpu=True)
     for case in cases:
         name, spec = case.split("=", 1)
         algorithm, *overrides = spec.split(",")
-        run_case(accel, out / name, algorithm, overrides)
+        run_case(accel, out / name, algorithm, overrides, fsdp)
     shutdown()
 
 
-def run_case(accel, out: Path, algorithm: str, overrides: list[str]) -> None:
+def run_case(accel, out: Path, algorithm: str, overrides: list[str], fsdp: bool = False) -> None:
     global build_needs_rollouts
     rank, ws = world()
     cfg = Config.load(None, [f"train.algorithm={algorithm}", "train.micro_batch_size=3", "train.max_grad_norm=0.5",
@@ -83,18 +89,38 @@ def run_case(accel, out: Path, algorithm: str, overrides: list[str]) -> None:
     teacher = Teacher(model, teacher_kind(cfg), cfg.teacher.ema_decay, lora=cfg.model.lora)
     algo = build_algorithm(cfg, model, teacher, pb)
     build_needs_rollouts = algo.needs_rollouts
+    shard = Sharding(model, teacher.copy, lora=cfg.model.lora) if fsdp else None
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = accel.prepare(torch.optim.AdamW(params, lr=cfg.train.lr))
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr)
+    if shard is None:
+        opt = accel.prepare(opt)
     batch = batch_for_rank(tok, pb)
     for step in range(2):
+        if shard is not None:
+            shard.gather()  # as the trainer: the plan's teacher passes run on gathered parameters
         plan = algo.plan(batch, step)
         globalize_plan(plan)
-        res = optimize(cfg, algo, plan, accel, model, params, opt, teacher)
+        res = optimize(cfg, algo, plan, accel, model, params, opt, teacher, shard=shard)
         assert not res.skipped
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, out / f"ws{ws}_rank{rank}.safetensors")
-    (out / f"ws{ws}_rank{rank}.gradnorm").write_text(repr(res.grad_norm))
-    (out / f"ws{ws}_rank{rank}.agg.json").write_text(json.dumps(res.agg))
+    tag = f"fsdp{ws}" if fsdp else f"ws{ws}"
+    sd = shard.full_state_dict() if shard is not None else model.state_dict()
+    if shard is None or rank == 0:
+        save_file({k: v.detach().contiguous().clone() for k, v in sd.items()}, out / f"{tag}_rank{rank}.safetensors")
+    if shard is not None:  # what this rank holds at rest, and the weights a vLLM engine would receive
+        from torch.distributed.tensor import DTensor
+
+        from ogls_sd.rollout.vllm_backend import full_weights
+
+        local = sum(p.to_local().numel() if isinstance(p, DTensor) else 0 for p in model.parameters())
+        total = sum(p.numel() for p in model.parameters() if isinstance(p, DTensor))
+        (out / f"{tag}_rank{rank}.held.json").write_text(json.dumps({"local": local, "total": total}))
+        with full_weights(model) as weights:  # every rank: each tensor is gathered collectively
+            pushed = {name: t.detach().clone() for name, t in weights}
+        if rank == 0:
+            save_file(pushed, out / f"{tag}_rank0.vllm.safetensors")
+    (out / f"{tag}_rank{rank}.gradnorm").write_text(repr(res.grad_norm))
+    (out / f"{tag}_rank{rank}.agg.json").write_text(json.dumps(res.agg))
 
 
 if __name__ == "__main__":

@@ -138,13 +138,24 @@ def test_gradient_buckets_cover_every_parameter_once(tmp_path):
     assert res.stdout.count("ok") == 2
 
 
-@pytest.mark.parametrize("mode", ["FSDP", "DEEPSPEED"])
-def test_sharded_modes_are_refused_with_a_clear_error(tiny_cfg, monkeypatch, mode):
+def test_deepspeed_is_refused_with_a_clear_error(tiny_cfg, monkeypatch):
     import accelerate
     from accelerate.utils import DistributedType
 
     from ogls_sd.trainer import train
 
-    monkeypatch.setattr(accelerate.Accelerator, "distributed_type", property(lambda self: DistributedType[mode]))
-    with pytest.raises(NotImplementedError, match=rf"{mode} is not supported.*ddp\.yaml"):
+    monkeypatch.setattr(accelerate.Accelerator, "distributed_type", property(lambda self: DistributedType.DEEPSPEED))
+    with pytest.raises(NotImplementedError, match=r"DEEPSPEED is not supported.*fsdp\.yaml.*ddp\.yaml"):
+        train(tiny_cfg())
+
+
+def test_accelerate_fsdp_turns_sharding_on(tiny_cfg, monkeypatch):
+    """An accelerate FSDP launch means train.fsdp (here with one process: the clear refusal)."""
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    from ogls_sd.trainer import train
+
+    monkeypatch.setattr(accelerate.Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
+    with pytest.raises(ValueError, match=r"train\.fsdp=true shards across processes"):
         train(tiny_cfg())

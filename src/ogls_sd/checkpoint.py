@@ -41,6 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 MANIFEST = "manifest.json"
+SHARDED = "sharded"  # torch.distributed.checkpoint files of an FSDP2 run (optimizer, EMA teacher)
 FORMAT = 2  # 1: no manifest, no config in state.json
 STEP_DIR = re.compile(r"step_(\d+)")
 
@@ -177,8 +178,15 @@ def write_manifest(ckpt: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, teacher, keep_last: int = 2,
-                    extra: dict | None = None) -> Path:
+                    extra: dict | None = None, state_dict: dict | None = None, sharded_dir: Path | None = None,
+                    rng_ranks: list | None = None) -> Path:
     """Write ``checkpoints/step_<step>`` atomically; keep the newest ``keep_last`` (0 = all).
+
+    Several processes: ``rng_ranks`` holds every rank's RNG state (rank order). FSDP2
+    (``ogls_sd.sharding``): ``state_dict`` is the gathered full model (written as Hugging Face
+    safetensors instead of the model's own, sharded, tensors), and ``sharded_dir`` a directory
+    ``torch.distributed.checkpoint`` wrote with the optimizer (and EMA teacher) shards; it is moved
+    in as ``sharded/``, and ``trainer_state.pt`` then has ``optimizer: None``.
 
     Raises :class:`CheckpointError` (the ``.tmp`` directory removed, earlier checkpoints kept)
     when writing fails, e.g. "no space left on device"."""
@@ -189,16 +197,24 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sched
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        model.save_pretrained(tmp / "model")
+        if state_dict is not None:
+            model.save_pretrained(tmp / "model", state_dict=state_dict)
+        else:
+            model.save_pretrained(tmp / "model")
         tokenizer.save_pretrained(tmp / "model")
-        ema = teacher.state_dict() if teacher is not None else None
+        ema = teacher.state_dict() if teacher is not None and sharded_dir is None else None
+        if teacher is not None and sharded_dir is not None and teacher.copy is None:
+            ema = teacher.state_dict()  # LoRA EMA: the adapter EMA is replicated, not sharded
         if ema is not None:
             save_file({k: v.contiguous() for k, v in ema.items()}, tmp / "teacher_ema.safetensors")
+        if sharded_dir is not None:
+            shutil.move(str(sharded_dir), str(tmp / SHARDED))
         torch.save({
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer.state_dict() if sharded_dir is None else None,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "step": step,
             "rng": rng_state(),
+            **({"rng_ranks": rng_ranks} if rng_ranks is not None else {}),
         }, tmp / "trainer_state.pt")
         (tmp / "state.json").write_text(json.dumps({"format": FORMAT, "step": step, **(extra or {})}, indent=1))
         write_manifest(tmp)  # last: a manifest means every file above is complete
@@ -336,6 +352,15 @@ def read_state(ckpt: Path) -> dict:
             raise TypeError("not a JSON object")
         st["step"] = int(st["step"])
     return st
+
+
+def rank_rng(state: dict, rank: int, world_size: int) -> dict:
+    """This rank's RNG state from a trainer state: its own when the checkpoint recorded every
+    rank's (same number of processes), else the one saved (rank 0's)."""
+    ranks = state.get("rng_ranks")
+    if isinstance(ranks, list) and len(ranks) == world_size:
+        return ranks[rank]
+    return state["rng"]
 
 
 def load_trainer_state(ckpt: Path) -> dict:

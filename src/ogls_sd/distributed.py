@@ -90,6 +90,21 @@ def sum_dicts(d: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def gather_objects(obj) -> list:
+    """Every rank's ``obj`` in rank order (a collective); ``[obj]`` with one process."""
+    if world()[1] == 1:
+        return [obj]
+    parts: list = [None] * world()[1]
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op with one process)."""
+    if world()[1] > 1:
+        dist.barrier()
+
+
 def shutdown() -> None:
     """Wait for every rank, then tear the process group down (a no-op without one). Without it
     gloo's threads can abort the interpreter at exit ("terminate called without an active

@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,15 +25,18 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .algorithms import Group, Rollout, StepBatch, build_algorithm, teacher_kind
-from .checkpoint import (CheckpointError, check_resume_config, checkpoint_dirs, load_ema, load_model_weights,
-                         load_trainer_state, read_state, resolve_resume, restoring, save_checkpoint, set_rng_state, step_of,
-                         weights_fingerprint)
+from .checkpoint import (SHARDED, CheckpointError, check_resume_config, checkpoint_dirs, load_ema, load_model_weights,
+                         load_trainer_state, rank_rng, read_state, resolve_resume, restoring, rng_state, save_checkpoint,
+                         set_rng_state, step_of, weights_fingerprint)
 from .config import Config
-from .distributed import globalize_plan, rank_slice, sum_across_ranks, sum_dicts, sum_gradients, world
+from .distributed import (barrier, gather_objects, globalize_plan, rank_slice, sum_across_ranks, sum_dicts, sum_gradients,
+                          world)
 from .evaluate import check_eval_prompts, check_prompt_fits, context_limit, evaluate_accuracy
 from .markers import loop_fraction, marker_metrics
+from .modeling import unwrap
 from .models import load_policy
 from .runlock import holding_run_lock
+from .sharding import clip_grad_norm, is_sharded
 from .rollout import SamplingParams, build_backend
 from .teacher import Teacher
 from .templates import PromptBuilder
@@ -204,15 +208,22 @@ def check_context(groups: list[Group], max_new_tokens: int, limit: int | None) -
             check_prompt_fits(g.example, kind, len(ids), max_new_tokens, limit)
 
 
-def optimize(cfg: Config, algo, plan, accel, policy, params, opt, teacher) -> Optimized:
+def optimize(cfg: Config, algo, plan, accel, policy, params, opt, teacher, shard=None) -> Optimized:
     """Steps 4–6: loss terms over micro-batches (gradient accumulation), clip, optimizer step,
     teacher update. ``inner_steps > 1`` (GRPO's PPO epochs) repeats this on the same plan; the
-    reported terms and grad norm are then means. A non-finite loss or gradient skips the update."""
+    reported terms and grad norm are then means. A non-finite loss or gradient skips the update.
+
+    ``shard`` (FSDP2, :class:`~ogls_sd.sharding.Sharding`): the parameters are gathered for the
+    micro-batches, the gradients reduce-scattered into the shards, and the optimizer steps on the
+    shards (the step's other passes, rollouts and plan, ran gathered as well)."""
     agg: dict[str, float] = {}
     policy.train()
     inner = max(1, getattr(algo, "inner_steps", 1))
     gns, skipped = [], False
+    replicated = [p for p in params if not is_sharded(p)]  # data parallel: summed explicitly
     for _ in range(inner):
+        if shard is not None:
+            shard.gather()
         finite = True
         for micro in plan.micro_batches(cfg.train.micro_batch_size):
             with accel.autocast():  # train.mixed_precision (the model is not wrapped by accelerate)
@@ -226,9 +237,14 @@ def optimize(cfg: Config, algo, plan, accel, policy, params, opt, teacher) -> Op
                 agg[k] = agg.get(k, 0.0) + v
         # data parallel: every rank must take part in the reduction, finite or not
         finite = sum_across_ranks([0.0 if finite else 1.0])[0] == 0.0
+        if shard is not None:  # FSDP2: every rank reduce-scatters (also a step about to be skipped)
+            shard.reduce_gradients()
+            shard.release()
         if finite:
-            sum_gradients(params)
-            if cfg.train.max_grad_norm > 0:
+            sum_gradients(replicated)
+            if shard is not None:
+                gn = clip_grad_norm(params, cfg.train.max_grad_norm)
+            elif cfg.train.max_grad_norm > 0:
                 gn = float(accel.clip_grad_norm_(params, cfg.train.max_grad_norm))
             else:
                 gn = float(torch.linalg.vector_norm(torch.stack(
@@ -298,7 +314,6 @@ def step_record(step: int, batch: StepBatch, plan, res: Optimized, lr: float, t:
 def harness_eval(cfg: Config, policy, tok, task, task_tpl, info: dict, out: Path, console: Console) -> None:
     """``eval.benchmarks`` during training: the files of ``ogls-sd eval`` for this step, under the
     eval seed; the training RNG state is restored afterwards, so the run's rollouts do not change."""
-    from .checkpoint import rng_state
     from .eval_harness import BenchmarkSpec, evaluate_benchmarks
 
     saved = rng_state()
@@ -308,6 +323,11 @@ def harness_eval(cfg: Config, policy, tok, task, task_tpl, info: dict, out: Path
     finally:
         set_rng_state(saved)
         policy.train()
+
+
+def _accelerate_fsdp() -> bool:
+    """``accelerate launch`` with an FSDP config (configs/accelerate/fsdp.yaml) sets this."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
 
 
 def _warn(console: Console, msg: str) -> None:
@@ -406,15 +426,20 @@ def train(cfg: Config, console: Console | None = None) -> dict:
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state(reset_partial_state=True)
-    accel = Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision)
-    if accel.distributed_type.name in ("FSDP", "DEEPSPEED"):
+    fsdp = cfg.train.fsdp or _accelerate_fsdp()
+    # FSDP2: train.mixed_precision becomes the sharding's policy (accelerate's autocast stays off)
+    accel = Accelerator(cpu=cpu, mixed_precision="no" if fsdp else cfg.train.mixed_precision)
+    fsdp = fsdp or accel.distributed_type.name == "FSDP"
+    if accel.distributed_type.name == "DEEPSPEED":
         raise NotImplementedError(
-            f"{accel.distributed_type.name} is not supported by the trainer yet: it replicates the model on every "
-            "process (data parallel, gradients summed across ranks). Use configs/accelerate/ddp.yaml, and LoRA "
-            "(model.lora=true) or a smaller model if the full model does not fit one GPU.")
+            "DEEPSPEED is not supported by the trainer: use configs/accelerate/fsdp.yaml (FSDP2 sharding, "
+            "docs/scaling.md) or configs/accelerate/ddp.yaml (data parallel; LoRA if the model does not fit one GPU)")
     if world()[1] != accel.num_processes:
         raise RuntimeError(f"accelerate sees {accel.num_processes} process(es) but torch.distributed has {world()[1]}; "
                            "launch with `accelerate launch` or `torchrun` and train.device set explicitly")
+    if fsdp and world()[1] < 2:
+        raise ValueError("train.fsdp=true shards across processes: launch several (accelerate launch --config_file "
+                         "configs/accelerate/fsdp.yaml, or torchrun --nproc_per_node N); with one process leave it off")
     if accel.is_main_process:
         cfg.save(run / "config.yaml")
     else:  # data parallel: one rank reports (errors still raise on every rank)
@@ -432,8 +457,16 @@ def train(cfg: Config, console: Console | None = None) -> dict:
     prompts = PromptBuilder(tok, cfg.templates, task_tpl)
     # algorithms that never read the teacher (SFT, RFT, GRPO without KL) get no teacher copy
     teacher = Teacher(policy, teacher_kind(cfg), cfg.teacher.ema_decay, lora=cfg.model.lora)
+    if resume_from is not None:  # after the teacher copy (θ₀), before sharding
+        load_model_weights(resume_from, policy)
+    shard = None
+    if fsdp:  # FSDP2: the policy and the teacher copy sharded (sharding.py)
+        from .sharding import Sharding
+
+        shard = Sharding(policy, teacher.copy, lora=cfg.model.lora, mixed_precision=cfg.train.mixed_precision)
+    step_scope = shard.gathered if shard is not None else contextlib.nullcontext  # a step's compute: gathered
     algo = build_algorithm(cfg, policy, teacher, prompts)
-    algo.context_limit = getattr(policy.config, "max_position_embeddings", None)
+    algo.context_limit = getattr(unwrap(policy).config, "max_position_embeddings", None)
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched = build_scheduler(cfg, opt)
@@ -453,18 +486,24 @@ def train(cfg: Config, console: Console | None = None) -> dict:
                       "(the first is kept, so no problem is both trained on and held out)")
     start = 0
     if resume_from is not None:
-        load_model_weights(resume_from, policy)
         state = load_trainer_state(resume_from)
         start = int(state["step"])
         if start != resume_state["step"]:
             raise CheckpointError(f"{resume_from}: trainer_state.pt is at step {start} but state.json at step "
                                   f"{resume_state['step']}")
+        if shard is not None:  # optimizer (and EMA copy) shards: torch.distributed.checkpoint
+            if not (resume_from / SHARDED).is_dir():
+                raise CheckpointError(f"{resume_from}: no {SHARDED}/ directory (not written by a train.fsdp run)")
+            with restoring(resume_from / SHARDED, "sharded optimizer / EMA teacher state"):
+                shard.load_sharded(resume_from / SHARDED, opt, teacher)
         with restoring(resume_from / "trainer_state.pt", "optimizer or scheduler state"):
-            opt.load_state_dict(state["optimizer"])
+            if shard is None:
+                opt.load_state_dict(state["optimizer"])
             if state.get("scheduler"):
                 sched.load_state_dict(state["scheduler"])
         # a run with an EMA teacher cannot continue without its EMA state (never re-initialised)
-        ema = load_ema(resume_from, required=teacher.kind == "ema")
+        sharded_ema = shard is not None and teacher.copy is not None
+        ema = None if sharded_ema else load_ema(resume_from, required=teacher.kind == "ema")
         if ema is not None:
             with restoring(resume_from / "teacher_ema.safetensors", "EMA teacher state"):
                 teacher.load_state_dict(ema)
@@ -472,8 +511,10 @@ def train(cfg: Config, console: Console | None = None) -> dict:
         console.print(f"resuming from {resume_from} (step {start})")
 
     # The model is not wrapped (no DDP): the algorithms call the backbone directly, and gradients
-    # are summed across ranks explicitly after the micro-batch loop (distributed.py).
-    opt = accel.prepare(opt)
+    # are summed across ranks explicitly after the micro-batch loop (distributed.py), or
+    # reduce-scattered into the shards (sharding.py).
+    if shard is None:
+        opt = accel.prepare(opt)
     rank, world_size = world()
     summary["processes"] = world_size
     is_main = rank == 0
@@ -493,7 +534,8 @@ def train(cfg: Config, console: Console | None = None) -> dict:
         """Greedy accuracy on the held-out set; with several processes each evaluates every
         world_size-th problem and the counts are summed (one process: the whole set)."""
         share = heldout[rank::world_size]
-        res = evaluate_accuracy(policy, tok, prompts, task, share, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+        with step_scope():
+            res = evaluate_accuracy(policy, tok, prompts, task, share, cfg.eval.max_new_tokens, cfg.eval.batch_size)
         correct, n = sum_across_ranks([float(sum(res.correct)), float(len(share))])
         return correct / max(1.0, n)
 
@@ -502,11 +544,36 @@ def train(cfg: Config, console: Console | None = None) -> dict:
                            context_limit(policy))
 
     def checkpoint(step: int) -> Path:
-        if not is_main:
-            return run / "checkpoints" / f"step_{step:06d}"
-        return save_checkpoint(run, step, accel.unwrap_model(policy), tok, opt, sched, teacher, cfg.train.keep_last,
-                               extra={"summary": {k: v for k, v in summary.items() if k.startswith("accuracy_") or k == "noop_steps"},
-                                      "config": cfg.to_dict(), "init_weights": init_weights})
+        """Every rank calls it: the ranks' RNG states are gathered, and with FSDP2 the full weights
+        (to rank 0) and the optimizer / EMA shards (every rank writes its own) too."""
+        final = run / "checkpoints" / f"step_{step:06d}"
+        rngs = gather_objects(rng_state()) if world_size > 1 else None
+        full_sd = shard.full_state_dict() if shard is not None and shard.sharded_trainable else None
+        sharded_dir = None
+        if shard is not None:
+            sharded_dir = run / "checkpoints" / f"step_{step:06d}.sharded.tmp"
+            if is_main:
+                shutil.rmtree(sharded_dir, ignore_errors=True)
+            barrier()
+            shard.save_sharded(sharded_dir, opt, teacher)
+            barrier()
+        failed: Exception | None = None
+        if is_main:
+            try:
+                final = save_checkpoint(
+                    run, step, accel.unwrap_model(policy), tok, opt, sched, teacher, cfg.train.keep_last,
+                    extra={"summary": {k: v for k, v in summary.items() if k.startswith("accuracy_") or k == "noop_steps"},
+                           "config": cfg.to_dict(), "init_weights": init_weights},
+                    state_dict=full_sd, sharded_dir=sharded_dir, rng_ranks=rngs)
+            except Exception as e:  # the other ranks must not wait for a checkpoint that will not come
+                failed = e
+        if world_size > 1 and sum_across_ranks([1.0 if failed else 0.0])[0]:
+            if failed is not None:
+                raise failed
+            raise CheckpointError(f"rank 0 could not write checkpoint {final} (its error is in rank 0's output)")
+        if failed is not None:
+            raise failed
+        return final
 
     if cfg.eval.before_after and "accuracy_before" not in summary:
         summary["accuracy_before"] = held_out_accuracy()
@@ -517,7 +584,7 @@ def train(cfg: Config, console: Console | None = None) -> dict:
     # exactly the state saved with the checkpoint (last: everything above may draw random numbers).
     if resume_from is not None:
         with restoring(resume_from / "trainer_state.pt", "RNG state"):
-            set_rng_state(state["rng"])
+            set_rng_state(rank_rng(state, rank, world_size))  # each rank its own sampling stream
     else:
         set_seed(cfg.train.seed + rank)  # ranks sample different rollouts
     last_eval: tuple[int, float] | None = None  # (step, accuracy) of the latest eval.every measurement
@@ -529,13 +596,14 @@ def train(cfg: Config, console: Console | None = None) -> dict:
             bar = progress.add_task(f"{cfg.train.algorithm}", total=cfg.train.steps, completed=start, info="")
         for step in range(start, cfg.train.steps):
             t0 = time.time()
-            with accel.autocast():
-                batch = collect_rollouts(cfg, task, tok, prompts, backend, sampling, algo, step)  # 1–3
-            t1 = time.time()
-            with accel.autocast():
-                plan = algo.plan(batch, step)  # 4–6
-            globalize_plan(plan)  # loss normalisers of the whole (multi-rank) batch
-            res = optimize(cfg, algo, plan, accel, policy, params, opt, teacher)
+            with step_scope():  # FSDP2: gathered until optimize() reduce-scatters the gradients
+                with accel.autocast():
+                    batch = collect_rollouts(cfg, task, tok, prompts, backend, sampling, algo, step)  # 1–3
+                t1 = time.time()
+                with accel.autocast():
+                    plan = algo.plan(batch, step)  # 4–6
+                globalize_plan(plan)  # loss normalisers of the whole (multi-rank) batch
+                res = optimize(cfg, algo, plan, accel, policy, params, opt, teacher, shard)
             sched.step()
             if not res.skipped:
                 backend.sync_weights(policy)  # the rollout engine samples the next step from the new weights
@@ -550,7 +618,8 @@ def train(cfg: Config, console: Console | None = None) -> dict:
                 last_eval = (step + 1, held_out_accuracy())
                 rec["eval/accuracy"] = last_eval[1]
                 if cfg.eval.benchmarks and is_main:
-                    harness_eval(cfg, policy, tok, task, task_tpl, info, run / "eval" / f"step_{step + 1:06d}", console)
+                    with step_scope():
+                        harness_eval(cfg, policy, tok, task, task_tpl, info, run / "eval" / f"step_{step + 1:06d}", console)
             log.write(rec)
             if plain is None:
                 progress.update(bar, advance=1, info=f"reward {rec.get('reward/mean', 0.0):.3f}  loss {rec['loss']:.4f}  kl {rec['kl/token']:.3f}")

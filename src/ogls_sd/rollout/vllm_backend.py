@@ -287,9 +287,10 @@ def vllm_weights(model: nn.Module, merge_lora: bool = True) -> Iterator[tuple[st
         t = _full(p.detach())
         if name in layers:
             mod, active = layers[name]
-            merged = t.float()
+            acc = torch.promote_types(t.dtype, torch.float32)  # bf16 weights merge in fp32, fp64 stays fp64
+            merged = t.to(acc)
             for a in active:
-                merged = merged + _full(mod.get_delta_weight(a)).float().to(t.device)
+                merged = merged + _full(mod.get_delta_weight(a)).to(t.device, acc)
             t = merged.to(p.dtype)
         yield new, t
 
