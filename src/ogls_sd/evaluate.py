@@ -81,14 +81,53 @@ def load_for_eval(cfg, checkpoint: str | None):
     if not p.is_dir():
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such directory")
     if (p / "adapter_config.json").is_file():
-        from peft import AutoPeftModelForCausalLM
+        from peft import PeftModel
         from transformers import AutoTokenizer
 
-        model = AutoPeftModelForCausalLM.from_pretrained(p)
+        base, how = lora_base(p)
+        model = PeftModel.from_pretrained(base, p)
         tok = AutoTokenizer.from_pretrained(p)
-        info = {"checkpoint": str(p), "adapter": True}
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        tok.padding_side = "left"
+        info = {"checkpoint": str(p), "adapter": True, "base": how}
     else:
         tok, model = load_tokenizer_and_model(str(p))
         info = {"checkpoint": str(p), "adapter": False}
     task = get_task(cfg.data)
     return model, tok, task, task_templates(task), info
+
+
+def lora_base(adapter_dir):
+    """The base model of a LoRA checkpoint, loaded as the run loaded it: from the run's config in
+    the checkpoint's ``state.json`` (model name as the user gave it, ``model.gguf_file``,
+    ``model.dtype``; the tiny model's warm start), else from the adapter's
+    ``base_model_name_or_path`` (a hub id, a local path or a named model such as
+    ``smollm2-135m``). Returns ``(model, description)``."""
+    import json
+    from pathlib import Path
+
+    from .config import Config
+    from .models import load_policy, load_tokenizer_and_model
+
+    adapter_dir = Path(adapter_dir)
+    state = adapter_dir.parent / "state.json"
+    run_cfg = None
+    if state.is_file():
+        try:
+            run_cfg = json.loads(state.read_text()).get("config")
+        except ValueError:
+            run_cfg = None
+    if isinstance(run_cfg, dict) and isinstance(run_cfg.get("model"), dict):
+        cfg = Config.from_dict(run_cfg, source=str(state))
+        cfg.model.lora = False
+        cfg.model.gradient_checkpointing = False
+        base, _, _, _, _ = load_policy(cfg)
+        m = cfg.model
+        return base, f"{m.name}" + (f" ({m.gguf_file})" if m.gguf_file else "") + f", {m.dtype}, from {state}"
+    name = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+    if not name:
+        raise ValueError(f"{adapter_dir / 'adapter_config.json'}: no base_model_name_or_path, and no run config "
+                         f"({state}) to take the base model from")
+    _, base = load_tokenizer_and_model(name)
+    return base, f"{name}, from {adapter_dir / 'adapter_config.json'}"

@@ -95,5 +95,8 @@ def load_policy(cfg: Config, progress=None):
 
         model = get_peft_model(model, LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
                                                  target_modules=list(m.lora_target_modules), task_type="CAUSAL_LM"))
+        if m.name != "tiny":  # the adapter names the base as the user did (hub id, path, smollm2-135m), not a
+            for pc in model.peft_config.values():  # resolved path inside site-packages or a cache
+                pc.base_model_name_or_path = m.name
         info["lora"] = {"r": m.lora_r, "alpha": m.lora_alpha, "target_modules": list(m.lora_target_modules)}
     return model, tok, task, tpl, info
