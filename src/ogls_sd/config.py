@@ -87,6 +87,7 @@ class DataConfig(_Section):
     _positive = ("arith_digits", "arith_terms", "eval_size", "max_chars", "size")
     _unit = ("eval_fraction_max",)
     task: str = opt("arith", "Training data: 'arith' (built-in generator), 'reasoning_gym:<task>' (e.g. reasoning_gym:gsm_symbolic), 'champ', a local file (.jsonl/.json/.parquet/.csv) or a Hugging Face dataset id.")
+    mixture: list = opt(None, "Several training sources with sampling weights, SOURCE=WEIGHT entries (comma-separated on the command line), e.g. data/a.jsonl=0.7,reasoning_gym:gsm_symbolic=0.3. A source is anything data.task accepts except arith; each is loaded with the data.* column settings and holds out its own data.eval_size (capped by data.eval_fraction_max); every training prompt comes from a source drawn with probability proportional to its weight; the held-out sets are concatenated. When set, it replaces data.task.", factory=list)
     problem_column: str = opt("problem", "File/hub data: column holding the problem.")
     reference_column: str = opt("solution", "File/hub data: column holding the worked reference solution ('' for none).")
     answer_column: str = opt("answer", "File/hub data: column holding the final answer (data.answer_from=column).")
@@ -102,6 +103,15 @@ class DataConfig(_Section):
     eval_size: int = opt(200, "Held-out problems for accuracy before/after training. File/hub/reasoning_gym data: at most data.eval_fraction_max of the rows are held out (the rest train); the split is printed ('data: N rows -> X training, Y held out').")
     eval_fraction_max: float = opt(0.2, "File/hub/reasoning_gym data: the held-out split (data.eval_size) never takes more than this fraction of the rows (rounded down), so a small file keeps most rows for training. Raise it (up to 1; at least one row always trains) only to hold out more on purpose.")
     seed: int = opt(0, "Seed of the data generator (held-out problems use a disjoint stream).")
+
+    def validate(self) -> None:
+        if self.mixture:
+            from .tasks.mixture import parse_mixture
+
+            try:
+                parse_mixture(self.mixture)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
 
 
 @dataclass

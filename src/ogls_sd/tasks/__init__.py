@@ -7,14 +7,24 @@ from .arith import ArithTask
 
 
 def get_task(data_cfg):
-    """The task named by ``data.task`` (see its help text)."""
+    """The task named by ``data.task`` (see its help text), or the mixture ``data.mixture``."""
+    if getattr(data_cfg, "mixture", None):
+        from .mixture import MixtureTask, parse_mixture
+
+        pairs = parse_mixture(data_cfg.mixture)
+        return MixtureTask([load_source(src, data_cfg) for src, _ in pairs], [w for _, w in pairs])
+    if data_cfg.task == "arith":
+        return ArithTask(digits=data_cfg.arith_digits, terms=data_cfg.arith_terms,
+                         style=getattr(data_cfg, "arith_style", "plain"))
+    return load_source(data_cfg.task, data_cfg)
+
+
+def load_source(t: str, data_cfg):
+    """One data set (``reasoning_gym:<task>``, ``champ``, a file or a hub id) as a
+    :class:`~ogls_sd.tasks.dataset.DatasetTask`, with the ``data.*`` column settings."""
     from ..data import files
     from .dataset import DatasetTask
 
-    t = data_cfg.task
-    if t == "arith":
-        return ArithTask(digits=data_cfg.arith_digits, terms=data_cfg.arith_terms,
-                         style=getattr(data_cfg, "arith_style", "plain"))
     if t.startswith("reasoning_gym:"):
         res = files.load_reasoning_gym(t.split(":", 1)[1], size=data_cfg.size, seed=data_cfg.seed)
     elif t == "champ":
@@ -30,9 +40,8 @@ def get_task(data_cfg):
                                   max_chars=data_cfg.max_chars, config=data_cfg.hub_config or None,
                                   transforms=transforms)
     files.require_examples(res, t)  # none usable: say how many rows were skipped and why
-    task = DatasetTask(res.examples, test_size=data_cfg.eval_size, max_test_fraction=data_cfg.eval_fraction_max, name=t, skipped=res.skipped,
-                       duplicates=res.duplicates)
-    return task
+    return DatasetTask(res.examples, test_size=data_cfg.eval_size, max_test_fraction=data_cfg.eval_fraction_max, name=t,
+                       skipped=res.skipped, duplicates=res.duplicates)
 
 
 def answer_extractor(spec: str):
@@ -55,4 +64,4 @@ def task_templates(task) -> dict | None:
     return ARITH_TEMPLATES if isinstance(task, ArithTask) else None
 
 
-__all__ = ["ArithTask", "answer_extractor", "get_task", "task_templates"]
+__all__ = ["ArithTask", "answer_extractor", "get_task", "load_source", "task_templates"]
