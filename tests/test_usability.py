@@ -224,3 +224,27 @@ def test_plain_step_lines_when_stdout_is_not_a_terminal(tmp_path):
         assert re.fullmatch(rf"step {i}/3  reward \d\.\d{{3}}  loss -?\d+\.\d{{4}}  kl -?\d+\.\d{{4}}  tok/s \d+  "
                             r"eta \d+:\d\d:\d\d", ln), ln
     assert "━" not in res.output.split("step 1/3", 1)[-1]  # no training bar after the warm start
+
+
+def test_log_completions_writes_prompts_rollouts_rewards_and_pools(tiny_cfg, tmp_path):
+    """train.log_completions=N: every N steps the first prompts with their rollouts to
+    completions.jsonl (and TensorBoard text)."""
+    import json
+
+    from ogls_sd.trainer import train
+
+    cfg = tiny_cfg("train.steps=2", "train.log_completions=1", "train.log_completions_prompts=1",
+                   "eval.before_after=false", "eval.every=0")
+    train(cfg)
+    recs = [json.loads(l) for l in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2]
+    g = recs[0]["groups"]
+    assert len(g) == 1 and "<|user|>" in g[0]["prompt"] and g[0]["answer"]
+    assert len(g[0]["rollouts"]) == cfg.rollout.num_generations
+    for r in g[0]["rollouts"]:
+        assert r["pool"] == ("P" if r["reward"] > 0.5 else "N") and 0 < r["tokens"] <= cfg.rollout.max_new_tokens
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"tensors": 0})
+    ea.Reload()
+    assert "completions/text_summary" in ea.Tags()["tensors"]

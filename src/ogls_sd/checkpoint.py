@@ -438,7 +438,7 @@ def restoring(path: Path, what: str) -> Iterator[None]:
 RESUME_MUTABLE = frozenset({
     "train.steps",  # upward only (checked against the checkpoint's step)
     "train.save_every", "train.keep_last", "train.report_to", "train.output_dir", "train.resume",
-    "train.reflection_markers",  # logging only (markers/reflection)
+    "train.reflection_markers", "train.log_completions", "train.log_completions_prompts",  # logging only
     "train.max_nonfinite_steps",  # when to give up; changes no update
     "warmstart.cache_dir",  # a location: the initial weights themselves are checked by fingerprint
     "rollout.vllm_timeout_s", "rollout.vllm_sync_dir",  # a time limit, a location

@@ -272,7 +272,8 @@ ALGORITHMS = ("ogls_sd", "opsd", "sft", "rft", "grpo", "opsd_grpo")
 @dataclass
 class TrainConfig(_Section):
     _section = "train"
-    _nonneg = ("weight_decay", "max_grad_norm", "warmup_steps", "save_every", "keep_last")
+    _nonneg = ("weight_decay", "max_grad_norm", "warmup_steps", "save_every", "keep_last", "log_completions",
+               "log_completions_prompts")
     _positive = ("steps", "prompts_per_step", "lr", "micro_batch_size", "max_nonfinite_steps")
     algorithm: str = opt("ogls_sd", "Training algorithm: ogls_sd (method.md §3), opsd (§1), sft (NLL on reference solutions), rft (NLL on correct rollouts), grpo (RLVR), opsd_grpo (L_GRPO + hybrid.alpha * L_OPSD).", choices=ALGORITHMS)
     steps: int = opt(40, "Optimizer steps.")
@@ -291,6 +292,8 @@ class TrainConfig(_Section):
     mixed_precision: str = opt("no", "accelerate mixed precision (with train.fsdp: FSDP2's policy, bf16/fp16 parameters for compute and fp32 gradient reduction).", choices=("no", "bf16", "fp16"))
     fsdp: bool = opt(False, "Shard the policy, its gradients, optimizer state and the teacher copy across processes with FSDP2 (per decoder layer + root; docs/scaling.md). Also on when accelerate launches with configs/accelerate/fsdp.yaml. Needs several processes (accelerate launch or torchrun).")
     run_name: str = opt("", "Run name given to the tracker (train.report_to) and recorded as run_name in summary.json; '' = the name of train.output_dir.")
+    log_completions: int = opt(10, "Every N steps, write the step's first train.log_completions_prompts prompts with their rollouts (text), rewards and pools (P correct / N incorrect) to <output_dir>/completions.jsonl, and as text to TensorBoard; 0 = off.")
+    log_completions_prompts: int = opt(2, "Prompts per train.log_completions record.")
     report_to: str = opt("tensorboard", "Experiment tracker that also receives every metrics record: TensorBoard event files under <output_dir>/tb, none, wandb or trackio (the last two must be installed).", choices=("tensorboard", "none", "wandb", "trackio"))
     reflection_markers: list = opt(None, "Reflection markers counted per completion (case-insensitive) as markers/reflection (method.md §6).", factory=lambda: ["wait", "hmm", "let me check", "actually", "alternatively", "verify"])
     resume: str = opt("", "Resume: '' (start fresh), 'latest' (newest checkpoint in output_dir; fresh if none) or a checkpoint directory. Continues exactly: weights, optimizer, scheduler, EMA teacher, RNG states, data position. Checkpoints are verified against their sha256 manifest (latest falls back to the newest that verifies); a changed config field outside the allowed set (train.steps upward, saving, logging, eval, paths) or fewer train.steps than done is an error (docs/reliability.md).")

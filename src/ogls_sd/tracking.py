@@ -40,6 +40,9 @@ class Tracker:
     def log(self, rec: dict, step: int | None = None) -> None:
         pass
 
+    def text(self, tag: str, text: str, step: int) -> None:
+        """A text record (sample completions); trackers without text support ignore it."""
+
     def close(self) -> None:
         pass
 
@@ -57,6 +60,10 @@ class TensorBoardTracker(Tracker):
         step = int(rec.get("step", 0) if step is None else step)
         for k, v in _numeric(rec).items():
             self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        self.writer.add_text(tag, text, step)
         self.writer.flush()
 
     def close(self) -> None:

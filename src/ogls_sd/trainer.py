@@ -311,6 +311,32 @@ def step_record(step: int, batch: StepBatch, plan, res: Optimized, lr: float, t:
     return rec
 
 
+def completions_record(step: int, batch: StepBatch, tok, n_prompts: int) -> dict:
+    """``train.log_completions``: the first ``n_prompts`` prompts of a step (this process's share)
+    with their rollouts, rewards and pools, as one JSON record."""
+    groups = []
+    for g in batch.groups[:n_prompts]:
+        rolls = [batch.rollouts[i] for i in g.rollouts]
+        groups.append({
+            "prompt": tok.decode(g.student_prompt, skip_special_tokens=False),
+            "answer": g.example.answer,
+            "rollouts": [{"text": tok.decode(r.ids, skip_special_tokens=True), "reward": r.reward,
+                          "pool": "P" if r.correct else "N", "tokens": len(r.ids), "finished": r.finished} for r in rolls],
+        })
+    return {"step": step, "groups": groups}
+
+
+def completions_markdown(rec: dict) -> str:
+    """The record as Markdown (TensorBoard text)."""
+    out = []
+    for g in rec["groups"]:
+        out.append(f"**prompt** (answer `{g['answer']}`):\n\n    " + g["prompt"].replace("\n", "\n    "))
+        for k, r in enumerate(g["rollouts"]):
+            out.append(f"{k}. reward {r['reward']:g} ({r['pool']}, {r['tokens']} tokens"
+                       f"{'' if r['finished'] else ', truncated'}):\n\n    " + r["text"].replace("\n", "\n    "))
+    return "\n\n".join(out)
+
+
 def harness_eval(cfg: Config, policy, tok, task, task_tpl, info: dict, out: Path, console: Console) -> None:
     """``eval.benchmarks`` during training: the files of ``ogls-sd eval`` for this step, under the
     eval seed; the training RNG state is restored afterwards, so the run's rollouts do not change."""
@@ -525,6 +551,9 @@ def train(cfg: Config, console: Console | None = None) -> dict:
 
     log = MetricsLog(run / "metrics.jsonl", open_tracker(cfg.train.report_to, run, cfg.to_dict(), name=run_name) if is_main else None,
                      keep_until_step=start if resume_from is not None else None, enabled=is_main)
+    # train.log_completions (same resume rule as metrics.jsonl: records after the checkpoint dropped)
+    samples = MetricsLog(run / "completions.jsonl", None, keep_until_step=start if resume_from is not None else None,
+                         enabled=is_main)
     if resume_changes:  # settings changed on resume (only those that keep the run exact): on the record
         log.write({"step": start, "resume/changed": {k: [o, n] for k, (o, n) in resume_changes.items()}})
         console.print("resumed with changed settings: " + ", ".join(f"{k} {o!r} -> {n!r}" for k, (o, n) in resume_changes.items()),
@@ -621,6 +650,11 @@ def train(cfg: Config, console: Console | None = None) -> dict:
                     with step_scope():
                         harness_eval(cfg, policy, tok, task, task_tpl, info, run / "eval" / f"step_{step + 1:06d}", console)
             log.write(rec)
+            if is_main and batch.rollouts and cfg.train.log_completions and (step + 1) % cfg.train.log_completions == 0:
+                crec = completions_record(step + 1, batch, tok, cfg.train.log_completions_prompts)
+                samples.write(crec)
+                if log.tracker is not None:
+                    log.tracker.text("completions", completions_markdown(crec), step + 1)
             if plain is None:
                 progress.update(bar, advance=1, info=f"reward {rec.get('reward/mean', 0.0):.3f}  loss {rec['loss']:.4f}  kl {rec['kl/token']:.3f}")
             else:
@@ -634,12 +668,14 @@ def train(cfg: Config, console: Console | None = None) -> dict:
                                f"step/noop in metrics.jsonl): {noop_cause(cfg, rec)}")
             if nonfinite_run >= cfg.train.max_nonfinite_steps:
                 log.close()
+                samples.close()
                 ck = checkpoint(step + 1)
                 raise TrainingHalted(f"{nonfinite_run} consecutive steps had a non-finite loss or gradient (last: step "
                                      f"{step + 1}); stopped with checkpoint {ck}. Lower train.lr or check the data.")
             if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < cfg.train.steps:
                 checkpoint(step + 1)
     log.close()
+    samples.close()
 
     if start == cfg.train.steps and resume_from is not None and resume_from.parent.resolve() == (run / "checkpoints").resolve():
         ckpt = resume_from  # nothing was trained after it (a run killed before writing summary.json)
