@@ -102,7 +102,8 @@ def _train_cmd(out: Path, ws: Path, *extra: str) -> list[str]:
     over = [o for o in TINY_OVERRIDES if not o.startswith(("train.steps=", "train.prompts_per_step=", "model.tiny_layers="))]
     return ["-m", "ogls_sd.cli", "train", *over, "model.tiny_layers=2", f"warmstart.cache_dir={ws}",
             f"train.steps={STEPS}", "train.prompts_per_step=4", "train.save_every=1", "train.keep_last=10",
-            "steering.no_positive=reference", "eval.before_after=false", "eval.every=2", "-o", str(out), *extra]
+            "steering.no_positive=reference", "eval.before_after=false", "eval.every=2", "eval.benchmarks=task",
+            "-o", str(out), *extra]
 
 
 def _torchrun_cmd(*args: str) -> list[str]:
@@ -158,6 +159,7 @@ def test_trainer_under_fsdp_writes_a_loadable_checkpoint(trainer_runs):
     ck = full / "checkpoints" / f"step_{STEPS:06d}"
     assert (ck / "model" / "config.json").is_file() and (ck / "sharded").is_dir()
     assert [r["step"] for r in _metrics(full) if "loss" in r] == list(range(1, STEPS + 1))
+    assert (full / "eval" / "step_000002" / "results.json").is_file()  # eval.benchmarks during an FSDP2 run
     assert any(r.get("grad_norm") for r in _metrics(full))  # not a run of no-op steps
     # the full weights, as from_pretrained reads them (what ogls-sd eval and a hub upload use)
     from transformers import AutoModelForCausalLM

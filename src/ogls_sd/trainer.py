@@ -646,9 +646,11 @@ def train(cfg: Config, console: Console | None = None) -> dict:
             if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or step + 1 == cfg.train.steps):
                 last_eval = (step + 1, held_out_accuracy())
                 rec["eval/accuracy"] = last_eval[1]
-                if cfg.eval.benchmarks and is_main:
-                    with step_scope():
-                        harness_eval(cfg, policy, tok, task, task_tpl, info, run / "eval" / f"step_{step + 1:06d}", console)
+                if cfg.eval.benchmarks:
+                    with step_scope():  # FSDP2: every process gathers; process 0 evaluates
+                        if is_main:
+                            harness_eval(cfg, policy, tok, task, task_tpl, info, run / "eval" / f"step_{step + 1:06d}",
+                                         console)
             log.write(rec)
             if is_main and batch.rollouts and cfg.train.log_completions and (step + 1) % cfg.train.log_completions == 0:
                 crec = completions_record(step + 1, batch, tok, cfg.train.log_completions_prompts)
