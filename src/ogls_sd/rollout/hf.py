@@ -39,8 +39,11 @@ class HFBackend:
                 for r, p in enumerate(chunk):
                     ids[r, width - len(p) :] = torch.tensor(p)
                     att[r, width - len(p) :] = 1
+                # synced_gpus=False: transformers turns it on for FSDP-managed models (one all-reduce per
+                # token); under train.fsdp the weights are gathered for the whole step (sharding.py), so
+                # every process generates on its own, however long, and process 0 alone may evaluate.
                 kw = dict(do_sample=not params.greedy, max_new_tokens=params.max_new_tokens,
-                          pad_token_id=self.pad_id, eos_token_id=self.eos_id)
+                          pad_token_id=self.pad_id, eos_token_id=self.eos_id, synced_gpus=False)
                 if not params.greedy:
                     kw.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)  # 0 disables (HF would otherwise default to 50)
                 gen = model.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), **kw)
