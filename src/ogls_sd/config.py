@@ -278,7 +278,7 @@ class TrainConfig(_Section):
     algorithm: str = opt("ogls_sd", "Training algorithm: ogls_sd (method.md §3), opsd (§1), sft (NLL on reference solutions), rft (NLL on correct rollouts), grpo (RLVR), opsd_grpo (L_GRPO + hybrid.alpha * L_OPSD).", choices=ALGORITHMS)
     steps: int = opt(40, "Optimizer steps.")
     prompts_per_step: int = opt(8, "Prompts per optimizer step (each gets rollout.num_generations rollouts).")
-    micro_batch_size: int = opt(16, "Sequences per forward/backward micro-batch (gradient accumulation inside a step).")
+    micro_batch_size: int = opt(16, "Sequences per forward/backward micro-batch (gradient accumulation inside a step); also the most sequences per no-grad teacher forward pass (anchors, contexts, pools).")
     lr: float = opt(1e-4, "AdamW learning rate.")
     weight_decay: float = opt(0.0, "AdamW weight decay.")
     max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 = off).")

@@ -42,7 +42,8 @@ def build_algorithm(cfg, policy, teacher, prompts):
     name = cfg.train.algorithm
 
     def ogls(steering):
-        return OGLSSD(policy, teacher, prompts, steering, cfg.loss, cfg.rollout.max_new_tokens, seed=cfg.train.seed)
+        return OGLSSD(policy, teacher, prompts, steering, cfg.loss, cfg.rollout.max_new_tokens, seed=cfg.train.seed,
+                      teacher_batch=cfg.train.micro_batch_size)
 
     def grpo():
         return GRPO(policy, teacher, prompts, cfg.grpo, cfg.loss, temperature=cfg.rollout.temperature,

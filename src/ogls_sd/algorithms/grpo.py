@@ -147,7 +147,7 @@ class GRPO(Algorithm):
                 ro = [batch.rollouts[i] for i in chunk]
                 joined = [join_completion(batch.groups[r.group].student_prompt, r.ids) for r in ro]
                 sb = SeqBatch([q for q, _ in joined], [st for _, st in joined], [len(r.ids) for r in ro])
-                h = self.teacher.hidden(sb, self.pad_id)
+                h = self.teacher.hidden(sb, self.pad_id, self.plan_batch)
                 offsets = [0]
                 for r in ro:
                     offsets.append(offsets[-1] + len(r.ids))

@@ -70,7 +70,7 @@ class OGLSSD(Algorithm):
     name = "ogls_sd"
 
     def __init__(self, policy, teacher: Teacher, prompts: PromptBuilder, steering: SteeringConfig,
-                 loss: LossConfig, max_new_tokens: int, seed: int = 0):
+                 loss: LossConfig, max_new_tokens: int, seed: int = 0, teacher_batch: int = 16):
         self.policy, self.teacher, self.prompts = policy, teacher, prompts
         self.s, self.l = steering, loss
         self.max_new_tokens = max_new_tokens
@@ -79,6 +79,9 @@ class OGLSSD(Algorithm):
         self.token_logprobs = get_token_logprobs(loss.impl, loss.chunk_size)
         self.seed = seed
         self.pad_id = prompts.pad_id
+        # sequences per no-grad teacher forward (train.micro_batch_size): a micro-batch of 4 targets
+        # with 4 + 4 contexts is 36 sequences, each prompt + context + completion long
+        self.teacher_batch = max(1, teacher_batch)
 
     # ------------------------------------------------------------------ planning (no grad)
     def _ctx(self, g, attempt_ids: list[int]) -> list[int]:
@@ -176,7 +179,7 @@ class OGLSSD(Algorithm):
         def pooled(attempts: list[list[int]]) -> Tensor:
             seqs = [join_completion(g.teacher_prompt, a) for a in attempts]
             sb = SeqBatch([q for q, _ in seqs], [st for _, st in seqs], [len(a) for a in attempts])
-            h = self.teacher.hidden(sb, self.pad_id)
+            h = self.teacher.hidden(sb, self.pad_id, self.teacher_batch)
             return mean_log_softmax(h, w, b, self.l.chunk_size)
 
         # A pool without a single token (its attempts all empty, e.g. an empty reference) has no
@@ -263,7 +266,7 @@ class OGLSSD(Algorithm):
         def run(prompts: list[list[int]], tpi: list[int]) -> Tensor:
             seqs = [join_completion(p, batch.rollouts[tps[t].rollout].ids) for p, t in zip(prompts, tpi)]
             sb = SeqBatch([q for q, _ in seqs], [st for _, st in seqs], [lens[t] for t in tpi])
-            return self.teacher.hidden(sb, self.pad_id)
+            return self.teacher.hidden(sb, self.pad_id, self.teacher_batch)
 
         # anchor
         anchor_hidden = anchor_scale = None
