@@ -248,3 +248,20 @@ def test_log_completions_writes_prompts_rollouts_rewards_and_pools(tiny_cfg, tmp
     ea = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"tensors": 0})
     ea.Reload()
     assert "completions/text_summary" in ea.Tags()["tensors"]
+
+
+def test_library_progress_bars_are_quiet_by_default(tmp_path, monkeypatch):
+    """transformers' weight-loading / GGUF bars would fill a log file: off unless OGLS_SD_LIBRARY_BARS=1."""
+    from transformers.utils import logging as hf_logging
+    from typer.testing import CliRunner
+
+    from ogls_sd.cli import app
+
+    hf_logging.enable_progress_bar()
+    monkeypatch.delenv("OGLS_SD_LIBRARY_BARS", raising=False)
+    res = CliRunner().invoke(app, ["eval", "--checkpoint", str(tmp_path / "missing")])
+    assert res.exit_code != 0 and not hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()
+    monkeypatch.setenv("OGLS_SD_LIBRARY_BARS", "1")
+    CliRunner().invoke(app, ["eval", "--checkpoint", str(tmp_path / "missing")])
+    assert hf_logging.is_progress_bar_enabled()

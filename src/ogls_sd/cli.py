@@ -10,6 +10,12 @@ import functools
 import os
 import pickle
 import textwrap
+
+# Library progress bars off in the CLI (see quiet_library_bars): tqdm reads TQDM_* at import time,
+# and transformers' GGUF loader uses plain tqdm, so this must precede every import of tqdm.
+if os.environ.get("OGLS_SD_LIBRARY_BARS", "").lower() not in ("1", "true", "yes"):
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 from pathlib import Path
 from typing import List, Optional
 
@@ -131,6 +137,24 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def quiet_library_bars() -> None:
+    """Our own progress (rich bars on a terminal, plain lines otherwise) is what a run prints:
+    transformers' and the hub's bars (weight loading, GGUF de-quantisation, downloads) are off unless
+    ``OGLS_SD_LIBRARY_BARS=1``. In a log file each redraw of theirs is another line of noise."""
+    if os.environ.get("OGLS_SD_LIBRARY_BARS", "").lower() in ("1", "true", "yes"):
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:  # pragma: no cover - a dependency of transformers
+        pass
+
+
 def _guarded(fn):
     """Run a command; an exception becomes one ``error:`` line and exit code 1 (2 for a bad config),
     unless ``--debug`` / ``OGLS_SD_DEBUG`` asks for the traceback. Unexpected exceptions (not ours,
@@ -139,6 +163,7 @@ def _guarded(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        quiet_library_bars()
         ctx = kwargs.get("ctx")  # the command's typer.Context: `ogls-sd --debug COMMAND` sets the root's flag
         root = ctx.find_root().params if ctx is not None else {}
         debug = bool(kwargs.get("debug")) or bool(root.get("debug")) or _debug_env()
