@@ -79,7 +79,9 @@ def run_case(accel, out: Path, algorithm: str, overrides: list[str], fsdp: bool 
     model = peaked_tiny_llama(tok)
     model.double()  # float64, so that a different summation order (ranks) stays far below the tolerance
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        from ogls_sd.models import enable_checkpointing
+
+        enable_checkpointing(model)
     if cfg.model.lora:  # as models.load_policy does
         from peft import LoraConfig, get_peft_model
 

@@ -199,6 +199,8 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sched
         tmp.mkdir()
         if state_dict is not None:
             model.save_pretrained(tmp / "model", state_dict=state_dict)
+        elif hasattr(model, "peft_config"):  # the adapter only; LoRA never trains the embeddings (no base lookup)
+            model.save_pretrained(tmp / "model", save_embedding_layers=False)
         else:
             model.save_pretrained(tmp / "model")
         tokenizer.save_pretrained(tmp / "model")

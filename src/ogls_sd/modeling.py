@@ -71,7 +71,7 @@ def completion_hidden(model: nn.Module, batch: SeqBatch, pad_id: int, micro_batc
             seq = batch.seqs[i][: need[r]]
             ids[r, : len(seq)] = torch.tensor(seq)
             att[r, : len(seq)] = 1
-        h = backbone(input_ids=ids.to(dev), attention_mask=att.to(dev)).last_hidden_state
+        h = backbone(input_ids=ids.to(dev), attention_mask=att.to(dev), use_cache=False).last_hidden_state
         for r, i in enumerate(idx):
             a = batch.starts[i] - 1
             out.append(h[r, a : a + batch.lengths[i]])

@@ -71,6 +71,13 @@ def load_tokenizer_and_model(name: str, gguf_file: str = "", dtype: str = "float
     return tok, model
 
 
+def enable_checkpointing(model) -> None:
+    """Per-layer activation checkpointing (transformers' ``activation_checkpointing_enable``, the
+    name of ``gradient_checkpointing_enable`` since transformers 5)."""
+    fn = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    fn()
+
+
 def load_policy(cfg: Config, progress=None):
     """Returns ``(policy, tokenizer, task, task_templates, info)``; ``info`` describes the model."""
     task = get_task(cfg.data)
@@ -89,7 +96,7 @@ def load_policy(cfg: Config, progress=None):
         tok, model = load_tokenizer_and_model(m.name, m.gguf_file, m.dtype, m.trust_remote_code)
         info = {"name": m.name, "gguf_file": m.gguf_file}
     if m.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_checkpointing(model)
     if m.lora:
         from peft import LoraConfig, get_peft_model
 

@@ -144,7 +144,7 @@ class Sharding:
             dec = unwrap(self.policy).get_decoder()
             dev = next(self.policy.parameters()).device
             ids = torch.zeros((1, 1), dtype=torch.long, device=dev)
-            h = dec(input_ids=ids).last_hidden_state
+            h = dec(input_ids=ids, use_cache=False).last_hidden_state
             (h.sum() * 0.0).backward()
         finally:
             self.units[-1].set_requires_gradient_sync(False)
@@ -207,7 +207,7 @@ def _lazy_init(model: nn.Module) -> None:
     algorithms call the decoder directly, never the root)."""
     dev = next(model.parameters()).device
     with torch.no_grad():
-        model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=dev))
+        model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=dev), use_cache=False)
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
