@@ -58,6 +58,22 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+class PlainProgress:
+    """Stands in for the rich progress display when stdout is not a terminal (log files, SLURM,
+    ``nohup``): a task prints one line when it starts; the warm start's periodic check lines (printed
+    through ``.console``) report its progress; nothing is redrawn."""
+
+    def __init__(self, console: Console):
+        self.console = console
+
+    def add_task(self, description: str, total: int | None = None, **_) -> int:
+        self.console.print(f"{description}: up to {total} steps" if total else description, markup=False, highlight=False)
+        return 0
+
+    def update(self, *args, **kwargs) -> None:
+        pass
+
+
 class StepLines:
     """The training progress when stdout is not a terminal (a log file, CI, ``nohup``): one plain
     line per step instead of a redrawn bar, e.g.
@@ -473,7 +489,8 @@ def train(cfg: Config, console: Console | None = None) -> dict:
 
     # ---- policy, teacher (θ₀ is taken before any checkpoint is loaded), algorithm, optimizer
     # One process per machine first: it computes and caches the warm start; the others then load it.
-    with accel.local_main_process_first(), _progress(console) as progress:
+    with accel.local_main_process_first(), (_progress(console) if console.is_terminal
+                                             else contextlib.nullcontext(PlainProgress(console))) as progress:
         policy, tok, task, task_tpl, info = load_policy(cfg, progress)
     # the initial weights θ₀ (warm start / model files) are part of what a checkpoint continues
     init_weights = {"sha256": weights_fingerprint(policy), **{k: info[k] for k in ("name", "warm_start") if k in info}}
