@@ -204,6 +204,11 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sched
         else:
             model.save_pretrained(tmp / "model")
         tokenizer.save_pretrained(tmp / "model")
+        if extra and isinstance(extra.get("config"), dict):  # a model card (also what `ogls-sd push` uploads)
+            from .hub import model_card
+
+            (tmp / "model" / "README.md").write_text(
+                model_card(Path(run_dir).resolve().name, step, extra["config"], extra.get("summary")))
         ema = teacher.state_dict() if teacher is not None and sharded_dir is None else None
         if teacher is not None and sharded_dir is not None and teacher.copy is None:
             ema = teacher.state_dict()  # LoRA EMA: the adapter EMA is replicated, not sharded
@@ -442,6 +447,7 @@ RESUME_MUTABLE = frozenset({
     "train.save_every", "train.keep_last", "train.report_to", "train.output_dir", "train.resume",
     "train.reflection_markers", "train.log_completions", "train.log_completions_prompts",  # logging only
     "train.max_nonfinite_steps",  # when to give up; changes no update
+    "train.push_to_hub", "train.hub_private",  # where the result goes
     "warmstart.cache_dir",  # a location: the initial weights themselves are checked by fingerprint
     "rollout.vllm_timeout_s", "rollout.vllm_sync_dir",  # a time limit, a location
 })

@@ -311,6 +311,22 @@ def report(
     print(f"report: {os.path.join(out, 'report.md')}")
 
 
+@app.command(help="Upload a checkpoint's model/ (weights or LoRA adapter, tokenizer, model card) to the Hugging Face "
+                  "hub (needs `huggingface-cli login` or HF_TOKEN). Optimizer state and shards stay local.")
+@_guarded
+def push(
+    ctx: typer.Context,
+    checkpoint: str = typer.Argument(..., help="A run checkpoint (…/checkpoints/step_N) or a model directory."),
+    repo_id: str = typer.Argument(..., help="Hub repository, user/name (created if missing)."),
+    public: bool = typer.Option(False, "--public", help="Create the repository public (default: private)."),
+    debug: bool = _DEBUG,
+):
+    from .hub import check_hub, push_checkpoint
+
+    check_hub(repo_id)
+    print(f"pushed to {push_checkpoint(checkpoint, repo_id, private=not public)}")
+
+
 def main() -> None:
     app()
 

@@ -296,6 +296,8 @@ class TrainConfig(_Section):
     log_completions_prompts: int = opt(2, "Prompts per train.log_completions record.")
     report_to: str = opt("tensorboard", "Experiment tracker that also receives every metrics record: TensorBoard event files under <output_dir>/tb, none, wandb or trackio (the last two must be installed).", choices=("tensorboard", "none", "wandb", "trackio"))
     reflection_markers: list = opt(None, "Reflection markers counted per completion (case-insensitive) as markers/reflection (method.md §6).", factory=lambda: ["wait", "hmm", "let me check", "actually", "alternatively", "verify"])
+    push_to_hub: str = opt("", "Hugging Face hub repository (user/name) that receives the final checkpoint's model/ directory (weights or LoRA adapter, tokenizer, model card) after training; checked before any model is loaded (hub reachable, logged in: `huggingface-cli login` or HF_TOKEN). '' = off; `ogls-sd push CHECKPOINT REPO_ID` uploads any checkpoint later.")
+    hub_private: bool = opt(True, "train.push_to_hub / ogls-sd push: create the repository private.")
     resume: str = opt("", "Resume: '' (start fresh), 'latest' (newest checkpoint in output_dir; fresh if none) or a checkpoint directory. Continues exactly: weights, optimizer, scheduler, EMA teacher, RNG states, data position. Checkpoints are verified against their sha256 manifest (latest falls back to the newest that verifies); a changed config field outside the allowed set (train.steps upward, saving, logging, eval, paths) or fewer train.steps than done is an error (docs/reliability.md).")
     max_nonfinite_steps: int = opt(5, "A step whose loss or gradient is not finite is skipped (counted as nonfinite/skipped); after this many in a row the run stops with a checkpoint.")
 

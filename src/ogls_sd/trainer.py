@@ -446,6 +446,10 @@ def train(cfg: Config, console: Console | None = None) -> dict:
 
     console = console or Console()
     check_tracker(cfg.train.report_to)  # a missing optional tracker: one line, before any model is loaded
+    if cfg.train.push_to_hub:  # the hub, likewise: never train for hours and then fail to upload
+        from .hub import check_hub
+
+        check_hub(cfg.train.push_to_hub)
     t_start = time.time()
     run = Path(cfg.train.output_dir)
     run.mkdir(parents=True, exist_ok=True)
@@ -709,5 +713,11 @@ def train(cfg: Config, console: Console | None = None) -> dict:
     summary["wall_seconds"] = round(time.time() - t_start, 1)
     if is_main:
         (run / "summary.json").write_text(json.dumps(summary, indent=1))
+    if cfg.train.push_to_hub and is_main:  # after summary.json: a failed upload loses nothing
+        from .hub import push_checkpoint
+
+        summary["pushed_to"] = push_checkpoint(ckpt, cfg.train.push_to_hub, private=cfg.train.hub_private)
+        (run / "summary.json").write_text(json.dumps(summary, indent=1))
+        console.print(f"pushed {ckpt / 'model'} to {summary['pushed_to']}", markup=False, highlight=False)
     console.print(f"run directory: {run}  (summary.json, metrics.jsonl, config.yaml, checkpoints/)")
     return summary
