@@ -25,7 +25,7 @@ def test_smollm2_one_step_on_reasoning_gym_then_eval(tmp_path):
 
     from ogls_sd.cli import app
 
-    common = ["model.name=smollm2-135m", "data.task=reasoning_gym:gsm_symbolic", "data.size=16", "data.eval_size=4",
+    common = ["model.name=smollm2-135m", "data.task=reasoning_gym:gsm_symbolic", "data.size=20", "data.eval_size=4",
               "rollout.max_new_tokens=96", "eval.max_new_tokens=96", "eval.batch_size=8"]
     cfg = Config.load(None, common + ["rollout.num_generations=2", "train.prompts_per_step=4", "train.steps=1",
                                       "train.micro_batch_size=4", "loss.impl=chunked", "steering.no_positive=opsd",
