@@ -373,7 +373,9 @@ def _accelerate_fsdp() -> bool:
 
 
 def _warn(console: Console, msg: str) -> None:
-    if os.environ.get("RANK", "0") == "0":  # data parallel: one process reports
+    # several processes: one reports (before the process group exists, the launcher's RANK says which)
+    rank = world()[0] if world()[1] > 1 else int(os.environ.get("RANK", "0") or 0)
+    if rank == 0:
         console.print(f"[yellow]warning:[/] {escape(msg)}", highlight=False, soft_wrap=True)  # one line
 
 
