@@ -45,22 +45,45 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun_cmd(n: int, *args: str) -> list[str]:
+    """``python -m torch.distributed.run`` with ``n`` local processes on a free port."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
+            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]
+
+
 def _torchrun(n: int, *args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]
-    return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(torchrun_cmd(n, *args), cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def run_worker_pair(out: Path, cases: dict, *flags: str) -> Path:
+    """``_dp_worker.py`` on every case: once in one process, once under torchrun with 2 (``flags``
+    such as ``--fsdp`` apply to the 2-process run)."""
+    specs = [f"{k}={v}" for k, v in cases.items()]
+    one = subprocess.run([sys.executable, str(WORKER), str(out), *specs], cwd=out, env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _torchrun(2, str(WORKER), *flags, str(out), *specs, cwd=out)
+    assert two.returncode == 0, two.stderr[-3000:]
+    return out
+
+
+def check_ranks_report_the_single_step(d: Path, tag: str, case: str) -> None:
+    """The steps did something (so that weight equality is not vacuous), and both ranks of the
+    2-process run ``tag`` report the single process's gradient norm and loss terms (sums over ranks)."""
+    gn = float((d / "ws1_rank0.gradnorm").read_text())
+    assert gn > 0
+    agg1 = json.loads((d / "ws1_rank0.agg.json").read_text())
+    for r in (0, 1):
+        assert float((d / f"{tag}_rank{r}.gradnorm").read_text()) == pytest.approx(gn, rel=1e-9)
+        agg2 = json.loads((d / f"{tag}_rank{r}.agg.json").read_text())
+        assert agg2.keys() == agg1.keys()
+        for k in agg1:
+            assert agg2[k] == pytest.approx(agg1[k], rel=1e-9, abs=1e-12), (case, k)
 
 
 @pytest.fixture(scope="module")
 def dp_runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dp")
-    cases = [f"{k}={v}" for k, v in CASES.items()]
-    one = subprocess.run([sys.executable, str(WORKER), str(out), *cases], cwd=out, env=_env(),
-                         capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = _torchrun(2, str(WORKER), str(out), *cases, cwd=out)
-    assert two.returncode == 0, two.stderr[-3000:]
-    return out
+    return run_worker_pair(tmp_path_factory.mktemp("dp"), CASES)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -71,17 +94,7 @@ def test_two_ranks_take_the_single_process_step(dp_runs, case):
     for k in single:
         assert torch.equal(r0[k], r1[k]), f"{case}: replicas diverged at {k}"
         torch.testing.assert_close(r0[k], single[k], rtol=1e-9, atol=1e-10, msg=lambda m: f"{case} {k}: {m}")
-    # the steps did something (so that equality above is not vacuous), and both ranks report the
-    # single process's gradient norm and loss terms (sums over ranks)
-    gn = float((dp_runs / case / "ws1_rank0.gradnorm").read_text())
-    assert gn > 0
-    agg1 = json.loads((dp_runs / case / "ws1_rank0.agg.json").read_text())
-    for r in (0, 1):
-        assert float((dp_runs / case / f"ws2_rank{r}.gradnorm").read_text()) == pytest.approx(gn, rel=1e-9)
-        agg2 = json.loads((dp_runs / case / f"ws2_rank{r}.agg.json").read_text())
-        assert agg2.keys() == agg1.keys()
-        for k in agg1:
-            assert agg2[k] == pytest.approx(agg1[k], rel=1e-9, abs=1e-12), (case, k)
+    check_ranks_report_the_single_step(dp_runs / case, "ws2", case)
 
 
 def test_trainer_runs_under_torchrun_and_writes_once(tmp_path):

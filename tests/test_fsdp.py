@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY_OVERRIDES
-from test_data_parallel import WORKER, _env, _free_port, _torchrun
+from test_data_parallel import _env, check_ranks_report_the_single_step, run_worker_pair, torchrun_cmd
 
 CASES = {
     "ogls_context": "ogls_sd",  # default anchor: live
@@ -39,14 +38,7 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp")
-    cases = [f"{k}={v}" for k, v in CASES.items()]
-    one = subprocess.run([sys.executable, str(WORKER), str(out), *cases], cwd=out, env=_env(),
-                         capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = _torchrun(2, str(WORKER), "--fsdp", str(out), *cases, cwd=out)
-    assert two.returncode == 0, two.stderr[-3000:]
-    return out
+    return run_worker_pair(tmp_path_factory.mktemp("fsdp"), CASES, "--fsdp")
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -57,16 +49,8 @@ def test_fsdp_takes_the_single_process_step(fsdp_runs, case):
     assert sharded.keys() == single.keys()
     for k in single:
         torch.testing.assert_close(sharded[k], single[k], rtol=1e-9, atol=1e-10, msg=lambda m: f"{case} {k}: {m}")
-    gn = float((d / "ws1_rank0.gradnorm").read_text())
-    assert gn > 0  # the steps did something
-    agg1 = json.loads((d / "ws1_rank0.agg.json").read_text())
-    for r in (0, 1):
-        assert float((d / f"fsdp2_rank{r}.gradnorm").read_text()) == pytest.approx(gn, rel=1e-9)
-        agg2 = json.loads((d / f"fsdp2_rank{r}.agg.json").read_text())
-        assert agg2.keys() == agg1.keys()
-        for k in agg1:
-            assert agg2[k] == pytest.approx(agg1[k], rel=1e-9, abs=1e-12), (case, k)
-        # at rest each rank holds about half of every sharded tensor (dim 0 split in two)
+    check_ranks_report_the_single_step(d, "fsdp2", case)
+    for r in (0, 1):  # at rest each rank holds about half of every sharded tensor (dim 0 split in two)
         held = json.loads((d / f"fsdp2_rank{r}.held.json").read_text())
         assert held["total"] > 0 and held["local"] <= held["total"] // 2 + 64 * 32, held
 
@@ -106,11 +90,6 @@ def _train_cmd(out: Path, ws: Path, *extra: str) -> list[str]:
             "-o", str(out), *extra]
 
 
-def _torchrun_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(_free_port()), *args]
-
-
 def _metrics(run: Path) -> list[dict]:
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
@@ -129,11 +108,11 @@ def trainer_runs(tmp_path_factory):
     ws = tmp / "ws"
     full, cut, dp = tmp / "full", tmp / "cut", tmp / "dp"
     env = dict(_env(), PYTHONUNBUFFERED="1")
-    res = subprocess.run(_torchrun_cmd(*_train_cmd(full, ws, "train.fsdp=true")), cwd=tmp, env=env,
+    res = subprocess.run(torchrun_cmd(2, *_train_cmd(full, ws, "train.fsdp=true")), cwd=tmp, env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
 
-    proc = subprocess.Popen(_torchrun_cmd(*_train_cmd(cut, ws, "train.fsdp=true")), cwd=tmp, env=env,
+    proc = subprocess.Popen(torchrun_cmd(2, *_train_cmd(cut, ws, "train.fsdp=true")), cwd=tmp, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     target = cut / "checkpoints" / "step_000002"
     deadline = time.time() + 300
@@ -143,11 +122,11 @@ def trainer_runs(tmp_path_factory):
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, during step 3 (or its checkpoint)
     proc.wait(timeout=60)
     assert not (cut / "summary.json").exists(), "the run finished before it could be killed"
-    res = subprocess.run(_torchrun_cmd(*_train_cmd(cut, ws, "train.fsdp=true", "--resume", "latest")), cwd=tmp,
+    res = subprocess.run(torchrun_cmd(2, *_train_cmd(cut, ws, "train.fsdp=true", "--resume", "latest")), cwd=tmp,
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
 
-    res = subprocess.run(_torchrun_cmd(*_train_cmd(dp, ws)), cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(torchrun_cmd(2, *_train_cmd(dp, ws)), cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     return full, cut, dp
 
