@@ -23,20 +23,12 @@ import gc
 import json
 import os
 import random
-import threading
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 import torch.distributed as dist
-
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE / 2**20
+from _rss import PeakSampler, rss  # benchmarks/ is on sys.path: scripts run by path
 
 
 def settle() -> float:
@@ -45,7 +37,7 @@ def settle() -> float:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:  # not glibc
         pass
-    return rss_mib()
+    return rss() / 2**20
 
 
 def main() -> None:
@@ -107,28 +99,20 @@ def main() -> None:
     if teacher.copy is not None:
         held += sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in teacher.copy.parameters())
     rest_before = settle()
-    peak = [rest_before]
-    stop = [False]
-
-    def sample():
-        while not stop[0]:
-            peak[0] = max(peak[0], rss_mib())
-            time.sleep(0.002)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
+    sampler = PeakSampler(0.002)
+    sampler.start()
     for step in range(2):
         if shard is not None:
             shard.gather()
         plan = algo.plan(batch, step)
         globalize_plan(plan)
         optimize(cfg, algo, plan, accel, model, params, opt, teacher, shard)
-    stop[0] = True
-    th.join()
+    sampler.stop = True
+    sampler.join()
     rest_after = settle()
     rec = {"mode": "fsdp2" if args.fsdp else "data_parallel", "rank": rank, "processes": ws,
            "parameters": sum(p.numel() for p in model.parameters()), "params_held": held,
-           "rest_before": round(rest_before, 1), "rest_after": round(rest_after, 1), "peak_step": round(peak[0], 1)}
+           "rest_before": round(rest_before, 1), "rest_after": round(rest_after, 1), "peak_step": round(sampler.peak / 2**20, 1)}
     print(json.dumps(rec), flush=True)
     shutdown()
 

@@ -49,44 +49,18 @@ import resource
 import statistics
 import subprocess
 import sys
-import threading
 import time
+
+from _rss import PAGE, PeakSampler, rss  # benchmarks/ is on sys.path: scripts run by path
 
 H = 1024
 SIZES = [(32000, 1024), (32000, 4096), (151936, 1024), (151936, 4096)]
 IMPLS = {"plain": ["reference", "chunked", "trl", "liger"], "ogls": ["reference", "chunked"]}
 N_CTX = 4  # positive and negative contexts each in the OGLS-SD case
 GIB = 2**30
-PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 # ------------------------------------------------------------------------------------------ child
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE
-
-
-class _Sampler(threading.Thread):
-    """Peak RSS, sampled every ``interval`` seconds while armed."""
-
-    def __init__(self, interval: float = 0.001):
-        super().__init__(daemon=True)
-        self.interval = interval
-        self.peak = 0
-        self.stop = False
-
-    def run(self):
-        fd = os.open("/proc/self/statm", os.O_RDONLY)
-        try:
-            while not self.stop:
-                rss = int(os.pread(fd, 128, 0).split()[1]) * PAGE
-                if rss > self.peak:
-                    self.peak = rss
-                time.sleep(self.interval)
-        finally:
-            os.close(fd)
 
 
 def _inputs(case: str, V: int, T: int):
@@ -166,7 +140,7 @@ def child(args) -> None:
     limit = vm + int(args.max_gib * GIB)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
-    sampler = _Sampler()
+    sampler = PeakSampler(0.001)
     sampler.start()
     res = {"case": case, "V": V, "T": T, "impl": impl, "chunk_size": chunk_size if impl == "chunked" else None}
     peaks, times = [], []
@@ -187,14 +161,13 @@ def child(args) -> None:
             hh.grad = None
             WW.grad = None
             gc.collect()
-            base = _rss()
-            sampler.peak = base
+            base = sampler.reset()
             t0 = time.perf_counter()
             loss = fn(hh, WW)
             loss.backward()
             dt = time.perf_counter() - t0
             time.sleep(0.003)
-            peak = max(sampler.peak, _rss()) - base
+            peak = max(sampler.peak, rss()) - base
             if i == 0:
                 # cross-check: the process's lifetime peak after the first full-size call, minus the RSS
                 # just before it (the inputs are made without temporaries and the warm-up is no larger)

@@ -26,36 +26,13 @@ import argparse
 import json
 import os
 import sys
-import threading
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch
-
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE
-
-
-class Sampler(threading.Thread):
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.peak, self.stop = rss(), False
-
-    def run(self):
-        while not self.stop:
-            self.peak = max(self.peak, rss())
-            time.sleep(0.002)
-
-    def reset(self) -> int:
-        now = rss()
-        self.peak = now
-        return now
+from _rss import PeakSampler  # benchmarks/ is on sys.path: scripts run by path
 
 
 def main() -> None:
@@ -85,7 +62,7 @@ def main() -> None:
             f"rollout.max_new_tokens={args.max_new_tokens}", f"train.micro_batch_size={args.micro}",
             "steering.no_positive=opsd", *(["model.lora=true"] if args.lora else []), *args.overrides]
     cfg = Config.load(None, over)
-    s = Sampler()
+    s = PeakSampler(0.002)
     s.start()
     rows = []
 

@@ -35,7 +35,6 @@ Usage (docs/performance.md)::
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
