@@ -209,9 +209,8 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sched
 
             (tmp / "model" / "README.md").write_text(
                 model_card(Path(run_dir).resolve().name, step, extra["config"], extra.get("summary")))
-        ema = teacher.state_dict() if teacher is not None and sharded_dir is None else None
-        if teacher is not None and sharded_dir is not None and teacher.copy is None:
-            ema = teacher.state_dict()  # LoRA EMA: the adapter EMA is replicated, not sharded
+        # FSDP2: a teacher copy's EMA is in the shards (sharded_dir); a LoRA adapter EMA is replicated
+        ema = teacher.state_dict() if teacher is not None and (sharded_dir is None or teacher.copy is None) else None
         if ema is not None:
             save_file({k: v.contiguous() for k, v in ema.items()}, tmp / "teacher_ema.safetensors")
         if sharded_dir is not None:

@@ -112,6 +112,12 @@ class Sharding:
                 _lazy_init(mod)
         for u in self.all_units:  # FSDP2 keeps the root gathered after a forward: shards only at rest
             u.reshard()
+        # Every forward / backward runs between gather() and release(): no unit reshards on its own,
+        # and gradients accumulate locally until reduce_gradients() turns the sync on for one pass.
+        for root in (self.units[-1], *self.teacher_units[-1:]):
+            root.set_reshard_after_forward(False)
+            root.set_reshard_after_backward(False)
+        self.units[-1].set_requires_gradient_sync(False)
 
     @property
     def all_units(self) -> list:
@@ -126,10 +132,6 @@ class Sharding:
             return
         for u in self.all_units:
             u.unshard()
-        for root in (self.units[-1], *(self.teacher_units[-1:])):
-            root.set_reshard_after_forward(False)
-            root.set_reshard_after_backward(False)
-        self.units[-1].set_requires_gradient_sync(False)
         self._gathered = True
 
     def reduce_gradients(self) -> None:
