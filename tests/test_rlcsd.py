@@ -2,6 +2,7 @@
 naive loop, the hint pools, the shared template, and the loss against a naive float64 computation
 with a teacher that differs from the student."""
 
+import json
 import math
 import random
 
@@ -16,8 +17,11 @@ from ogls_sd.tasks.arith import TEMPLATES
 from ogls_sd.teacher import Teacher
 from ogls_sd.templates import PromptBuilder
 
+from ogls_sd.trainer import train
+
+from conftest import TINY_OVERRIDES
 from test_algorithms import make_batch
-from test_baselines import assert_grads_close, loss_and_grads, token_logp
+from test_baselines import alternating_rewards, assert_grads_close, loss_and_grads, token_logp, ws_cache  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -275,8 +279,41 @@ def test_constructor_rejects_what_rlcsd_does_not_have(tok, tiny_model):
     t = Teacher(tiny_model, "live")
     with pytest.raises(ValueError, match="grpo.kl_coef"):
         RLCSD(tiny_model, t, pb, RLCSDConfig(), cfg.grpo, cfg.loss)
-    cfg = Config.load(None, ["grpo.reduction=sequence_mean"])
-    with pytest.raises(ValueError, match="grpo.reduction"):
-        RLCSD(tiny_model, t, pb, RLCSDConfig(), cfg.grpo, cfg.loss)
     with pytest.raises(ValueError, match="teacher"):
         RLCSD(tiny_model, None, pb, RLCSDConfig(), Config.load(None, []).grpo, cfg.loss)
+
+
+# --------------------------------------------------------------------------- through the registry and the trainer
+def test_registered_with_its_section_teacher_and_compare_methods():
+    from ogls_sd import compare
+    from ogls_sd.algorithms import algorithm_spec, teacher_kind
+
+    cfg = Config.load(None, ["train.algorithm=rlcsd", "rlcsd.scale=1.5", "rlcsd.negative_branch=mean_log"])
+    assert cfg.rlcsd.scale == 1.5 and cfg.rlcsd.negative_branch == "mean_log"
+    assert teacher_kind(cfg) == "live" and algorithm_spec(cfg).needs_siblings
+    assert compare.METHODS["rlcsd"].overrides == () and compare.METHODS["rlcsd"].algorithm == "rlcsd"
+    assert compare.METHODS["rlcsd_meanlog"].overrides == ("rlcsd.negative_branch=mean_log",)
+    with pytest.raises(ConfigError, match="rlcsd.negative_branch"):
+        Config.load(None, ["train.algorithm=rlcsd", "rlcsd.negative_branch=logmean"])
+
+
+@pytest.mark.parametrize("extra", [[], ["rlcsd.negative_branch=mean_log", "grpo.inner_steps=2", "teacher.kind=ema"]],
+                         ids=["defaults", "meanlog_inner_ema"])
+def test_training_steps_end_to_end(tmp_path, ws_cache, alternating_rewards, extra):
+    out = tmp_path / "run"
+    cfg = Config.load(None, TINY_OVERRIDES + [
+        f"warmstart.cache_dir={ws_cache}", f"train.output_dir={out}", "train.algorithm=rlcsd", "train.steps=2",
+        "eval.before_after=false", "rlcsd.tau=0.5", "train.micro_batch_size=3", *extra])
+    summary = train(cfg)
+    assert summary["algorithm"] == "rlcsd" and summary["steps"] == 2 and summary["noop_steps"] == 0
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2]
+    r0 = recs[0]
+    want = {"rlcsd/kept_rollouts", "rlcsd/selected_frac", "rlcsd/e_abs_mean", "rlcsd/selected_loss",
+            "grpo/pg_loss", "grpo/clip_frac", "groups/mixed"}
+    assert want <= set(r0), want - set(r0)
+    # rewards 1, 0, 1, 0 in every group of 4: each rollout has a sibling of each outcome
+    n = cfg.train.prompts_per_step * cfg.rollout.num_generations
+    assert r0["rlcsd/kept_rollouts"] == n and r0["groups/mixed"] == 1.0 and r0["rlcsd/negatives_mean"] == 1.0
+    assert r0["grad_norm"] > 0 and r0["rlcsd/e_abs_mean"] > 0
+    assert all(math.isfinite(v) for r in recs for v in r.values() if isinstance(v, (int, float)))

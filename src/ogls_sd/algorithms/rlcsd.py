@@ -27,7 +27,7 @@ from ..config import _Section, ConfigError, opt
 from ..losses import rlcsd as mod
 from ..modeling import SeqBatch, lm_head
 from ..templates import join_completion
-from .base import EMPTY_METRIC, StepBatch, loss_dtype, student_hidden
+from .base import EMPTY_METRIC, StepBatch, loss_dtype, register_algorithm, student_hidden
 from .grpo import GRPO, group_advantages, ppo_clip_loss
 
 
@@ -92,8 +92,7 @@ class RLCSD(GRPO):
             raise ValueError("train.algorithm=rlcsd needs the teacher weights (they score the hinted contexts)")
         if grpo.kl_coef > 0:
             raise ValueError("grpo.kl_coef: RLCSD has no KL term (its configs set kl_loss_coef: 0); use 0 with train.algorithm=rlcsd")
-        if grpo.reduction != "token_mean":
-            raise ValueError("grpo.reduction: RLCSD's two-path loss is a token mean per path; use token_mean with train.algorithm=rlcsd")
+        # grpo.reduction does not apply: RLCSD's loss is two token means (docs/algorithms/rlcsd.md)
         super().__init__(policy, teacher, prompts, grpo, loss, temperature=temperature, plan_batch=plan_batch)
         self.r = rlcsd
         self.seed = seed
@@ -251,6 +250,20 @@ def _contrast_metrics(e: dict[int, Tensor], residual: dict[int, Tensor], selecte
     }
 
 
+@register_algorithm(
+    "rlcsd", "RLCSD (THU-BPM): GRPO advantage modulated per token by the teacher's correct-vs-incorrect sibling contrast",
+    config_section=RLCSDConfig,
+    needs_teacher=lambda cfg: True,
+    needs_siblings=True,
+    default_teacher="live",
+    noop_hint="RLCSD learns only from rollouts that have a correct and an incorrect sibling: raise "
+              "rollout.num_generations (>= 4) or use prompts the model solves sometimes",
+    methods={
+        "rlcsd": ([], "RLCSD with its published defaults (scale 0.5, tau 0.02, delta 0.02, K 4, log of the mean probability)"),
+        "rlcsd_meanlog": (["rlcsd.negative_branch=mean_log"],
+                          "RLCSD with OGLS-SD's negative branch (mean of log-probabilities): the contrast in the advantage"),
+    },
+)
 def build_rlcsd(cfg, policy, teacher, prompts) -> RLCSD:
     """``train.algorithm=rlcsd`` from a loaded config."""
     return RLCSD(policy, teacher, prompts, cfg.rlcsd, cfg.grpo, cfg.loss, temperature=cfg.rollout.temperature,
