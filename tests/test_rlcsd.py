@@ -291,8 +291,8 @@ def test_registered_with_its_section_teacher_and_compare_methods():
     cfg = Config.load(None, ["train.algorithm=rlcsd", "rlcsd.scale=1.5", "rlcsd.negative_branch=mean_log"])
     assert cfg.rlcsd.scale == 1.5 and cfg.rlcsd.negative_branch == "mean_log"
     assert teacher_kind(cfg) == "live" and algorithm_spec(cfg).needs_siblings
-    assert compare.METHODS["rlcsd"].overrides == () and compare.METHODS["rlcsd"].algorithm == "rlcsd"
-    assert compare.METHODS["rlcsd_meanlog"].overrides == ("rlcsd.negative_branch=mean_log",)
+    assert compare.METHODS["rlcsd"][:2] == ("rlcsd", [])
+    assert compare.METHODS["rlcsd_meanlog"][:2] == ("rlcsd", ["rlcsd.negative_branch=mean_log"])
     with pytest.raises(ConfigError, match="rlcsd.negative_branch"):
         Config.load(None, ["train.algorithm=rlcsd", "rlcsd.negative_branch=logmean"])
 
@@ -312,8 +312,9 @@ def test_training_steps_end_to_end(tmp_path, ws_cache, alternating_rewards, extr
     want = {"rlcsd/kept_rollouts", "rlcsd/selected_frac", "rlcsd/e_abs_mean", "rlcsd/selected_loss",
             "grpo/pg_loss", "grpo/clip_frac", "groups/mixed"}
     assert want <= set(r0), want - set(r0)
-    # rewards 1, 0, 1, 0 in every group of 4: each rollout has a sibling of each outcome
+    # rewards 1, 0, 1, 0 in every group of 4: each rollout has a sibling of each outcome; a correct
+    # target gets both incorrect siblings as negatives, an incorrect one the other one: K = 1.5 on average
     n = cfg.train.prompts_per_step * cfg.rollout.num_generations
-    assert r0["rlcsd/kept_rollouts"] == n and r0["groups/mixed"] == 1.0 and r0["rlcsd/negatives_mean"] == 1.0
+    assert r0["rlcsd/kept_rollouts"] == n and r0["groups/mixed"] == 1.0 and r0["rlcsd/negatives_mean"] == 1.5
     assert r0["grad_norm"] > 0 and r0["rlcsd/e_abs_mean"] > 0
     assert all(math.isfinite(v) for r in recs for v in r.values() if isinstance(v, (int, float)))
