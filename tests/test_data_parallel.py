@@ -30,6 +30,8 @@ CASES = {
     "ogls_lora_frozen": "ogls_sd,model.lora=true,model.lora_r=4,model.lora_alpha=8,teacher.kind=frozen",
     "ogls_lora_ema": "ogls_sd,model.lora=true,model.lora_r=4,model.lora_alpha=8,teacher.kind=ema,teacher.ema_decay=0.5",
     "opsd_checkpointing": "opsd,model.gradient_checkpointing=true",
+    # K = 1 of 2 incorrect siblings: the hint draws must not depend on which groups a rank holds
+    "rlcsd_ppo": "rlcsd,rlcsd.tau=0.5,rlcsd.num_negatives=1,grpo.inner_steps=2",
 }
 
 

@@ -4,11 +4,11 @@ with a teacher that differs from the student."""
 
 import json
 import math
-import random
 
 import pytest
 import torch
 
+from ogls_sd.algorithms import StepBatch
 from ogls_sd.algorithms.grpo import group_advantages
 from ogls_sd.algorithms.rlcsd import RLCSD, RLCSDConfig
 from ogls_sd.config import Config, ConfigError
@@ -143,7 +143,7 @@ def test_hint_pools_exclude_the_target_and_drop_unpaired_rollouts(tok, tiny_mode
     # group 0: 2 correct, 3 wrong; group 1: 1 correct, 3 wrong; group 2: all wrong; group 3: 3 correct, 1 wrong
     batch = make_batch(tok, pb, [[1, 1, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0], [1, 1, 1, 0]])
     for trial in range(20):
-        hints, counts = algo.select_hints(batch, random.Random(trial))
+        hints, counts = algo.select_hints(batch, trial)
         for i, h in hints.items():
             g = batch.rollouts[i].group
             assert h.positive != i and i not in h.negatives
@@ -156,8 +156,12 @@ def test_hint_pools_exclude_the_target_and_drop_unpaired_rollouts(tok, tiny_mode
         dropped = {5, 15}
         assert set(hints) == set(range(len(batch.rollouts))) - dropped - {9, 10, 11}, trial
         assert counts["rlcsd/unpaired_rollouts"] == 2.0 and counts["groups/all_incorrect"] == 0.25
+    # the draws of a group do not depend on the other groups of the step (data-parallel ranks)
+    alone = StepBatch([batch.groups[3]], batch.rollouts)
+    assert {i: h for i, h in algo.select_hints(alone, 7)[0].items()} == {
+        i: h for i, h in algo.select_hints(batch, 7)[0].items() if batch.rollouts[i].group == 3}
     # over the trials every sibling of each pool shows up (random choice, not the first one)
-    seen = {h.positive for t in range(20) for h in algo.select_hints(batch, random.Random(t))[0].values()
+    seen = {h.positive for t in range(20) for h in algo.select_hints(batch, t)[0].values()
             if batch.rollouts[h.positive].group == 3}
     assert seen == {12, 13, 14}
 

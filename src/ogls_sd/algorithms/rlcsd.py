@@ -106,7 +106,7 @@ class RLCSD(GRPO):
             rs = [batch.rollouts[i].reward for i in grp.rollouts]
             for i, a in zip(grp.rollouts, group_advantages(rs, g.scale_std, g.std, g.eps)):
                 adv[i] = a
-        hints, counts = self.select_hints(batch, random.Random(f"{self.seed}/rlcsd/{step}"))
+        hints, counts = self.select_hints(batch, step)
         e = self.contrasts(batch, hints)
         residual, selected = {}, {}
         for i, e_i in e.items():
@@ -121,10 +121,12 @@ class RLCSD(GRPO):
         metrics[EMPTY_METRIC] = float(batch.empty_rollouts())
         return RLCSDPlan(batch, adv, hints, residual, selected, n_sel, n_all - n_sel, old, metrics)
 
-    def select_hints(self, batch: StepBatch, rng: random.Random) -> tuple[dict[int, Hint], dict[str, float]]:
+    def select_hints(self, batch: StepBatch, step: int) -> tuple[dict[int, Hint], dict[str, float]]:
         """Per target rollout: one random correct sibling and up to K random incorrect siblings,
         the target itself never among them; a target without both is dropped (RLCSD's
-        ``_hint_candidate_indices`` and its ``self_excluded_sampling_skip_count``)."""
+        ``_hint_candidate_indices`` and its ``self_excluded_sampling_skip_count``). The draws are
+        seeded per group by (train.seed, step, problem), so data-parallel ranks holding different
+        groups draw what one process draws."""
         hints: dict[int, Hint] = {}
         n_correct = n_wrong = n_mixed = n_unpaired = 0
         for gi, grp in enumerate(batch.groups):
@@ -134,6 +136,7 @@ class RLCSD(GRPO):
             if not P or not N:
                 continue
             n_mixed += 1
+            rng = random.Random(f"{self.seed}/rlcsd/{step}/{grp.example.problem}")
             for i in P + N:
                 pos = [j for j in P if j != i]
                 neg = [k for k in N if k != i]
