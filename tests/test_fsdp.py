@@ -33,6 +33,7 @@ CASES = {
     "ogls_lora_ema": "ogls_sd,model.lora=true,model.lora_r=4,model.lora_alpha=8,teacher.kind=ema,teacher.ema_decay=0.5",
     "opsd_checkpointing": "opsd,model.gradient_checkpointing=true",
     "ogls_lora_checkpointing": "ogls_sd,model.lora=true,model.lora_r=4,model.lora_alpha=8,model.gradient_checkpointing=true",
+    "rlcsd_ppo": "rlcsd,rlcsd.tau=0.5,rlcsd.num_negatives=1,grpo.inner_steps=2",
 }
 
 
