@@ -232,8 +232,8 @@ def test_loss_matches_naive_with_a_teacher_that_differs_from_the_student(tok, ti
     assert plan.n_selected > 0 and plan.n_unselected > 0
     assert sorted(plan.hints) == [0, 1, 2, 3, 4, 5, 6, 7, 8]
     want_loss, want_g = loss_and_grads(
-        tiny_model, lambda: naive_step_loss(tiny_model, teacher.copy, batch, plan, algo.r, pb)[0])
-    _, n_sel, n_uns = naive_step_loss(tiny_model, teacher.copy, batch, plan, algo.r, pb)
+        tiny_model, lambda: naive_step_loss(tiny_model, teacher.copy, batch, plan, algo.rlcsd, pb)[0])
+    _, n_sel, n_uns = naive_step_loss(tiny_model, teacher.copy, batch, plan, algo.rlcsd, pb)
     assert (n_sel, n_uns) == (plan.n_selected, plan.n_unselected)
     got_loss, got_g = loss_and_grads(tiny_model, lambda: sum(algo.loss(plan, m)[0] for m in plan.micro_batches(4)))
     assert torch.allclose(got_loss.double(), want_loss, rtol=1e-5, atol=1e-7)

@@ -94,7 +94,7 @@ class RLCSD(GRPO):
             raise ValueError("grpo.kl_coef: RLCSD has no KL term (its configs set kl_loss_coef: 0); use 0 with train.algorithm=rlcsd")
         # grpo.reduction does not apply: RLCSD's loss is two token means (docs/algorithms/rlcsd.md)
         super().__init__(policy, teacher, prompts, grpo, loss, temperature=temperature, plan_batch=plan_batch)
-        self.r = rlcsd
+        self.rlcsd = rlcsd
         self.seed = seed
 
     # ------------------------------------------------------------------ planning (no grad)
@@ -110,8 +110,8 @@ class RLCSD(GRPO):
         e = self.contrasts(batch, hints)
         residual, selected = {}, {}
         for i, e_i in e.items():
-            residual[i] = mod.residual(e_i, self.r.scale, self.r.tau, self.r.squash, self.r.clip_low, self.r.clip_high)
-            selected[i] = mod.gate(residual[i], self.r.delta)
+            residual[i] = mod.residual(e_i, self.rlcsd.scale, self.rlcsd.tau, self.rlcsd.squash, self.rlcsd.clip_low, self.rlcsd.clip_high)
+            selected[i] = mod.gate(residual[i], self.rlcsd.delta)
         n_sel = float(sum(int(s.sum()) for s in selected.values()))
         n_all = float(sum(s.numel() for s in selected.values()))
         kept = sorted(hints)
@@ -143,7 +143,7 @@ class RLCSD(GRPO):
                 if not pos or not neg:
                     n_unpaired += 1
                     continue
-                hints[i] = Hint(rng.choice(pos), rng.sample(neg, min(self.r.num_negatives, len(neg))))
+                hints[i] = Hint(rng.choice(pos), rng.sample(neg, min(self.rlcsd.num_negatives, len(neg))))
         G = max(1, len(batch.groups))
         counts = {"groups/all_correct": n_correct / G, "groups/all_incorrect": n_wrong / G, "groups/mixed": n_mixed / G,
                   "rlcsd/kept_rollouts": float(len(hints)), "rlcsd/unpaired_rollouts": float(n_unpaired)}
@@ -152,7 +152,7 @@ class RLCSD(GRPO):
     def context(self, batch: StepBatch, j: int) -> list[int]:
         """The context prompt with sibling ``j`` as the hint: the same template for both branches."""
         ex = batch.groups[batch.rollouts[j].group].example
-        return self.prompts.context_ids(ex, batch.rollouts[j].ids, self.r.max_context_tokens, self.r.strip_think)
+        return self.prompts.context_ids(ex, batch.rollouts[j].ids, self.rlcsd.max_context_tokens, self.rlcsd.strip_think)
 
     def contrasts(self, batch: StepBatch, hints: dict[int, Hint]) -> dict[int, Tensor]:
         """``e_t`` of every kept rollout (float32), from teacher passes of at most ``plan_batch``
@@ -171,7 +171,7 @@ class RLCSD(GRPO):
             k = len(h.negatives)
             pos, neg = scores[c], torch.stack(scores[c + 1 : c + 1 + k])
             c += 1 + k
-            out[i] = mod.contrast(pos, neg, torch.ones_like(neg, dtype=torch.bool), self.r.negative_branch)
+            out[i] = mod.contrast(pos, neg, torch.ones_like(neg, dtype=torch.bool), self.rlcsd.negative_branch)
         return out
 
     def _teacher_scores(self, batch: StepBatch, seqs: list[tuple[list[int], int]]) -> list[Tensor]:
@@ -213,11 +213,11 @@ class RLCSD(GRPO):
         adv = torch.cat([torch.full((len(batch.rollouts[i].ids),), plan.advantages[i]) for i in kept]).to(dev, lp.dtype)
         r = torch.cat([plan.residual[i] for i in kept]).to(dev, lp.dtype)
         sel = torch.cat([plan.selected[i] for i in kept]).to(dev)
-        a_tok = mod.modulated_advantage(adv, r, sel, self.r.sign_preserving)
+        a_tok = mod.modulated_advantage(adv, r, sel, self.rlcsd.sign_preserving)
         old = torch.cat([plan.old_logprobs[i] for i in kept]).to(dev, lp.dtype) if plan.old_logprobs is not None else lp.detach()
         pg, clipped, ratio = ppo_clip_loss(lp, old, a_tok, self.eps_lo, self.eps_hi)
         wdtype = loss_dtype(lp.dtype)
-        wts = mod.two_path_weights(sel, plan.n_selected, plan.n_unselected, self.r.eta, wdtype)
+        wts = mod.two_path_weights(sel, plan.n_selected, plan.n_unselected, self.rlcsd.eta, wdtype)
         per = pg.to(wdtype) * wts
         total = total + per.sum()
         return total, {
