@@ -283,7 +283,8 @@ class OGLSSD(Algorithm):
                 c += lens[t]
         strength = torch.cat([torch.full((n,), tp.strength, dtype=w.dtype) for tp, n in zip(tps, lens)]).to(dev)
         tgt = TeacherTarget(weight=w, bias=b, anchor_hidden=anchor_hidden, anchor_scale=anchor_scale,
-                            negative_pool=self.s.negative_pool, strength=strength, normalize=self.s.normalize)
+                            negative_pool=self.s.negative_pool, negative_branch=self.s.negative_branch,
+                            strength=strength, normalize=self.s.normalize)
         if self.s.pooling == "context":
             tgt.pos_hidden, tgt.pos_mask = self._pool_hidden([tp.pos for tp in tps], lens, run, dev, w.dtype)
             tgt.neg_hidden, tgt.neg_mask = self._pool_hidden([tp.neg for tp in tps], lens, run, dev, w.dtype)

@@ -10,7 +10,7 @@ import dataclasses
 from ..config import SteeringConfig
 
 OPSD_STEERING = dict(pooling="global", strength=0.0, anchor="privileged", distill_on="all",
-                     tail_weight=0.0, no_positive="opsd")
+                     tail_weight=0.0, no_positive="opsd", negative_branch="mean_log")  # no negative pool: the default
 
 
 def opsd_steering(base: SteeringConfig) -> SteeringConfig:
