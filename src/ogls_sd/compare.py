@@ -21,38 +21,15 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .config import ALGORITHMS, Config
+from .algorithms import compare_methods
+from .config import Config
+from .registry import ALGORITHMS
 
-# method name -> (train.algorithm, extra overrides, description)
+# method name -> (train.algorithm, extra overrides, description): every method that an algorithm
+# module registered (algorithms/base.py register_algorithm(..., methods=...)), in registration order
 METHODS: dict[str, tuple[str, list[str], str]] = {
-    "sft": ("sft", [], "SFT on the reference solutions"),
-    "rft": ("rft", [], "rejection-sampling SFT on the model's own correct rollouts"),
-    "grpo": ("grpo", [], "GRPO (RLVR)"),
-    "opsd": ("opsd", [], "OPSD: privileged teacher (frozen theta_0) distilled on every rollout"),
-    "opsd_grpo": ("opsd_grpo", [], "naive OPSD + RLVR: L_GRPO + alpha * L_OPSD"),
-    # OGLS-SD as shipped: the default config, unmodified (context pooling, live anchor, all-wrong groups skipped)
-    "ogls_sd": ("ogls_sd", [], "OGLS-SD as shipped (defaults: context pooling, live anchor, all-wrong groups skipped)"),
-    # the anchor variants and the lambda = 0 control (docs/algorithms/ogls_sd.md, "The anchor")
-    "ogls_frozen": ("ogls_sd", ["teacher.kind=frozen"], "OGLS-SD with a frozen theta_0 anchor (the earlier default)"),
-    "ogls_ema": ("ogls_sd", ["teacher.kind=ema", "teacher.ema_decay=0.9"], "OGLS-SD with a fast EMA anchor (decay 0.9)"),
-    "ogls_lambda0": ("ogls_sd", ["steering.strength=0"],
-                     "control: OGLS-SD with lambda = 0 (live anchor = no distillation pull; only the tail SFT acts)"),
-    "ogls_ref": ("ogls_sd", ["steering.no_positive=reference", "steering.fallback_reference=plain"],
-                 "OGLS-SD as shipped, but all-wrong groups use the task's student-style reference as the positive context"),
-    # the clip comparison (issue 15; docs/results.md "Clipping"): the published per-entry clip and the gradient-safe one
-    "opsd_entry": ("opsd", ["loss.clip=entry", "loss.clip_tau=0.05"], "OPSD with the published per-entry clip (tau 0.05)"),
-    "opsd_safe": ("opsd", ["loss.clip=safe", "loss.clip_tau=0.05"], "OPSD with the gradient-safe clip (tau 0.05)"),
-    "ogls_safe": ("ogls_sd", ["loss.clip=safe", "loss.clip_tau=0.05"], "OGLS-SD as shipped with the gradient-safe clip (tau 0.05)"),
-    "ogls_global": ("ogls_sd", ["steering.pooling=global"], "OGLS-SD with global pooling (live anchor)"),
-    # the methods of the first comparison (docs/results.md history): frozen anchor, plain-reference fallback
-    "ogls_context": ("ogls_sd", ["teacher.kind=frozen", "steering.pooling=context", "steering.no_positive=reference",
-                                 "steering.fallback_reference=plain"],
-                     "OGLS-SD, frozen anchor, context pooling; all-wrong fallback: the plain reference"),
-    "ogls_context_refpos": ("ogls_sd", ["teacher.kind=frozen", "steering.pooling=context",
-                                        "steering.no_positive=reference", "steering.fallback_reference=reference"],
-                            "OGLS-SD, frozen anchor, context pooling; all-wrong fallback: the privileged (templated) reference"),
-}
-DEFAULT_METHODS = ["sft", "rft", "grpo", "opsd", "ogls_sd", "ogls_frozen", "ogls_ema", "ogls_lambda0", "ogls_ref"]
+    m: (cm.algorithm, list(cm.overrides), cm.description) for m, cm in compare_methods().items()}
+DEFAULT_METHODS = [m for m, cm in compare_methods().items() if cm.default]
 
 # The default size: fits about an hour on an idle 2-core CPU (docs/experiments.md has the timing).
 DEFAULT_STEPS = 60
@@ -69,6 +46,20 @@ class RunSpec:
     status: str = "pending"  # pending | running | done | skipped | failed | cached
     summary: dict = field(default_factory=dict)
     error: str = ""
+
+
+def method_settings(method: str) -> tuple[str, list[str], str]:
+    """``(train.algorithm, overrides, description)`` of a compare method: a registered name, or a
+    registered name with settings of its own, ``NAME+section.key=value+...`` (e.g. for tuning:
+    ``grpo+train.lr=3e-4``; the run directory is named after the whole string)."""
+    name, *own = method.split("+")
+    if name not in METHODS:
+        raise ValueError(f"--methods: unknown method {name!r}; known: {', '.join(METHODS)} (variants: NAME+section.key=value)")
+    bad = [o for o in own if "=" not in o or "/" in o]
+    if bad:
+        raise ValueError(f"--methods: {method!r}: expected NAME+section.key=value+..., got {bad[0]!r}")
+    algo, mov, desc = METHODS[name]
+    return algo, [*mov, *own], desc + (f" with {', '.join(own)}" if own else "")
 
 
 def base_overrides(style: str, steps: int, eval_every: int) -> list[str]:
@@ -90,16 +81,15 @@ def plan_runs(out: Path, methods: list[str], seeds: list[int], style: str, steps
     base = base_overrides(style, steps, eval_every)
     runs = []
     for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"--methods: unknown method {m!r}; known: {', '.join(METHODS)}")
-        algo, mov, _ = METHODS[m]
+        algo, mov, _ = method_settings(m)
         if algo not in ALGORITHMS:
             warn(f"warning: method {m} skipped: train.algorithm={algo} is not available (ALGORITHMS = {', '.join(ALGORITHMS)})")
             continue
         for s in seeds:
             d = out / m / f"seed{s}"
-            # the explicit knobs (steps, eval every, seed, directory) win over extra overrides
-            ov = base + [f"train.algorithm={algo}", *mov, *extra, f"train.steps={steps}", f"eval.every={eval_every}",
+            # the method's own settings win over the shared extra overrides (ogls_lambda0 stays at lambda = 0),
+            # and the explicit knobs (steps, eval every, seed, directory) over both
+            ov = base + [f"train.algorithm={algo}", *extra, *mov, f"train.steps={steps}", f"eval.every={eval_every}",
                          f"train.seed={s}", f"train.output_dir={d}"]
             runs.append(RunSpec(m, s, ov, d))
     return runs
@@ -188,7 +178,7 @@ def run_compare(out: str | Path, methods: list[str] | None = None, seeds: list[i
     meta = {"methods": methods, "seeds": seeds, "style": style, "steps": steps, "eval_every": eval_every,
             "extra": list(extra or []), "runs": [{"method": r.method, "seed": r.seed, "dir": str(r.out.relative_to(out)),
                                                   "overrides": r.overrides} for r in runs],
-            "descriptions": {m: METHODS[m][2] for m in methods if m in METHODS}}
+            "descriptions": {m: method_settings(m)[2] for m in methods}}
     for r in runs:  # validate every config before spending time
         Config.load(None, r.overrides)
     (out / "compare.json").write_text(json.dumps(meta, indent=1))
@@ -290,4 +280,4 @@ class _ProgressProxy:
         self.p.update(self.t, advance=advance, description=description)
 
 
-__all__ = ["DEFAULT_METHODS", "METHODS", "RunSpec", "base_overrides", "plan_runs", "run_compare"]
+__all__ = ["DEFAULT_METHODS", "METHODS", "RunSpec", "base_overrides", "method_settings", "plan_runs", "run_compare"]
