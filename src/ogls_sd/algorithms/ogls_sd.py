@@ -397,6 +397,14 @@ def build_ogls(cfg, policy, teacher: Teacher, prompts: PromptBuilder, steering: 
         "ogls_ref": (["steering.no_positive=reference", "steering.fallback_reference=plain"],
                      "OGLS-SD as shipped, but all-wrong groups use the task's student-style reference as the positive context",
                      True),
+        # issue 19's ablations at equal budgets: the dose-response in lambda (0 = ogls_lambda0, 1 = ogls_sd),
+        # the negative branch as RLCSD marginalises it; the EMA anchor is ogls_ema above
+        "ogls_lam0_5": (["steering.strength=0.5"], "OGLS-SD as shipped with lambda = 0.5 (dose-response)"),
+        "ogls_lam2": (["steering.strength=2"], "OGLS-SD as shipped with lambda = 2 (dose-response)"),
+        "ogls_lam4": (["steering.strength=4"], "OGLS-SD as shipped with lambda = 4 (dose-response)"),
+        "ogls_logmean": (["steering.negative_branch=log_mean"],
+                         "OGLS-SD as shipped with RLCSD's negative branch: zneg = log of the mean probability over the "
+                         "negative contexts (ours: mean of log-probabilities)"),
         # the clip comparison (docs/results.md "Clipping")
         "ogls_safe": (["loss.clip=safe", "loss.clip_tau=0.05"], "OGLS-SD as shipped with the gradient-safe clip (tau 0.05)"),
         "ogls_global": (["steering.pooling=global"], "OGLS-SD with global pooling (live anchor)"),
