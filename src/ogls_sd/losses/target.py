@@ -71,6 +71,10 @@ class TeacherTarget:
     strength: float | Tensor = 1.0
     normalize: str = "none"
 
+    def __post_init__(self) -> None:
+        if self.negative_branch not in NEGATIVE_BRANCHES:
+            raise ValueError(f"steering.negative_branch: {self.negative_branch!r} not in {', '.join(NEGATIVE_BRANCHES)}")
+
     @property
     def num_rows(self) -> int:
         for t in (self.anchor_hidden,):
