@@ -392,3 +392,9 @@ def test_log_mean_changes_the_target():
     assert bool(with_neg.any())
     assert (z_lm[with_neg] - z_ml[with_neg]).abs().max() > 1e-3
     assert bool((z_lm <= z_ml + 1e-12).all())
+
+
+def test_unknown_negative_branch_is_refused():
+    _, _, _, target, _, _ = make_case("ctx", N=3, H=16, V=37, dtype=torch.float64)
+    with pytest.raises(ValueError, match="steering.negative_branch: 'mean_prob'"):
+        dataclasses.replace(target, negative_branch="mean_prob")
