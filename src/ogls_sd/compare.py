@@ -21,38 +21,15 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .config import ALGORITHMS, Config
+from .algorithms import compare_methods
+from .config import Config
+from .registry import ALGORITHMS
 
-# method name -> (train.algorithm, extra overrides, description)
+# method name -> (train.algorithm, extra overrides, description): every method that an algorithm
+# module registered (algorithms/base.py register_algorithm(..., methods=...)), in registration order
 METHODS: dict[str, tuple[str, list[str], str]] = {
-    "sft": ("sft", [], "SFT on the reference solutions"),
-    "rft": ("rft", [], "rejection-sampling SFT on the model's own correct rollouts"),
-    "grpo": ("grpo", [], "GRPO (RLVR)"),
-    "opsd": ("opsd", [], "OPSD: privileged teacher (frozen theta_0) distilled on every rollout"),
-    "opsd_grpo": ("opsd_grpo", [], "naive OPSD + RLVR: L_GRPO + alpha * L_OPSD"),
-    # OGLS-SD as shipped: the default config, unmodified (context pooling, live anchor, all-wrong groups skipped)
-    "ogls_sd": ("ogls_sd", [], "OGLS-SD as shipped (defaults: context pooling, live anchor, all-wrong groups skipped)"),
-    # the anchor variants and the lambda = 0 control (docs/algorithms/ogls_sd.md, "The anchor")
-    "ogls_frozen": ("ogls_sd", ["teacher.kind=frozen"], "OGLS-SD with a frozen theta_0 anchor (the earlier default)"),
-    "ogls_ema": ("ogls_sd", ["teacher.kind=ema", "teacher.ema_decay=0.9"], "OGLS-SD with a fast EMA anchor (decay 0.9)"),
-    "ogls_lambda0": ("ogls_sd", ["steering.strength=0"],
-                     "control: OGLS-SD with lambda = 0 (live anchor = no distillation pull; only the tail SFT acts)"),
-    "ogls_ref": ("ogls_sd", ["steering.no_positive=reference", "steering.fallback_reference=plain"],
-                 "OGLS-SD as shipped, but all-wrong groups use the task's student-style reference as the positive context"),
-    # the clip comparison (issue 15; docs/results.md "Clipping"): the published per-entry clip and the gradient-safe one
-    "opsd_entry": ("opsd", ["loss.clip=entry", "loss.clip_tau=0.05"], "OPSD with the published per-entry clip (tau 0.05)"),
-    "opsd_safe": ("opsd", ["loss.clip=safe", "loss.clip_tau=0.05"], "OPSD with the gradient-safe clip (tau 0.05)"),
-    "ogls_safe": ("ogls_sd", ["loss.clip=safe", "loss.clip_tau=0.05"], "OGLS-SD as shipped with the gradient-safe clip (tau 0.05)"),
-    "ogls_global": ("ogls_sd", ["steering.pooling=global"], "OGLS-SD with global pooling (live anchor)"),
-    # the methods of the first comparison (docs/results.md history): frozen anchor, plain-reference fallback
-    "ogls_context": ("ogls_sd", ["teacher.kind=frozen", "steering.pooling=context", "steering.no_positive=reference",
-                                 "steering.fallback_reference=plain"],
-                     "OGLS-SD, frozen anchor, context pooling; all-wrong fallback: the plain reference"),
-    "ogls_context_refpos": ("ogls_sd", ["teacher.kind=frozen", "steering.pooling=context",
-                                        "steering.no_positive=reference", "steering.fallback_reference=reference"],
-                            "OGLS-SD, frozen anchor, context pooling; all-wrong fallback: the privileged (templated) reference"),
-}
-DEFAULT_METHODS = ["sft", "rft", "grpo", "opsd", "ogls_sd", "ogls_frozen", "ogls_ema", "ogls_lambda0", "ogls_ref"]
+    m: (cm.algorithm, list(cm.overrides), cm.description) for m, cm in compare_methods().items()}
+DEFAULT_METHODS = [m for m, cm in compare_methods().items() if cm.default]
 
 # The default size: fits about an hour on an idle 2-core CPU (docs/experiments.md has the timing).
 DEFAULT_STEPS = 60

@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from .registry import ALGORITHMS, SECTIONS, Registry
+
 
 class ConfigError(ValueError):
     """A bad configuration key or value. The message names the key (``section.field``)."""
@@ -27,8 +29,8 @@ class ConfigError(ValueError):
 def opt(default: Any, help: str, choices: tuple | None = None, factory: Any = None) -> Any:
     """A dataclass field with help text and optional allowed values."""
     md = {"help": help}
-    if choices is not None:
-        md["choices"] = tuple(choices)
+    if choices is not None:  # a Registry stays live: algorithms register after this module is imported
+        md["choices"] = choices if isinstance(choices, Registry) else tuple(choices)
     if factory is not None:
         return field(default_factory=factory, metadata=md)
     return field(default=default, metadata=md)
@@ -48,7 +50,7 @@ class _Section:
             key = f"{self._section}.{f.name}"
             ch = f.metadata.get("choices")
             if ch is not None and v not in ch:
-                raise ConfigError(f"{key}: {v!r} is not one of {', '.join(map(str, ch))}")
+                raise ConfigError(f"{key}: {ch.unknown(v) if isinstance(ch, Registry) else Registry.listing(ch, v)}")
             if f.name in self._positive and not (v > 0):
                 raise ConfigError(f"{key}: must be > 0, got {v!r}")
             if f.name in self._nonneg and not (v >= 0):
@@ -193,10 +195,11 @@ class TeacherConfig(_Section):
     ema_decay: float = opt(0.999, "EMA decay when teacher.kind=ema: phi <- decay*phi + (1-decay)*theta after every optimizer step (0.9-0.99 = a fast-moving anchor; 0.999 over ~100 steps stays close to theta_0).")
 
     def resolve(self, algorithm: str) -> str:
-        """The teacher kind a run of ``algorithm`` uses (``auto`` resolved; see the help text)."""
+        """The teacher kind a run of ``algorithm`` uses: ``kind``, or with ``auto`` the algorithm's
+        registered default (live for ogls_sd, frozen for opsd / opsd_grpo / grpo's KL term)."""
         if self.kind != "auto":
             return self.kind
-        return "live" if algorithm == "ogls_sd" else "frozen"
+        return ALGORITHMS[algorithm].default_teacher
 
 
 @dataclass
@@ -266,16 +269,13 @@ class SFTConfig(_Section):
     max_tokens: int = opt(0, "train.algorithm=sft: reference solutions are truncated to this many tokens (no EOS appended when truncated); 0 = no limit.")
 
 
-ALGORITHMS = ("ogls_sd", "opsd", "sft", "rft", "grpo", "opsd_grpo")
-
-
 @dataclass
 class TrainConfig(_Section):
     _section = "train"
     _nonneg = ("weight_decay", "max_grad_norm", "warmup_steps", "save_every", "keep_last", "log_completions",
                "log_completions_prompts")
     _positive = ("steps", "prompts_per_step", "lr", "micro_batch_size", "max_nonfinite_steps")
-    algorithm: str = opt("ogls_sd", "Training algorithm: ogls_sd (method.md §3), opsd (§1), sft (NLL on reference solutions), rft (NLL on correct rollouts), grpo (RLVR), opsd_grpo (L_GRPO + hybrid.alpha * L_OPSD).", choices=ALGORITHMS)
+    algorithm: str = opt("ogls_sd", "Training algorithm, one module of ogls_sd/algorithms/ each (docs/algorithms/): ogls_sd (method.md §3), opsd (§1), sft (NLL on reference solutions), rft (NLL on correct rollouts), grpo (RLVR), opsd_grpo (L_GRPO + hybrid.alpha * L_OPSD), and every other registered algorithm (listed below).", choices=ALGORITHMS)
     steps: int = opt(40, "Optimizer steps.")
     prompts_per_step: int = opt(8, "Prompts per optimizer step (each gets rollout.num_generations rollouts).")
     micro_batch_size: int = opt(16, "Sequences per forward/backward micro-batch (gradient accumulation inside a step); also the most sequences per no-grad teacher forward pass (anchors, contexts, pools).")
@@ -331,13 +331,26 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # the sections that registered algorithms bring (registry.SECTIONS), by name: cfg.<name> reads them
+    sections: dict = field(default_factory=dict, repr=False, metadata={"registered": True})
 
     def __post_init__(self) -> None:
+        for name in self.sections:
+            if name not in SECTIONS:
+                raise ConfigError(f"config: unknown section {SECTIONS.unknown(name)}")
+        for name, sec_cls in SECTIONS.items():
+            self.sections.setdefault(name, sec_cls())
         validate(self)
+
+    def __getattr__(self, name: str) -> Any:  # only reached when normal lookup fails: a registered section
+        sections = self.__dict__.get("sections")
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # ---------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {name: dataclasses.asdict(sec) for name, sec in section_items(self)}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -351,27 +364,28 @@ class Config:
             d = {}
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(d).__name__}")
-        sections = {}
-        for f in dataclasses.fields(cls):
-            sections[f.name] = f
+        sections = section_classes()
         unknown = set(d) - set(sections)
         if unknown:
-            raise ConfigError(f"{source}: unknown section(s) {', '.join(sorted(unknown))}; known: {', '.join(sections)}")
-        kwargs = {}
-        for name, f in sections.items():
-            sec_cls = f.default_factory  # type: ignore[misc]
+            raise ConfigError(f"{source}: unknown section(s) {', '.join(sorted(map(str, unknown)))}; known: {', '.join(sections)}")
+        kwargs: dict = {"sections": {}}
+        for name, sec_cls in sections.items():
             raw = d.get(name, {}) or {}
             if not isinstance(raw, dict):
                 raise ConfigError(f"{source}: section '{name}' must be a mapping")
             known = {sf.name: sf for sf in dataclasses.fields(sec_cls)}
             bad = set(raw) - set(known)
             if bad:
-                raise ConfigError(f"{source}: unknown key(s) {', '.join(f'{name}.{k}' for k in sorted(bad))}")
+                raise ConfigError(f"{source}: unknown key(s) {', '.join(f'{name}.{k}' for k in sorted(map(str, bad)))}")
             vals = {k: _coerce(f"{name}.{k}", v, known[k], sec_cls) for k, v in raw.items()}
             try:
-                kwargs[name] = sec_cls(**vals)
+                section = sec_cls(**vals)
             except ConfigError as e:
                 raise ConfigError(f"{source}: {e}") from None
+            if name in SECTIONS:
+                kwargs["sections"][name] = section
+            else:
+                kwargs[name] = section
         try:
             return cls(**kwargs)
         except ConfigError as e:
@@ -441,7 +455,15 @@ class Config:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
-SIBLING_ALGORITHMS = ("ogls_sd", "grpo", "opsd_grpo")  # learn from differences between a prompt's rollouts
+def section_classes() -> dict[str, type]:
+    """Every config section, name -> dataclass: the built-in ones, then those registered by algorithms."""
+    out = {f.name: f.default_factory for f in dataclasses.fields(Config) if not f.metadata.get("registered")}
+    return {**out, **dict(SECTIONS.items())}  # type: ignore[arg-type]
+
+
+def section_items(cfg: Config) -> list[tuple[str, Any]]:
+    """``(name, section)`` for every section of ``cfg``, in :func:`section_classes` order."""
+    return [(name, getattr(cfg, name)) for name in section_classes()]
 
 
 def validate(cfg: Config) -> None:
@@ -453,7 +475,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.answer_from: {af!r} is not column, reference_boxed or module:function")
     if af != "column" and not cfg.data.reference_column:
         raise ConfigError(f"data.answer_from={af}: needs data.reference_column (the answer is taken from the reference)")
-    if cfg.train.algorithm in SIBLING_ALGORITHMS and cfg.rollout.num_generations < 2:
+    if ALGORITHMS[cfg.train.algorithm].needs_siblings and cfg.rollout.num_generations < 2:
         raise ConfigError(
             f"rollout.num_generations: must be >= 2 with train.algorithm={cfg.train.algorithm} (got "
             f"{cfg.rollout.num_generations}): it learns from the differences between a prompt's rollouts, and a "
@@ -505,13 +527,12 @@ def _coerce(key: str, value: Any, f: dataclasses.Field, owner: type) -> Any:
 def describe_fields() -> list[tuple[str, str, str]]:
     """(dotted key, default, help) for every config field, in declaration order."""
     out = []
-    for sf in dataclasses.fields(Config):
-        sec_cls = sf.default_factory  # type: ignore[misc]
+    for name, sec_cls in section_classes().items():
         inst = sec_cls()
         for f in dataclasses.fields(sec_cls):
             h = f.metadata.get("help", "")
             ch = f.metadata.get("choices")
             if ch:
                 h = f"{h} [{'|'.join(map(str, ch))}]"
-            out.append((f"{sf.name}.{f.name}", repr(getattr(inst, f.name)), h))
+            out.append((f"{name}.{f.name}", repr(getattr(inst, f.name)), h))
     return out

@@ -25,6 +25,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .algorithms import Group, Rollout, StepBatch, build_algorithm, teacher_kind
+from .registry import ALGORITHMS
 from .checkpoint import (SHARDED, CheckpointError, check_resume_config, checkpoint_dirs, load_ema, load_model_weights,
                          load_trainer_state, rank_rng, read_state, resolve_resume, restoring, rng_state, save_checkpoint,
                          set_rng_state, step_of, weights_fingerprint)
@@ -187,8 +188,7 @@ def noop_cause(cfg: Config, metrics: dict) -> str:
         knobs = "raise rollout.num_generations or rollout.temperature, or use an easier (or harder) task"
     else:
         why = f"train.algorithm={algo} produced no loss term (no distillation target, no tail, zero gradient)"
-        knobs = ("set steering.no_positive=reference|opsd, raise rollout.num_generations, or use an easier task"
-                 if algo in ("ogls_sd", "opsd", "opsd_grpo") else "raise rollout.num_generations or use an easier task")
+        knobs = ALGORITHMS[algo].noop_hint
     return f"{why}; {knobs}"
 
 
@@ -285,23 +285,12 @@ def step_record(step: int, batch: StepBatch, plan, res: Optimized, lr: float, t:
     agg, rollouts = res.agg, batch.rollouts
     lens = [len(r.ids) for r in rollouts] or [0]
     n_roll = max(1, len(rollouts))
-    rows = agg.get("distill_rows", 0.0)
-
-    def per_row(key: str) -> float:
-        return agg.get(key, 0.0) / rows if rows else 0.0
 
     rec = {
         "step": step + 1,
         "reward/mean": sum(r.reward for r in rollouts) / n_roll,
         **plan.metrics,
         "loss": agg.get("loss", 0.0),
-        "distill_loss": agg.get("distill_loss", 0.0),
-        "tail_nll": agg.get("tail_nll", 0.0),
-        "kl/token": per_row("kl_sum"),
-        "entropy/teacher": per_row("teacher_entropy_sum"),
-        "entropy/student": per_row("student_entropy_sum"),
-        "steer/rms": per_row("steer_rms_sum"),
-        "clip/frac": agg.get("clipped_sum", 0.0) / agg["clip_den_sum"] if agg.get("clip_den_sum") else 0.0,
         "completion/len_mean": sum(lens) / len(lens),
         "completion/len_p90": _p90(lens),
         "completion/truncated": sum(not r.finished for r in rollouts) / n_roll,

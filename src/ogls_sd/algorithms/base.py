@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from ..data.example import Example
+from ..registry import ALGORITHMS, SECTIONS
 
 
 @dataclass
@@ -75,6 +77,25 @@ class Algorithm:
         return {}
 
 
+def distill_step_metrics(agg: dict[str, float]) -> dict[str, float]:
+    """The distillation metrics of method.md §6 (docs/metrics.md) from summed loss metrics: the
+    loss terms, and per distilled row the teacher-student KL, both entropies and the steering RMS."""
+    rows = agg.get("distill_rows", 0.0)
+
+    def per_row(key: str) -> float:
+        return agg.get(key, 0.0) / rows if rows else 0.0
+
+    return {
+        "distill_loss": agg.get("distill_loss", 0.0),
+        "tail_nll": agg.get("tail_nll", 0.0),
+        "kl/token": per_row("kl_sum"),
+        "entropy/teacher": per_row("teacher_entropy_sum"),
+        "entropy/student": per_row("student_entropy_sum"),
+        "steer/rms": per_row("steer_rms_sum"),
+        "clip/frac": agg.get("clipped_sum", 0.0) / agg["clip_den_sum"] if agg.get("clip_den_sum") else 0.0,
+    }
+
+
 EMPTY_METRIC = "rollouts/empty"
 
 
@@ -100,3 +121,59 @@ def student_hidden(policy, batch: StepBatch, micro: list[int], pad_id: int):
     for r in ro:
         offsets.append(offsets[-1] + len(r.ids))
     return h, offsets
+
+
+def _always(cfg) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class CompareMethod:
+    """A named ``ogls-sd compare`` method: ``train.algorithm`` plus overrides."""
+
+    algorithm: str
+    overrides: tuple[str, ...]
+    description: str
+    default: bool = False  # in compare's default method list
+
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    """What the rest of the package knows about a registered algorithm (``register_algorithm``)."""
+
+    name: str
+    summary: str
+    build: Callable  # (cfg, policy, teacher, prompts) -> Algorithm
+    needs_teacher: Callable = _always  # cfg -> bool; False: the trainer keeps no teacher copy
+    needs_siblings: bool = False  # learns from differences between a prompt's rollouts (G >= 2)
+    default_teacher: str = "frozen"  # what teacher.kind=auto resolves to
+    noop_hint: str = "raise rollout.num_generations or use an easier task"
+    config_section: type | None = None
+    methods: tuple[tuple[str, CompareMethod], ...] = ()
+
+
+def register_algorithm(name: str, summary: str, *, needs_teacher: Callable = _always, needs_siblings: bool = False,
+                       default_teacher: str = "frozen", noop_hint: str | None = None, config_section: type | None = None,
+                       methods: dict | None = None):
+    """Decorator of an algorithm's builder ``build(cfg, policy, teacher, prompts) -> Algorithm``:
+    registers ``train.algorithm=name`` with everything the trainer, config validation, ``compare``
+    and the CLI help read about it. ``config_section``: a ``config._Section`` dataclass whose
+    ``_section`` name becomes ``cfg.<name>`` and a YAML section. ``methods``: compare method name ->
+    ``(overrides, description[, in_default_list])``, each applied on top of ``train.algorithm=name``."""
+    if default_teacher not in ("frozen", "ema", "live"):
+        raise ValueError(f"register_algorithm({name!r}): default_teacher must be frozen, ema or live")
+    named = tuple((m, CompareMethod(name, tuple(v[0]), v[1], *v[2:])) for m, v in (methods or {}).items())
+
+    def wrap(build: Callable) -> Callable:
+        if config_section is not None:
+            SECTIONS.register(config_section._section, config_section)
+        ALGORITHMS.register(name, AlgorithmSpec(name, summary, build, needs_teacher, needs_siblings, default_teacher,
+                                                noop_hint or AlgorithmSpec.noop_hint, config_section, named))
+        return build
+
+    return wrap
+
+
+def compare_methods() -> dict[str, CompareMethod]:
+    """Every registered compare method, in registration order."""
+    return {m: cm for _, spec in ALGORITHMS.items() for m, cm in spec.methods}

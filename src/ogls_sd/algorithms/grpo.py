@@ -38,7 +38,7 @@ from ..losses import get_token_logprobs
 from ..modeling import SeqBatch, lm_head
 from ..teacher import Teacher
 from ..templates import PromptBuilder, join_completion
-from .base import EMPTY_METRIC, Algorithm, StepBatch, loss_dtype, student_hidden
+from .base import EMPTY_METRIC, Algorithm, StepBatch, loss_dtype, register_algorithm, student_hidden
 
 
 def group_advantages(rewards: list[float], scale_std: bool = True, std: str = "sample", eps: float = 1e-4) -> list[float]:
@@ -238,3 +238,15 @@ def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """Schulman's k3 estimator of ``KL(π_θ ‖ π_ref)`` per sampled token: ``e^{q−p} − (q − p) − 1``."""
     d = ref_logp - logp
     return torch.exp(d) - d - 1.0
+
+
+def build_grpo(cfg, policy, teacher: Teacher, prompts: PromptBuilder) -> GRPO:
+    return GRPO(policy, teacher, prompts, cfg.grpo, cfg.loss, temperature=cfg.rollout.temperature,
+                plan_batch=cfg.train.micro_batch_size)
+
+
+register_algorithm(
+    "grpo", "GRPO (RLVR): group-normalised advantages, PPO-clipped token-level policy gradient",
+    needs_teacher=lambda cfg: cfg.grpo.kl_coef > 0, needs_siblings=True, default_teacher="frozen",
+    methods={"grpo": ([], "GRPO (RLVR)", True)},
+)(build_grpo)

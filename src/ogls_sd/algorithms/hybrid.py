@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from .base import Algorithm, StepBatch, student_hidden
-from .grpo import GRPO, GRPOPlan
-from .ogls_sd import OGLSSD, Plan
+from .base import Algorithm, StepBatch, register_algorithm, student_hidden
+from .grpo import GRPO, GRPOPlan, build_grpo
+from .ogls_sd import DISTILL_NOOP_HINT, OGLSSD, Plan, build_ogls
+from .opsd import opsd_steering
 
 
 @dataclass
@@ -64,3 +65,13 @@ class OPSDGRPO(Algorithm):
             "hybrid/opsd_loss": agg.get("hybrid_opsd_loss", 0.0),
             "hybrid/alpha": self.alpha,
         }
+
+
+@register_algorithm(
+    "opsd_grpo", "naive OPSD + RLVR: L_GRPO + hybrid.alpha * L_OPSD", needs_siblings=True, default_teacher="frozen",
+    noop_hint=DISTILL_NOOP_HINT, methods={"opsd_grpo": ([], "naive OPSD + RLVR: L_GRPO + alpha * L_OPSD")},
+)
+def build_opsd_grpo(cfg, policy, teacher, prompts) -> OPSDGRPO:
+    opsd = build_ogls(cfg, policy, teacher, prompts, opsd_steering(cfg.steering))
+    opsd.name = "opsd"
+    return OPSDGRPO(build_grpo(cfg, policy, teacher, prompts), opsd, cfg.hybrid.alpha)

@@ -30,7 +30,8 @@ from ..losses import get_distill_loss, get_token_logprobs
 from ..modeling import SeqBatch, lm_head
 from ..templates import PromptBuilder, join_completion
 from ..teacher import Teacher
-from .base import EMPTY_METRIC, Algorithm, StepBatch, loss_dtype, student_hidden
+from .base import (EMPTY_METRIC, Algorithm, StepBatch, distill_step_metrics, loss_dtype, register_algorithm,
+                   student_hidden)
 
 
 @dataclass
@@ -191,6 +192,9 @@ class OGLSSD(Algorithm):
         return pooled(pos_attempts) - pooled(neg_attempts)
 
     # ------------------------------------------------------------------ loss of one micro-batch
+    def step_metrics(self, agg: dict[str, float]) -> dict[str, float]:
+        return distill_step_metrics(agg)
+
     def loss(self, plan: Plan, micro: list[int]) -> tuple[Tensor, dict[str, float]]:
         """Loss terms of the rollouts ``micro``, normalised by the whole step's token counts.
 
@@ -340,3 +344,42 @@ def _subset(items: list, cap: int, rng: random.Random) -> list:
         return list(items)
     keep = sorted(rng.sample(range(len(items)), cap))
     return [items[i] for i in keep]
+
+
+DISTILL_NOOP_HINT = "set steering.no_positive=reference|opsd, raise rollout.num_generations, or use an easier task"
+
+
+def build_ogls(cfg, policy, teacher: Teacher, prompts: PromptBuilder, steering: SteeringConfig) -> OGLSSD:
+    """:class:`OGLSSD` with ``steering`` and the run's loss, limits and seed (OGLS-SD, OPSD, the hybrid's OPSD part)."""
+    return OGLSSD(policy, teacher, prompts, steering, cfg.loss, cfg.rollout.max_new_tokens, seed=cfg.train.seed,
+                  teacher_batch=cfg.train.micro_batch_size)
+
+
+@register_algorithm(
+    "ogls_sd", "OGLS-SD (method.md §3): the teacher steered along the contrast of correct vs incorrect rollouts",
+    needs_siblings=True, default_teacher="live", noop_hint=DISTILL_NOOP_HINT,
+    methods={
+        # OGLS-SD as shipped: the default config, unmodified (context pooling, live anchor, all-wrong groups skipped)
+        "ogls_sd": ([], "OGLS-SD as shipped (defaults: context pooling, live anchor, all-wrong groups skipped)", True),
+        # the anchor variants and the lambda = 0 control (docs/algorithms/ogls_sd.md, "The anchor")
+        "ogls_frozen": (["teacher.kind=frozen"], "OGLS-SD with a frozen theta_0 anchor (the earlier default)", True),
+        "ogls_ema": (["teacher.kind=ema", "teacher.ema_decay=0.9"], "OGLS-SD with a fast EMA anchor (decay 0.9)", True),
+        "ogls_lambda0": (["steering.strength=0"],
+                         "control: OGLS-SD with lambda = 0 (live anchor = no distillation pull; only the tail SFT acts)", True),
+        "ogls_ref": (["steering.no_positive=reference", "steering.fallback_reference=plain"],
+                     "OGLS-SD as shipped, but all-wrong groups use the task's student-style reference as the positive context",
+                     True),
+        # the clip comparison (docs/results.md "Clipping")
+        "ogls_safe": (["loss.clip=safe", "loss.clip_tau=0.05"], "OGLS-SD as shipped with the gradient-safe clip (tau 0.05)"),
+        "ogls_global": (["steering.pooling=global"], "OGLS-SD with global pooling (live anchor)"),
+        # the methods of the first comparison (docs/results.md history): frozen anchor, plain-reference fallback
+        "ogls_context": (["teacher.kind=frozen", "steering.pooling=context", "steering.no_positive=reference",
+                          "steering.fallback_reference=plain"],
+                         "OGLS-SD, frozen anchor, context pooling; all-wrong fallback: the plain reference"),
+        "ogls_context_refpos": (["teacher.kind=frozen", "steering.pooling=context", "steering.no_positive=reference",
+                                 "steering.fallback_reference=reference"],
+                                "OGLS-SD, frozen anchor, context pooling; all-wrong fallback: the privileged (templated) reference"),
+    },
+)
+def build_ogls_sd(cfg, policy, teacher: Teacher, prompts: PromptBuilder) -> OGLSSD:
+    return build_ogls(cfg, policy, teacher, prompts, cfg.steering)

@@ -22,7 +22,7 @@ from ..config import LossConfig, SFTConfig
 from ..losses import get_token_logprobs
 from ..modeling import SeqBatch, completion_hidden, lm_head
 from ..templates import PromptBuilder, join_completion
-from .base import EMPTY_METRIC, Algorithm, StepBatch, loss_dtype, student_hidden
+from .base import EMPTY_METRIC, Algorithm, StepBatch, loss_dtype, register_algorithm, student_hidden
 
 
 @dataclass
@@ -122,3 +122,19 @@ class RFT(Algorithm):
 
     def step_metrics(self, agg: dict[str, float]) -> dict[str, float]:
         return {"rft/nll": agg.get("rft_nll", 0.0)}
+
+
+def _no_teacher(cfg) -> bool:
+    return False
+
+
+@register_algorithm("sft", "SFT: NLL of the reference solutions (no rollouts)", needs_teacher=_no_teacher,
+                    methods={"sft": ([], "SFT on the reference solutions", True)})
+def build_sft(cfg, policy, teacher, prompts) -> SFT:
+    return SFT(policy, prompts, cfg.sft, cfg.loss)
+
+
+@register_algorithm("rft", "RFT: NLL of the model's own correct rollouts", needs_teacher=_no_teacher,
+                    methods={"rft": ([], "rejection-sampling SFT on the model's own correct rollouts", True)})
+def build_rft(cfg, policy, teacher, prompts) -> RFT:
+    return RFT(policy, prompts, cfg.loss)
