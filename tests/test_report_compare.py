@@ -77,6 +77,18 @@ def test_plan_runs_share_budgets_and_skip_missing_algorithms(tmp_path, monkeypat
     assert set(compare.DEFAULT_METHODS) <= set(METHODS)
 
 
+def test_method_variants_carry_their_own_settings(tmp_path):
+    runs = plan_runs(tmp_path, ["grpo+train.lr=0.0003", "ogls_sd+steering.strength=2+teacher.kind=ema"], [1], "plain",
+                     3, 1, ["train.lr=0.001"])
+    cfgs = [Config.load(None, r.overrides) for r in runs]
+    assert [r.out.name for r in runs] == ["seed1", "seed1"] and runs[0].out.parent.name == "grpo+train.lr=0.0003"
+    assert cfgs[0].train.algorithm == "grpo" and cfgs[0].train.lr == 0.0003  # its own setting wins over the shared extra
+    assert cfgs[1].steering.strength == 2.0 and cfgs[1].teacher.kind == "ema" and cfgs[1].train.lr == 0.001
+    for bad in ["nope+train.lr=1", "grpo+train.lr", "grpo+a/b=1"]:
+        with pytest.raises(ValueError, match="--methods"):
+            plan_runs(tmp_path, [bad], [0], "plain", 3, 1, [])
+
+
 def test_compare_end_to_end_tiny(tmp_path):
     out = tmp_path / "cmp"
     extra = TINY_OVERRIDES + [f"warmstart.cache_dir={tmp_path / 'ws'}", "data.eval_size=2", "train.report_to=none"]

@@ -262,10 +262,11 @@ def eval(
 @_guarded
 def compare(
     ctx: typer.Context,
-    overrides: List[str] = typer.Argument(None, help="extra section.key=value overrides applied to every run"),
+    overrides: List[str] = typer.Argument(None, help="extra section.key=value overrides applied to every run (a method's own settings win over them)"),
     output_dir: str = typer.Option("runs/compare", "--output-dir", "-o", help="Output directory."),
     methods: str = typer.Option(",".join(DEFAULT_METHODS), "--methods",
-                                help=f"Comma-separated methods ({', '.join(METHODS)}; docs/experiments.md); "
+                                help=f"Comma-separated methods ({', '.join(METHODS)}; docs/experiments.md), each optionally with "
+                                     "settings of its own, NAME+section.key=value+... (e.g. grpo+train.lr=3e-4); "
                                      "missing algorithms are skipped with a warning."),
     seeds: int = typer.Option(3, "--seeds", help="Number of seeds (0..N-1)."),
     seed_list: Optional[str] = typer.Option(None, "--seed-list", help="Explicit comma-separated seeds (overrides --seeds)."),

@@ -48,6 +48,20 @@ class RunSpec:
     error: str = ""
 
 
+def method_settings(method: str) -> tuple[str, list[str], str]:
+    """``(train.algorithm, overrides, description)`` of a compare method: a registered name, or a
+    registered name with settings of its own, ``NAME+section.key=value+...`` (e.g. for tuning:
+    ``grpo+train.lr=3e-4``; the run directory is named after the whole string)."""
+    name, *own = method.split("+")
+    if name not in METHODS:
+        raise ValueError(f"--methods: unknown method {name!r}; known: {', '.join(METHODS)} (variants: NAME+section.key=value)")
+    bad = [o for o in own if "=" not in o or "/" in o]
+    if bad:
+        raise ValueError(f"--methods: {method!r}: expected NAME+section.key=value+..., got {bad[0]!r}")
+    algo, mov, desc = METHODS[name]
+    return algo, [*mov, *own], desc + (f" with {', '.join(own)}" if own else "")
+
+
 def base_overrides(style: str, steps: int, eval_every: int) -> list[str]:
     """The settings every method shares. ``templated``: rollouts and evaluation are limited to the
     length of the longest plain solution, so a completion that copies the template is cut off."""
@@ -67,16 +81,15 @@ def plan_runs(out: Path, methods: list[str], seeds: list[int], style: str, steps
     base = base_overrides(style, steps, eval_every)
     runs = []
     for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"--methods: unknown method {m!r}; known: {', '.join(METHODS)}")
-        algo, mov, _ = METHODS[m]
+        algo, mov, _ = method_settings(m)
         if algo not in ALGORITHMS:
             warn(f"warning: method {m} skipped: train.algorithm={algo} is not available (ALGORITHMS = {', '.join(ALGORITHMS)})")
             continue
         for s in seeds:
             d = out / m / f"seed{s}"
-            # the explicit knobs (steps, eval every, seed, directory) win over extra overrides
-            ov = base + [f"train.algorithm={algo}", *mov, *extra, f"train.steps={steps}", f"eval.every={eval_every}",
+            # the method's own settings win over the shared extra overrides (ogls_lambda0 stays at lambda = 0),
+            # and the explicit knobs (steps, eval every, seed, directory) over both
+            ov = base + [f"train.algorithm={algo}", *extra, *mov, f"train.steps={steps}", f"eval.every={eval_every}",
                          f"train.seed={s}", f"train.output_dir={d}"]
             runs.append(RunSpec(m, s, ov, d))
     return runs
@@ -165,7 +178,7 @@ def run_compare(out: str | Path, methods: list[str] | None = None, seeds: list[i
     meta = {"methods": methods, "seeds": seeds, "style": style, "steps": steps, "eval_every": eval_every,
             "extra": list(extra or []), "runs": [{"method": r.method, "seed": r.seed, "dir": str(r.out.relative_to(out)),
                                                   "overrides": r.overrides} for r in runs],
-            "descriptions": {m: METHODS[m][2] for m in methods if m in METHODS}}
+            "descriptions": {m: method_settings(m)[2] for m in methods}}
     for r in runs:  # validate every config before spending time
         Config.load(None, r.overrides)
     (out / "compare.json").write_text(json.dumps(meta, indent=1))
@@ -267,4 +280,4 @@ class _ProgressProxy:
         self.p.update(self.t, advance=advance, description=description)
 
 
-__all__ = ["DEFAULT_METHODS", "METHODS", "RunSpec", "base_overrides", "plan_runs", "run_compare"]
+__all__ = ["DEFAULT_METHODS", "METHODS", "RunSpec", "base_overrides", "method_settings", "plan_runs", "run_compare"]

@@ -89,7 +89,9 @@ class StepLines:
         parts = [f"step {rec['step']}/{self.total}"]
         if "reward/mean" in rec:
             parts.append(f"reward {rec['reward/mean']:.3f}")
-        parts += [f"loss {rec['loss']:.4f}", f"kl {rec['kl/token']:.4f}"]
+        parts.append(f"loss {rec['loss']:.4f}")
+        if "kl/token" in rec:  # algorithms with a distillation term
+            parts.append(f"kl {rec['kl/token']:.4f}")
         if "throughput/rollout_tok_s" in rec:
             parts.append(f"tok/s {rec['throughput/rollout_tok_s']:.0f}")
         parts.append(f"eta {_clock(eta)}")
@@ -670,7 +672,8 @@ def train(cfg: Config, console: Console | None = None) -> dict:
                 if log.tracker is not None:
                     log.tracker.text("completions", completions_markdown(crec), step + 1)
             if plain is None:
-                progress.update(bar, advance=1, info=f"reward {rec.get('reward/mean', 0.0):.3f}  loss {rec['loss']:.4f}  kl {rec['kl/token']:.3f}")
+                progress.update(bar, advance=1, info=f"reward {rec.get('reward/mean', 0.0):.3f}  loss {rec['loss']:.4f}"
+                                + (f"  kl {rec['kl/token']:.3f}" if "kl/token" in rec else ""))
             else:
                 plain.step(rec)
 
