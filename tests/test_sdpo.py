@@ -147,7 +147,7 @@ def test_blocked_loss_on_hidden_states_equals_loss_on_logits(mode, alpha, k, tai
     h_t, w_t = torch.randn(N, H, generator=g, dtype=torch.float64), torch.randn(V, H, generator=g, dtype=torch.float64)
     ids, rw = torch.randint(0, V, (N,), generator=g), torch.rand(N, generator=g, dtype=torch.float64)
     kw = dict(mode=mode, alpha=alpha, top_k=k or 20, add_tail=tail)
-    loss, per_token, rkl = sdpo_loss(h_s, w_s, b_s, h_t, w_t, None, ids, rw, temperature=T, chunk_size=chunk, **kw)
+    loss, per_token, stats = sdpo_loss(h_s, w_s, b_s, h_t, w_t, None, ids, rw, temperature=T, chunk_size=chunk, **kw)
     loss.backward()
     got = [x.grad.clone() for x in (h_s, w_s, b_s)]
     for x in (h_s, w_s, b_s):
@@ -160,7 +160,9 @@ def test_blocked_loss_on_hidden_states_equals_loss_on_logits(mode, alpha, k, tai
     for a, b in zip(got, (h_s.grad, w_s.grad, b_s.grad)):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
     s_lp, t_lp = torch.log_softmax(x_logits.detach(), -1), torch.log_softmax(z_logits, -1)
-    assert torch.allclose(rkl, (s_lp.exp() * (s_lp - t_lp)).sum(-1), rtol=1e-10)
+    p_s, p_t = s_lp.exp(), t_lp.exp()
+    want_stats = [(p_t * (t_lp - s_lp)).sum(-1), (p_s * (s_lp - t_lp)).sum(-1), -(p_t * t_lp).sum(-1), -(p_s * s_lp).sum(-1)]
+    assert torch.allclose(stats, torch.stack(want_stats), rtol=1e-10)
 
 
 # --------------------------------------------------------------------------- (c) the teacher prompt
@@ -264,10 +266,10 @@ def test_step_loss_and_gradients_match_the_naive_computation(tok, tiny_model, mo
     tiny_model.zero_grad(set_to_none=True)
     want = naive_step_loss(tiny_model, teacher.copy, tok, batch, plan, mode, alpha, k or 20, tail, 0.8)
     want.backward()
-    assert float(got.detach()) == pytest.approx(float(want), rel=1e-5)
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
     assert_grads_close(got_grads, grads(tiny_model))
     swapped = naive_step_loss(teacher.copy, tiny_model, tok, batch, plan, mode, alpha, k or 20, tail, 0.8)
-    assert abs(float(swapped) - float(want)) > 1e-3 * abs(float(want))
+    assert abs(float(swapped) - float(want.detach())) > 1e-3 * abs(float(want.detach()))
 
 
 def test_rollouts_without_a_demonstration_get_no_gradient_but_count_in_the_mean(tok, tiny_model):
@@ -278,3 +280,59 @@ def test_rollouts_without_a_demonstration_get_no_gradient_but_count_in_the_mean(
     assert [m for m in plan.micro_batches(8)] == [[1, 2]]
     loss, _ = algo.loss(plan, [0, 3, 4, 5])
     assert float(loss) == 0.0 and not loss.requires_grad  # no student pass at all
+
+
+# --------------------------------------------------------------------------- (d) registered, end to end
+def test_sdpo_is_registered_with_an_ema_teacher_and_its_compare_methods(tok, tiny_model):
+    from ogls_sd.algorithms import build_algorithm, teacher_kind
+    from ogls_sd.compare import DEFAULT_METHODS, METHODS
+    from ogls_sd.config import Config
+
+    cfg = Config.load(None, ["train.algorithm=sdpo", "sdpo.mode=topk_logits", "sdpo.top_k=7", "rollout.temperature=0.6"])
+    assert teacher_kind(cfg) == "ema" and cfg.sdpo.top_k == 7
+    _, pb, teacher, _ = setup(tok, tiny_model)
+    algo = build_algorithm(cfg, tiny_model, teacher, pb)
+    assert isinstance(algo, SDPO) and algo.name == "sdpo" and algo.temperature == 0.6 and algo.cfg.mode == "topk_logits"
+    assert METHODS["sdpo"] == ("sdpo", ["teacher.kind=ema", "teacher.ema_decay=0.95"], METHODS["sdpo"][2])
+    assert "sdpo" in DEFAULT_METHODS and {"sdpo_full", "sdpo_topk", "sdpo_live"} <= set(METHODS)
+    with pytest.raises(ConfigError, match="sdpo.mode"):
+        Config.load(None, ["sdpo.mode=topk"])
+    with pytest.raises(ConfigError, match="rollout.num_generations"):
+        Config.load(None, ["train.algorithm=sdpo", "rollout.num_generations=1"])
+
+
+@pytest.fixture(scope="module")
+def ws_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("ws")
+
+
+@pytest.mark.parametrize("extra", [["teacher.kind=ema", "teacher.ema_decay=0.95"],
+                                   ["sdpo.mode=full_logits", "sdpo.alpha=0.5", "teacher.kind=live"]],
+                         ids=["sampled_token_ema", "full_logits_live"])
+def test_two_training_steps_end_to_end(tmp_path, ws_cache, monkeypatch, extra):
+    import itertools
+    import json
+
+    from conftest import TINY_OVERRIDES
+    from ogls_sd.tasks.arith import ArithTask
+    from ogls_sd.config import Config
+    from ogls_sd.trainer import train
+
+    counter = itertools.count()  # rewards 1, 0, 1, 0, ...: every rollout of a group of 4 has a successful sibling
+    monkeypatch.setattr(ArithTask, "reward", lambda self, completion, answer: float(next(counter) % 2 == 0))
+    out = tmp_path / "run"
+    cfg = Config.load(None, TINY_OVERRIDES + [f"warmstart.cache_dir={ws_cache}", f"train.output_dir={out}",
+                                              "train.algorithm=sdpo", "train.steps=2", "eval.before_after=false",
+                                              "train.lr=0.01", *extra])
+    summary = train(cfg)
+    assert summary["algorithm"] == "sdpo" and summary["steps"] == 2
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2]
+    for r in recs:
+        assert r["sdpo/reprompt_frac"] == 1.0 and r["sdpo/success_group_frac"] == 1.0 and r["targets"] == 8
+        assert r["grad_norm"] > 0 and all(math.isfinite(v) for v in r.values() if isinstance(v, (int, float)))
+    # step 1: the teacher equals the student (EMA starts at theta_0; live is theta) and only the re-prompt
+    # differs; step 2 scores with the moved weights
+    assert recs[1]["sdpo/reverse_kl_token"] > 0 and recs[1]["kl/token"] > 0 and recs[1]["entropy/teacher"] > 0
+    ck = out / "checkpoints" / "step_000002"
+    assert (ck / "model" / "model.safetensors").is_file()

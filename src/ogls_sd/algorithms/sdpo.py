@@ -29,7 +29,7 @@ from ..losses.sdpo import MODES, sdpo_loss
 from ..modeling import SeqBatch, lm_head
 from ..teacher import Teacher
 from ..templates import PromptBuilder, join_completion
-from .base import EMPTY_METRIC, Algorithm, StepBatch, loss_dtype, student_hidden
+from .base import EMPTY_METRIC, Algorithm, StepBatch, loss_dtype, register_algorithm, student_hidden
 
 TRL_REPROMPT = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question.\n"
 TRL_SOLUTION = "\nCorrect solution:\n\n{successful_previous_attempt}\n\n"
@@ -155,11 +155,13 @@ class SDPO(Algorithm):
         w_s, b_s = lm_head(self.policy)
         w_t, b_t = self.teacher.head()
         c = self.cfg
-        loss, per_token, kl = sdpo_loss(h_s, w_s, b_s, h_t, w_t, b_t, ids, weights.to(dev, wdtype),
+        loss, per_token, st = sdpo_loss(h_s, w_s, b_s, h_t, w_t, b_t, ids, weights.to(dev, wdtype),
                                         temperature=self.temperature, mode=c.mode, alpha=c.alpha, top_k=c.top_k,
                                         add_tail=c.add_tail, chunk_size=self.chunk_size)
+        sums = st.sum(1).tolist()
         return total + loss, {"distill_loss": float(loss.detach()), "sdpo_token_loss_sum": float(per_token.sum()),
-                              "sdpo_rkl_sum": float(kl.sum()), "distill_rows": float(len(per_token))}
+                              "kl_sum": sums[0], "sdpo_rkl_sum": sums[1], "teacher_entropy_sum": sums[2],
+                              "student_entropy_sum": sums[3], "distill_rows": float(per_token.numel())}
 
     @torch.no_grad()
     def _teacher_hidden(self, plan: SDPOPlan, sel: list[int]) -> Tensor:
@@ -171,5 +173,35 @@ class SDPO(Algorithm):
 
     def step_metrics(self, agg: dict[str, float]) -> dict[str, float]:
         rows = agg.get("distill_rows", 0.0)
-        return {"sdpo/token_loss": agg.get("sdpo_token_loss_sum", 0.0) / rows if rows else 0.0,
-                "sdpo/reverse_kl_token": agg.get("sdpo_rkl_sum", 0.0) / rows if rows else 0.0}
+
+        def per_row(key: str) -> float:
+            return agg.get(key, 0.0) / rows if rows else 0.0
+
+        return {"distill_loss": agg.get("distill_loss", 0.0), "kl/token": per_row("kl_sum"),
+                "entropy/teacher": per_row("teacher_entropy_sum"), "entropy/student": per_row("student_entropy_sum"),
+                "sdpo/token_loss": per_row("sdpo_token_loss_sum"), "sdpo/reverse_kl_token": per_row("sdpo_rkl_sum")}
+
+
+@register_algorithm(
+    "sdpo", "SDPO (TRL 1.16): distil the policy re-prompted with a successful sibling rollout (sdpo.mode)",
+    config_section=SDPOConfig,
+    needs_teacher=lambda cfg: True,
+    needs_siblings=True,
+    default_teacher="ema",
+    noop_hint=("no rollout had a successful sibling (groups without a success, or a success alone in its group): "
+               "raise rollout.num_generations, use an easier task, lower sdpo.success_threshold or set "
+               "sdpo.dont_reprompt_on_self_success=false"),
+    methods={
+        "sdpo": (["teacher.kind=ema", "teacher.ema_decay=0.95"],
+                 "SDPO as TRL 1.16 defaults it: EMA teacher (update rate 0.05) re-prompted with a successful sibling, "
+                 "sampled-token reverse KL", True),
+        "sdpo_full": (["teacher.kind=ema", "teacher.ema_decay=0.95", "sdpo.mode=full_logits"],
+                      "SDPO with the full-vocabulary reverse KL (sdpo.mode=full_logits)"),
+        "sdpo_topk": (["teacher.kind=ema", "teacher.ema_decay=0.95", "sdpo.mode=topk_logits", "sdpo.add_tail=true"],
+                      "SDPO on the student's top-20 tokens plus a tail bucket (sdpo.mode=topk_logits)"),
+        "sdpo_live": (["teacher.kind=live"], "SDPO with the live policy as teacher (TRL teacher_model_kind=live)"),
+    },
+)
+def build_sdpo(cfg, policy, teacher, prompts) -> SDPO:
+    return SDPO(policy, teacher, prompts, cfg.sdpo, temperature=cfg.rollout.temperature,
+                chunk_size=cfg.loss.chunk_size, teacher_batch=cfg.train.micro_batch_size)

@@ -70,10 +70,13 @@ def token_losses(s_logits: Tensor, t_logits: Tensor, ids: Tensor, mode: str, alp
     return generalized_jsd(t_logp, s_logp, alpha)
 
 
-def _reverse_kl_rows(s_logits: Tensor, t_logits: Tensor) -> Tensor:
-    """``KL(p_S ‖ p_T)`` per row over the full vocabulary (a diagnostic, no grad)."""
+def row_stats(s_logits: Tensor, t_logits: Tensor) -> Tensor:
+    """Per-row diagnostics over the full vocabulary, ``[4, N]`` (no grad): forward
+    ``KL(p_T ‖ p_S)``, reverse ``KL(p_S ‖ p_T)``, teacher entropy, student entropy."""
     s_logp, t_logp = torch.log_softmax(s_logits, -1), torch.log_softmax(t_logits, -1)
-    return (s_logp.exp() * (s_logp - t_logp)).sum(-1)
+    p_s, p_t = s_logp.exp(), t_logp.exp()
+    return torch.stack([(p_t * (t_logp - s_logp)).sum(-1), (p_s * (s_logp - t_logp)).sum(-1),
+                        -(p_t * t_logp).sum(-1), -(p_s * s_logp).sum(-1)])
 
 
 def _block(h_s, w_s, b_s, h_t, w_t, b_t, ids, row_weight, temperature, mode, alpha, top_k, add_tail):
@@ -84,8 +87,8 @@ def _block(h_s, w_s, b_s, h_t, w_t, b_t, ids, row_weight, temperature, mode, alp
         z = lm_logits(up(h_t), up(w_t), up(b_t)) / temperature
     per_token = token_losses(x, z, ids, mode, alpha, top_k, add_tail)
     with torch.no_grad():
-        kl = _reverse_kl_rows(x.detach(), z)
-    return (per_token * row_weight.to(dtype)).sum(), per_token.detach(), kl
+        stats = row_stats(x.detach(), z)
+    return (per_token * row_weight.to(dtype)).sum(), per_token.detach(), stats
 
 
 def sdpo_loss(h_s: Tensor, w_s: Tensor, b_s: Tensor | None, h_t: Tensor, w_t: Tensor, b_t: Tensor | None,
@@ -96,20 +99,19 @@ def sdpo_loss(h_s: Tensor, w_s: Tensor, b_s: Tensor | None, h_t: Tensor, w_t: Te
     and teacher hidden states ``h_t [N, H]`` (lm head ``w_t, b_t``, no grad) of the same positions.
 
     Logits are ``(h W^T + b) / temperature``, in float32 at least. Returns ``(loss, ℓ [N],
-    reverse KL(p_S ‖ p_T) [N])``, the last two detached.
+    stats [4, N])``, the last two detached (``stats``: :func:`row_stats`).
     """
     h_t, w_t = h_t.detach(), w_t.detach()
     b_t = b_t.detach() if b_t is not None else None
     loss = h_s.sum() * 0.0
-    per_token, kl = [], []
+    per_token, stats = [], []
     for a in range(0, h_s.shape[0], max(1, chunk_size)):
         sl = slice(a, a + chunk_size)
         args = (h_s[sl], w_s, b_s, h_t[sl], w_t, b_t, ids[sl], row_weight[sl], temperature, mode, alpha, top_k, add_tail)
         part, lt, kt = checkpoint(_block, *args, use_reentrant=False) if torch.is_grad_enabled() else _block(*args)
         loss = loss + part
         per_token.append(lt)
-        kl.append(kt)
+        stats.append(kt)
     if not per_token:
-        empty = torch.zeros(0, dtype=loss.dtype, device=h_s.device)
-        return loss, empty, empty
-    return loss, torch.cat(per_token), torch.cat(kl)
+        return loss, torch.zeros(0, device=h_s.device), torch.zeros(4, 0, device=h_s.device)
+    return loss, torch.cat(per_token), torch.cat(stats, 1)
