@@ -2,6 +2,7 @@
 reference, the re-prompt built from a successful sibling on token ids, and the step loss on a
 tiny model against a by-hand computation."""
 
+import copy
 import math
 
 import pytest
@@ -217,6 +218,17 @@ def test_reprompt_is_trl_template_around_the_demonstration_ids(tok, tiny_model):
     assert self_ok.plan(batch, 0).demo == {0: 1, 1: 1, 2: 1, 3: 1, 4: 4, 5: 4, 6: 4}
 
 
+def test_context_prompt_is_the_projects_context_template_around_the_demonstration(tok, tiny_model):
+    pb, _, algo = sdpo_setup(tok, tiny_model, prompt="context")
+    batch = distinct_batch(tok, pb, [[0, 1, 0, 1]])
+    plan = algo.plan(batch, 0)
+    assert plan.demo == {0: 1, 1: 3, 2: 1, 3: 1}
+    for i, j in plan.demo.items():
+        demo = batch.rollouts[j].ids
+        assert plan.teacher_prompts[i] == pb.context_ids(batch.groups[0].example, demo, len(demo))
+        assert tok.decode(plan.teacher_prompts[i]).count(tok.decode(demo[:-1])) == 1
+
+
 def test_reprompt_truncates_from_the_left(tok, tiny_model):
     pb, _, algo = sdpo_setup(tok, tiny_model, max_reprompt_tokens=30)
     batch = distinct_batch(tok, pb, [[0, 1]])
@@ -294,7 +306,7 @@ def test_sdpo_is_registered_with_an_ema_teacher_and_its_compare_methods(tok, tin
     algo = build_algorithm(cfg, tiny_model, teacher, pb)
     assert isinstance(algo, SDPO) and algo.name == "sdpo" and algo.temperature == 0.6 and algo.cfg.mode == "topk_logits"
     assert METHODS["sdpo"] == ("sdpo", ["teacher.kind=ema", "teacher.ema_decay=0.95"], METHODS["sdpo"][2])
-    assert "sdpo" in DEFAULT_METHODS and {"sdpo_full", "sdpo_topk", "sdpo_live"} <= set(METHODS)
+    assert "sdpo" in DEFAULT_METHODS and {"sdpo_full", "sdpo_topk", "sdpo_live", "sdpo_ctx"} <= set(METHODS)
     with pytest.raises(ConfigError, match="sdpo.mode"):
         Config.load(None, ["sdpo.mode=topk"])
     with pytest.raises(ConfigError, match="rollout.num_generations"):
@@ -336,3 +348,18 @@ def test_two_training_steps_end_to_end(tmp_path, ws_cache, monkeypatch, extra):
     assert recs[1]["sdpo/reverse_kl_token"] > 0 and recs[1]["kl/token"] > 0 and recs[1]["entropy/teacher"] > 0
     ck = out / "checkpoints" / "step_000002"
     assert (ck / "model" / "model.safetensors").is_file()
+
+
+def test_bf16_model_gives_the_float32_loss_to_bf16_rounding(tok, tiny_model):
+    """The softmax math runs in float32 whatever the model dtype (losses/sdpo.py)."""
+    pb, _, algo32 = sdpo_setup(tok, tiny_model, mode="full_logits", alpha=0.5)
+    batch = distinct_batch(tok, pb, [[0, 1, 0, 1]])
+    plan = algo32.plan(batch, 0)
+    want, _ = algo32.loss(plan, sorted(plan.teacher_prompts))
+    model16 = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    _, _, algo16 = sdpo_setup(tok, model16, mode="full_logits", alpha=0.5)
+    got, m = algo16.loss(algo16.plan(batch, 0), sorted(plan.teacher_prompts))
+    assert got.dtype == torch.float32 and math.isfinite(m["kl_sum"])
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=0.05)
+    got.backward()
+    assert all(p.grad is None or p.grad.dtype == torch.bfloat16 for p in model16.parameters())

@@ -46,6 +46,7 @@ class SDPOConfig(_Section):
     add_tail: bool = opt(False, "mode=topk_logits: add one bucket holding the mass outside the top-k instead of renormalising the top-k (TRL distillation_add_tail).")
     success_threshold: float = opt(1.0, "A rollout is a success (a possible demonstration) when its reward >= this (TRL success_reward_threshold).")
     dont_reprompt_on_self_success: bool = opt(True, "A rollout is never its own demonstration: a correct rollout is distilled toward another success of its group, or not at all when it is the only one (TRL dont_reprompt_on_self_success).")
+    prompt: str = opt("trl", "The teacher's prompt: trl = TRL's re-prompt (sdpo.reprompt_template, sdpo.solution_template), or context = this project's context template (templates.context, the earlier-attempt format the tiny model's warm start teaches) with the demonstration as the attempt.", choices=("trl", "context"))
     reprompt_template: str = opt(TRL_REPROMPT, "Teacher user message (TRL reprompt_template): {prompt} = the student's user message, {solution} = sdpo.solution_template with the demonstration, {feedback} = '' (no environment feedback).")
     solution_template: str = opt(TRL_SOLUTION, "How the demonstration appears in the re-prompt (TRL solution_template); {successful_previous_attempt} = the demonstration's token ids, spliced in (trailing EOS/pad removed).")
     remove_thinking: bool = opt(False, "Drop <think>...</think> blocks from the demonstration (TRL remove_thinking_from_demonstration; needs single-token tags).")
@@ -125,9 +126,7 @@ class SDPO(Algorithm):
                     continue
                 j = idx[p]
                 if j not in cache:
-                    ids = self.prompts.reprompt_ids(g.example, batch.rollouts[j].ids, c.reprompt_template,
-                                                    c.solution_template, c.remove_thinking)
-                    cache[j] = ids[-c.max_reprompt_tokens :]
+                    cache[j] = self.teacher_prompt(g.example, batch.rollouts[j].ids)
                 prompts[i], demo[i] = cache[j], j
         n_seq = sum(1 for r in batch.rollouts if r.ids)
         metrics = {
@@ -137,6 +136,17 @@ class SDPO(Algorithm):
             EMPTY_METRIC: float(batch.empty_rollouts()),
         }
         return SDPOPlan(batch, prompts, demo, n_seq, metrics)
+
+    def teacher_prompt(self, example, demo_ids: list[int]) -> list[int]:
+        """The teacher's prompt with the demonstration ``demo_ids`` (``sdpo.prompt``), its last
+        ``sdpo.max_reprompt_tokens`` tokens."""
+        c = self.cfg
+        if c.prompt == "context":
+            ids = self.prompts.context_ids(example, demo_ids, len(demo_ids), c.remove_thinking)
+        else:
+            ids = self.prompts.reprompt_ids(example, demo_ids, c.reprompt_template, c.solution_template,
+                                            c.remove_thinking)
+        return ids[-c.max_reprompt_tokens :]
 
     def loss(self, plan: SDPOPlan, micro: list[int]) -> tuple[Tensor, dict[str, float]]:
         """Σ over the distilled rollouts of ``micro`` of ``(1 / (|y_i| B)) Σ_t ℓ_{i,t}``."""
@@ -200,6 +210,9 @@ class SDPO(Algorithm):
         "sdpo_topk": (["teacher.kind=ema", "teacher.ema_decay=0.95", "sdpo.mode=topk_logits", "sdpo.add_tail=true"],
                       "SDPO on the student's top-20 tokens plus a tail bucket (sdpo.mode=topk_logits)"),
         "sdpo_live": (["teacher.kind=live"], "SDPO with the live policy as teacher (TRL teacher_model_kind=live)"),
+        "sdpo_ctx": (["teacher.kind=ema", "teacher.ema_decay=0.95", "sdpo.prompt=context"],
+                     "SDPO whose teacher reads the demonstration in this project's context template (the format the "
+                     "warm start teaches) instead of TRL's re-prompt"),
     },
 )
 def build_sdpo(cfg, policy, teacher, prompts) -> SDPO:
