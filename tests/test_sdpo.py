@@ -363,3 +363,34 @@ def test_bf16_model_gives_the_float32_loss_to_bf16_rounding(tok, tiny_model):
     assert float(got.detach()) == pytest.approx(float(want.detach()), rel=0.05)
     got.backward()
     assert all(p.grad is None or p.grad.dtype == torch.bfloat16 for p in model16.parameters())
+
+
+# --------------------------------------------------------------------------- data parallel
+DP_CASES = {
+    "sdpo_ema": "sdpo,teacher.kind=ema,teacher.ema_decay=0.5",
+    "sdpo_topk_tail_live": "sdpo,sdpo.mode=topk_logits,sdpo.top_k=5,sdpo.add_tail=true,teacher.kind=live",
+    "sdpo_full_lora": "sdpo,sdpo.mode=full_logits,sdpo.alpha=0.3,model.lora=true,model.lora_r=4,model.lora_alpha=8",
+}
+
+
+@pytest.fixture(scope="module")
+def dp_runs(tmp_path_factory):
+    from test_data_parallel import run_worker_pair
+
+    return run_worker_pair(tmp_path_factory.mktemp("dp"), DP_CASES)
+
+
+@pytest.mark.parametrize("case", list(DP_CASES))
+def test_two_ranks_take_the_single_process_step(dp_runs, case):
+    """tests/test_data_parallel.py's check for sdpo: two gloo ranks with half the prompt groups each
+    take the single process's optimizer step (B summed over ranks), float64."""
+    from safetensors.torch import load_file
+
+    from test_data_parallel import check_ranks_report_the_single_step
+
+    single = load_file(dp_runs / case / "ws1_rank0.safetensors")
+    r0, r1 = load_file(dp_runs / case / "ws2_rank0.safetensors"), load_file(dp_runs / case / "ws2_rank1.safetensors")
+    for k in single:
+        assert torch.equal(r0[k], r1[k]), f"{case}: replicas diverged at {k}"
+        torch.testing.assert_close(r0[k], single[k], rtol=1e-9, atol=1e-10)
+    check_ranks_report_the_single_step(dp_runs / case, "ws2", case)

@@ -152,7 +152,7 @@ class SDPO(Algorithm):
         """Σ over the distilled rollouts of ``micro`` of ``(1 / (|y_i| B)) Σ_t ℓ_{i,t}``."""
         batch = plan.batch
         sel = [i for i in micro if i in plan.teacher_prompts]
-        h_s, offsets = student_hidden(self.policy, batch, sel, self.pad_id)
+        h_s, _ = student_hidden(self.policy, batch, sel, self.pad_id)
         total = h_s.sum() * 0.0
         if not sel or plan.n_seq <= 0:
             return total, {}
