@@ -50,6 +50,8 @@ TARGETS = (
     "ctx_k0_negatives",
     "ctx_empty_pools",
     "ctx_no_bias",
+    "ctx_log_mean",
+    "ctx_log_mean_rms_lam",
     "strength0",
     "global",
     "global_no_anchor",
@@ -90,7 +92,9 @@ def make_case(target_kind: str, N: int, H: int, V: int, dtype: torch.dtype, seed
             neg_mask=neg_mask,
             strength=1.0,
         )
-        if target_kind == "ctx_rms_lam":
+        if target_kind.startswith("ctx_log_mean"):  # RLCSD's negative branch: log of the mean probability
+            kw.update(negative_branch="log_mean")
+        if target_kind.endswith("rms_lam"):
             kw.update(
                 normalize="rms",
                 strength=torch.rand(N, generator=g, dtype=torch.float64).to(dtype) * 2,
@@ -192,7 +196,7 @@ def test_matches_reference_float64(spec_name, target_kind):
     check(case, SPECS[spec_name], torch.float64, chunk_size=4)
 
 
-@pytest.mark.parametrize("target_kind", ("anchor", "ctx_rms_lam", "ctx_k0_negatives", "global"))
+@pytest.mark.parametrize("target_kind", ("anchor", "ctx_rms_lam", "ctx_k0_negatives", "ctx_log_mean_rms_lam", "global"))
 @pytest.mark.parametrize("spec_name", list(SPECS))
 def test_matches_reference_float32(spec_name, target_kind):
     case = make_case(target_kind, N=19, H=16, V=101, dtype=torch.float32, seed=7)
@@ -307,11 +311,13 @@ class _MaxNumel(TorchDispatchMode):
         return out
 
 
+@pytest.mark.parametrize("target_kind", ("ctx_rms_lam", "ctx_log_mean_rms_lam"))
 @pytest.mark.parametrize("spec_name", ("fkl_entry", "jsd05", "topk_entry"))
-def test_no_tensor_larger_than_a_block(spec_name):
-    """Nothing of size [N, V] is created: the largest tensor is a [chunk, V] block, grad_W or grad_h."""
+def test_no_tensor_larger_than_a_block(spec_name, target_kind):
+    """Nothing of size [N, V] is created: the largest tensor is a [chunk, V] block, grad_W or grad_h
+    (also with the running logsumexp of negative_branch=log_mean)."""
     N, H, V, chunk = 96, 8, 37, 8
-    hidden, weight, b, target, rw, ids = make_case("ctx_rms_lam", N=N, H=H, V=V, dtype=torch.float32)
+    hidden, weight, b, target, rw, ids = make_case(target_kind, N=N, H=H, V=V, dtype=torch.float32)
     h = hidden.clone().requires_grad_(True)
     w = weight.clone().requires_grad_(True)
     mode = _MaxNumel()
@@ -372,3 +378,23 @@ def test_divergence_in_sub_blocks(monkeypatch, spec_name):
     monkeypatch.setattr(chunked, "SCRATCH_ELEMENTS", 3 * 37)
     case = make_case("ctx_k0_negatives", N=13, H=16, V=37, dtype=torch.float64)
     check(case, SPECS[spec_name], torch.float64, chunk_size=8)
+
+
+def test_log_mean_changes_the_target():
+    """The two negative branches give different targets on the same inputs (the option is not ignored),
+    and log_mean ≥ mean_log entrywise for zneg (Jensen), so its d is ≤ mean_log's d."""
+    _, _, _, target, _, _ = make_case("ctx", N=13, H=16, V=37, dtype=torch.float64)
+    target = dataclasses.replace(target, anchor_hidden=None)  # z0 = 0: z̃ = λ d
+    z_ml, _ = steered_logits(target)
+    z_lm, _ = steered_logits(dataclasses.replace(target, negative_branch="log_mean"))
+    with_neg = target.neg_mask.sum(0) > 1  # rows with two valid negatives: the branches differ
+    with_neg &= target.pos_mask.sum(0) > 0
+    assert bool(with_neg.any())
+    assert (z_lm[with_neg] - z_ml[with_neg]).abs().max() > 1e-3
+    assert bool((z_lm <= z_ml + 1e-12).all())
+
+
+def test_unknown_negative_branch_is_refused():
+    _, _, _, target, _, _ = make_case("ctx", N=3, H=16, V=37, dtype=torch.float64)
+    with pytest.raises(ValueError, match="steering.negative_branch: 'mean_prob'"):
+        dataclasses.replace(target, negative_branch="mean_prob")

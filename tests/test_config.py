@@ -51,6 +51,8 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     (["nosection.x=1"], "nosection"),
     (["model.lora=maybe"], "model.lora"),
     (["warmstart.student_fraction=0.8", "warmstart.reference_fraction=0.5"], "warmstart.student_fraction"),
+    (["steering.negative_branch=mean_prob"], "steering.negative_branch"),
+    (["steering.negative_branch=log_mean", "steering.pooling=global"], "steering.negative_branch"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -69,3 +71,16 @@ def test_every_field_has_help():
     assert len(rows) > 50
     for key, _default, h in rows:
         assert h.strip(), f"{key} has no help text"
+
+
+def test_negative_branch_choices_are_the_loss_modules():
+    """The config's allowed values are the ones the pooling kernel implements."""
+    import dataclasses
+
+    from ogls_sd.config import SteeringConfig
+    from ogls_sd.losses.target import NEGATIVE_BRANCHES
+
+    f = {f.name: f for f in dataclasses.fields(SteeringConfig)}["negative_branch"]
+    assert f.metadata["choices"] == NEGATIVE_BRANCHES
+    assert Config.load(None, ["steering.negative_branch=log_mean"]).steering.negative_branch == "log_mean"
+    assert Config.load(None, ["train.algorithm=opsd", "steering.negative_branch=log_mean"]).steering.negative_branch == "log_mean"

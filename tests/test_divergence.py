@@ -276,7 +276,8 @@ def teacher():
     )
 
 
-def naive_steered(tc, *, anchor=True, negative_pool=True, neg=True, lam=1.0, normalize="none", scale=False):
+def naive_steered(tc, *, anchor=True, negative_pool=True, neg=True, lam=1.0, normalize="none", scale=False,
+                  negative_branch="mean_log"):
     out, rms_out = [], []
     for r in range(N):
         z0 = np_logits(tc["anchor"][r], tc["W"], tc["b"]) * (tc["scale"][r] if scale else 1.0) if anchor else np.zeros(V)
@@ -289,7 +290,12 @@ def naive_steered(tc, *, anchor=True, negative_pool=True, neg=True, lam=1.0, nor
                 d = zpos
             else:
                 negs = [np_log_softmax_row(list(np_logits(tc["neg"][k][r], tc["W"], tc["b"]))) for k in range(2) if neg and tc["neg_mask"][k][r]]
-                zneg = sum(negs) / len(negs) if negs else np_log_softmax_row(list(z0))
+                if not negs:
+                    zneg = np_log_softmax_row(list(z0))
+                elif negative_branch == "mean_log":
+                    zneg = sum(negs) / len(negs)
+                else:  # log_mean: log((1/K) Σ_k p_k), entry by entry
+                    zneg = np.array([math.log(sum(math.exp(n[v]) for n in negs) / len(negs)) for v in range(V)])
                 d = zpos - zneg
         rms = math.sqrt(sum(v * v for v in d) / V)
         if normalize == "rms":
@@ -301,7 +307,8 @@ def naive_steered(tc, *, anchor=True, negative_pool=True, neg=True, lam=1.0, nor
     return np.stack(out), np.array(rms_out)
 
 
-def make_target(tc, *, anchor=True, negative_pool=True, neg=True, lam=1.0, normalize="none", scale=False):
+def make_target(tc, *, anchor=True, negative_pool=True, neg=True, lam=1.0, normalize="none", scale=False,
+                negative_branch="mean_log"):
     return TeacherTarget(
         weight=t64(tc["W"]),
         bias=t64(tc["b"]),
@@ -312,6 +319,7 @@ def make_target(tc, *, anchor=True, negative_pool=True, neg=True, lam=1.0, norma
         neg_hidden=t64(tc["neg"]) if neg else None,
         neg_mask=torch.tensor(tc["neg_mask"]) if neg else None,
         negative_pool=negative_pool,
+        negative_branch=negative_branch,
         strength=t64(lam) if isinstance(lam, np.ndarray) else lam,
         normalize=normalize,
     )
@@ -327,6 +335,10 @@ def make_target(tc, *, anchor=True, negative_pool=True, neg=True, lam=1.0, norma
         dict(lam="rows", scale=True, normalize="rms"),
         dict(anchor=False),
         dict(anchor=False, neg=False),  # fallback to log_softmax(0) = uniform
+        dict(negative_branch="log_mean"),  # RLCSD's marginalisation of the negative pool
+        dict(negative_branch="log_mean", lam="rows", scale=True, normalize="rms"),
+        dict(negative_branch="log_mean", neg=False),  # no negative context: the same fallback
+        dict(negative_branch="log_mean", negative_pool=False),  # nothing subtracted: the option is moot
     ],
     ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default",
 )

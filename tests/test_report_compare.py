@@ -48,6 +48,12 @@ def test_report_redraws_plots_and_tables_from_metrics(tmp_path):
     assert "| ogls_context |" in md and "accuracy_vs_tokens.png" in md
     assert json.loads((out / "report.json").read_text())["threshold"] == 0.5
     assert load_run(tmp_path / "a" / "seed1").accuracy_curve()[-1] == (3, 0.0)
+    # every run carries its resolved config and its accuracy curve (the evidence files' runs)
+    runs = {(r["method"], r["seed"]): r for r in json.loads((out / "report.json").read_text())["runs"]}
+    assert len(runs) == 3
+    assert runs[("opsd", 1)]["config"] == {"train": {"seed": 1}}
+    assert runs[("opsd", 1)]["curve"] == [[0, 0.4], [1, 0.3], [2, 0.1], [3, 0.0]]
+    assert runs[("ogls_context", 0)]["curve"] == [[0, 0.4], [1, 0.6], [2, 0.8], [3, 0.9]]
 
 
 def test_report_cli(tmp_path):
@@ -89,6 +95,25 @@ def test_method_variants_carry_their_own_settings(tmp_path):
             plan_runs(tmp_path, [bad], [0], "plain", 3, 1, [])
 
 
+def test_ablation_methods_resolve_to_their_settings(tmp_path):
+    """Issue 19's ablations: λ ∈ {0, 0.5, 1, 2, 4}, RLCSD's negative branch, the EMA anchor; each is
+    the shipped OGLS-SD with one knob changed."""
+    names = ["ogls_lambda0", "ogls_lam0_5", "ogls_sd", "ogls_lam2", "ogls_lam4", "ogls_logmean", "ogls_ema"]
+    runs = plan_runs(tmp_path, names, [0], "plain", 3, 1, [])
+    cfgs = {r.method: Config.load(None, r.overrides) for r in runs}
+    assert [cfgs[m].steering.strength for m in names[:5]] == [0.0, 0.5, 1.0, 2.0, 4.0]
+    shipped = cfgs["ogls_sd"].to_dict()
+    for m, cfg in cfgs.items():
+        assert cfg.train.algorithm == "ogls_sd"
+        d = cfg.to_dict()
+        changed = {(sec, k) for sec in d for k in d[sec] if d[sec][k] != shipped[sec][k] and (sec, k) != ("train", "output_dir")}
+        want = {"ogls_sd": set(), "ogls_logmean": {("steering", "negative_branch")},
+                "ogls_ema": {("teacher", "kind"), ("teacher", "ema_decay")}}.get(m, {("steering", "strength")})
+        assert changed == want, m
+    assert cfgs["ogls_logmean"].steering.negative_branch == "log_mean"
+    assert cfgs["ogls_ema"].teacher.kind == "ema"
+
+
 def test_compare_end_to_end_tiny(tmp_path):
     out = tmp_path / "cmp"
     extra = TINY_OVERRIDES + [f"warmstart.cache_dir={tmp_path / 'ws'}", "data.eval_size=2", "train.report_to=none"]
@@ -105,6 +130,13 @@ def test_compare_end_to_end_tiny(tmp_path):
     for name in PLOTS:
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
     assert json.loads((out / "compare.json").read_text())["status"] == {"opsd/seed0": "done", "ogls_context/seed0": "done"}
+    # report.json's runs: the resolved config (config.yaml) and the eval/accuracy curve of metrics.jsonl
+    for r in json.loads((out / "report.json").read_text())["runs"]:
+        d = out / r["method"] / "seed0"
+        assert r["config"] == yaml.safe_load((d / "config.yaml").read_text())
+        assert r["config"]["train"]["algorithm"] == {"opsd": "opsd", "ogls_context": "ogls_sd"}[r["method"]]
+        recs = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+        assert r["curve"] == [[x["step"], x["eval/accuracy"]] for x in recs] and len(r["curve"]) == 3
     # a second call reuses the finished runs
     rep2 = run_compare(out, ["opsd"], [0], style="plain", steps=2, eval_every=1, extra=extra)
     assert json.loads((out / "compare.json").read_text())["status"] == {"opsd/seed0": "cached"}

@@ -233,11 +233,17 @@ class SteeringConfig(_Section):
     max_context_tokens: int = opt(256, "Context rollouts are truncated to this many tokens.")
     strip_think: bool = opt(True, "Strip <think>...</think> blocks from context rollouts.")
     negative_pool: bool = opt(True, "Subtract the negative pool (False: d = zpos).")
+    negative_branch: str = opt("mean_log", "pooling=context: how the negative contexts are pooled into zneg: mean_log = mean over contexts of log-probabilities (default), log_mean = log of the mean probability, log((1/K) sum_k p_k) (RLCSD's marginalisation). The positive pool is always mean_log.", choices=("mean_log", "log_mean"))
     distill_on: str = opt("incorrect", "Which rollouts receive the distillation term.", choices=("incorrect", "all"))
     tail_tokens: int = opt(128, "Positive-tail SFT: last N tokens of short correct rollouts.")
     tail_weight: float = opt(1.0, "mu: weight of the positive-tail SFT term (0 = off).")
     no_positive: str = opt("skip", "All-incorrect groups: drop distillation, use the reference solution as the single positive context, or fall back to the OPSD target.", choices=("skip", "reference", "opsd"))
     fallback_reference: str = opt("reference", "no_positive=reference: which reference is the positive context: the privileged reference as given, or the task's plain (student-style) reference when it provides one (method.md §3 item 7, §7).", choices=("reference", "plain"))
+
+    def validate(self) -> None:
+        if self.negative_branch != "mean_log" and self.pooling != "context":
+            raise ConfigError(f"steering.negative_branch: {self.negative_branch} pools negative contexts, which only "
+                              f"steering.pooling=context has (got pooling={self.pooling})")
 
 
 @dataclass

@@ -5,7 +5,9 @@
 * ``report.md`` and ``report.json``: per method, held-out greedy accuracy as mean ± std over seeds
   (before, final, best during training), the area under the accuracy curve (mean accuracy over the
   training steps, trapezoid rule), rollout tokens to reach a threshold accuracy, total rollout
-  tokens and the final template-marker rate;
+  tokens and the final template-marker rate; ``report.json``'s ``runs`` also hold, per run, its
+  resolved ``config`` (``config.yaml`` as a dict) and its accuracy ``curve`` ``[[step, accuracy], ...]``
+  (the ``eval/accuracy`` records of ``metrics.jsonl``; ``docs/results/*.json`` are copies of it);
 * PNG plots (matplotlib, Agg backend): accuracy vs step and vs cumulative rollout tokens, reward,
   teacher-student KL per token, student entropy, completion length and marker counts per method.
 
@@ -166,6 +168,9 @@ def run_stats(run: RunLog, threshold: float) -> dict:
         "completion_len_final": last.get("completion/len_mean"),
         "steps": run.last_step(),
         "wall_seconds": run.summary.get("wall_seconds"),
+        # the evidence of the run itself: its resolved config and its measured accuracy curve
+        "config": run.config,
+        "curve": [[s, a] for s, a in curve],
     }
 
 

@@ -185,6 +185,10 @@ def noop_cause(cfg: Config, metrics: dict) -> str:
     elif metrics.get("groups/all_correct", 0.0) >= 1.0:
         why = "every group was all-correct (nothing to distil; no short correct rollout for the tail)"
         knobs = "use a harder task, raise rollout.max_new_tokens or set steering.distill_on=all"
+    elif metrics.get("targets_zero_grad", 0.0) > 0 and not metrics.get("tail_rollouts", 0.0):
+        why = ("steering.strength=0 with a live anchor makes every target the student itself (zero gradient, "
+               "not distilled), and no short correct rollout gave a tail term")
+        knobs = "set steering.strength > 0, teacher.kind=frozen|ema, or raise rollout.num_generations"
     elif metrics.get("grpo/zero_spread_frac", 0.0) >= 1.0:
         why = "every group's rollouts had the same reward, so every advantage was 0"
         knobs = "raise rollout.num_generations or rollout.temperature, or use an easier (or harder) task"

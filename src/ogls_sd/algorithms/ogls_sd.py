@@ -12,7 +12,10 @@ rollout y_i (the incorrect ones by default) the steered teacher
     z̃_t = z0_t + λ · d_t,   d_t = mean_{j∈P'} log p_φ(·|ctx(x, y_j), y_i,<t) − mean_{k∈N'} (same)
 
 is distilled into the student with the (clipped) divergence of ``loss``; short correct rollouts
-add the positive-tail SFT term μ · NLL(last ``tail_tokens`` tokens). OPSD is the configuration
+add the positive-tail SFT term μ · NLL(last ``tail_tokens`` tokens). A target whose distillation
+term cannot move the student is not planned at all (no teacher pass, no student pass for it): λ = 0
+with the live anchor on the student's own prompt makes the target the student itself, detached
+(:meth:`OGLSSD.zero_gradient`). OPSD is the configuration
 ``pooling=global, λ=0, anchor=privileged, distill_on=all, tail_weight=0`` (see ``opsd.py``).
 """
 
@@ -22,7 +25,7 @@ import random
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..config import LossConfig, SteeringConfig
 from ..losses import DivergenceSpec, TeacherTarget, mean_log_softmax
@@ -83,6 +86,16 @@ class OGLSSD(Algorithm):
         # sequences per no-grad teacher forward (train.micro_batch_size): a micro-batch of 4 targets
         # with 4 + 4 contexts is 36 sequences, each prompt + context + completion long
         self.teacher_batch = max(1, teacher_batch)
+        # λ = 0 targets are skipped only when the live teacher's (eval-mode) pass is the student's own
+        # forward: a dropout in the student would make them differ (tests switch it off to compare)
+        self.skip_zero_gradient = getattr(teacher, "kind", None) == "live" and not _has_dropout(policy)
+
+    def zero_gradient(self, strength: float, anchor_is_student_prompt: bool) -> bool:
+        """Whether a target's distillation term has an exactly zero gradient, so that planning it
+        would only spend teacher passes: λ = 0 and z0 = the live policy on the student prompt, i.e.
+        p̃ = p_θ(·|x, y_<t) detached, the student's own distribution (every divergence of ``loss``,
+        clipped or not, at any temperature, has zero gradient there)."""
+        return self.skip_zero_gradient and strength == 0.0 and anchor_is_student_prompt
 
     # ------------------------------------------------------------------ planning (no grad)
     def _ctx(self, g, attempt_ids: list[int]) -> list[int]:
@@ -100,6 +113,7 @@ class OGLSSD(Algorithm):
         directions: list[Tensor] = []
         n_all_correct = n_all_wrong = n_mixed = 0
         fired = {"skip": 0, "reference": 0, "opsd": 0}
+        n_zero_grad = 0
         for gi, g in enumerate(batch.groups):
             P, N = batch.pools(gi)
             if not N:
@@ -131,6 +145,9 @@ class OGLSSD(Algorithm):
                     pos_attempts = [self.prompts.text_ids(ref)]
                 else:  # opsd: the privileged teacher is the target
                     anchor, strength, fallback_opsd = g.teacher_prompt, 0.0, True
+            if self.zero_gradient(strength, s.anchor == "unprivileged" and not fallback_opsd):
+                n_zero_grad += len(cand)  # the student's own distribution: nothing to distil
+                continue
             if s.pooling == "context":
                 pos_sel = _subset(pos_attempts, s.max_contexts, rng)
                 pos_ctx = [] if fallback_opsd else [self._ctx(g, a) for a in pos_sel]
@@ -162,6 +179,7 @@ class OGLSSD(Algorithm):
             "no_positive/reference": float(fired["reference"]),
             "no_positive/opsd": float(fired["opsd"]),
             "targets": float(len(targets)),
+            "targets_zero_grad": float(n_zero_grad),
             EMPTY_METRIC: float(batch.empty_rollouts()),
             "tail_rollouts": float(len(tail)),
             "pool/pos_mean": sum(len(t.pos) for t in targets.values()) / max(1, len(targets)),
@@ -287,7 +305,8 @@ class OGLSSD(Algorithm):
                 c += lens[t]
         strength = torch.cat([torch.full((n,), tp.strength, dtype=w.dtype) for tp, n in zip(tps, lens)]).to(dev)
         tgt = TeacherTarget(weight=w, bias=b, anchor_hidden=anchor_hidden, anchor_scale=anchor_scale,
-                            negative_pool=self.s.negative_pool, strength=strength, normalize=self.s.normalize)
+                            negative_pool=self.s.negative_pool, negative_branch=self.s.negative_branch,
+                            strength=strength, normalize=self.s.normalize)
         if self.s.pooling == "context":
             tgt.pos_hidden, tgt.pos_mask = self._pool_hidden([tp.pos for tp in tps], lens, run, dev, w.dtype)
             tgt.neg_hidden, tgt.neg_mask = self._pool_hidden([tp.neg for tp in tps], lens, run, dev, w.dtype)
@@ -330,6 +349,15 @@ class OGLSSD(Algorithm):
         return hid, mask
 
 
+def _has_dropout(policy) -> bool:
+    """A dropout module with p > 0 (e.g. ``model.lora_dropout``) or a config attention dropout: the
+    student's training-mode forward is then not the live teacher's eval-mode pass."""
+    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in policy.modules()):
+        return True
+    cfg = getattr(policy, "config", None)
+    return bool(getattr(cfg, "attention_dropout", 0.0) or 0.0)
+
+
 def _offsets(lens: list[int]) -> list[int]:
     out, acc = [], 0
     for n in lens:
@@ -369,6 +397,14 @@ def build_ogls(cfg, policy, teacher: Teacher, prompts: PromptBuilder, steering: 
         "ogls_ref": (["steering.no_positive=reference", "steering.fallback_reference=plain"],
                      "OGLS-SD as shipped, but all-wrong groups use the task's student-style reference as the positive context",
                      True),
+        # issue 19's ablations at equal budgets: the dose-response in lambda (0 = ogls_lambda0, 1 = ogls_sd),
+        # the negative branch as RLCSD marginalises it; the EMA anchor is ogls_ema above
+        "ogls_lam0_5": (["steering.strength=0.5"], "OGLS-SD as shipped with lambda = 0.5 (dose-response)"),
+        "ogls_lam2": (["steering.strength=2"], "OGLS-SD as shipped with lambda = 2 (dose-response)"),
+        "ogls_lam4": (["steering.strength=4"], "OGLS-SD as shipped with lambda = 4 (dose-response)"),
+        "ogls_logmean": (["steering.negative_branch=log_mean"],
+                         "OGLS-SD as shipped with RLCSD's negative branch: zneg = log of the mean probability over the "
+                         "negative contexts (ours: mean of log-probabilities)"),
         # the clip comparison (docs/results.md "Clipping")
         "ogls_safe": (["loss.clip=safe", "loss.clip_tau=0.05"], "OGLS-SD as shipped with the gradient-safe clip (tau 0.05)"),
         "ogls_global": (["steering.pooling=global"], "OGLS-SD with global pooling (live anchor)"),

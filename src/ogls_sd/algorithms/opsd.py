@@ -12,7 +12,7 @@ from .base import register_algorithm
 from .ogls_sd import DISTILL_NOOP_HINT, OGLSSD, build_ogls
 
 OPSD_STEERING = dict(pooling="global", strength=0.0, anchor="privileged", distill_on="all",
-                     tail_weight=0.0, no_positive="opsd")
+                     tail_weight=0.0, no_positive="opsd", negative_branch="mean_log")  # no negative pool: the default
 
 
 def opsd_steering(base: SteeringConfig) -> SteeringConfig:

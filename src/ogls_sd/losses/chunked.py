@@ -6,7 +6,9 @@ same per-row stats, same gradients w.r.t. ``student_hidden``, ``student_weight``
 ``chunk_size``; for each block, under ``no_grad``:
 
 1. the steered teacher log-probs ``log p̃ [n, V]`` (each positive and negative context's
-   log-softmax accumulated into the direction ``d`` one context at a time, the anchor logits
+   log-softmax folded into the direction ``d`` one context at a time by the pooling kernel the
+   reference shares, ``target.pool_add_``: a running mean, or a running logsumexp for
+   ``negative_branch=log_mean``; the anchor logits
    ``z0``, the fallback, RMS normalisation, ``z0 + λ d``, temperature, log-softmax),
 2. the student logits ``h W^T + b`` of the block,
 3. the per-row divergence, the stats, and ``G = dL/dlogits [n, V]`` (written over the student
@@ -55,7 +57,7 @@ from torch import Tensor
 from . import reference as _reference
 from .divergence import DivergenceSpec, divergence_rows, safe_scale
 from .reference import DistillOutput, compute_dtype, row_stats
-from .target import RMS_EPS, TeacherTarget
+from .target import RMS_EPS, TeacherTarget, pool_add_, pool_finish_, pool_start_
 
 SCRATCH_ELEMENTS = 1 << 21  # per small scratch buffer (8 MiB in float32): rows of the divergence step
 STAT_KEYS = ("kl", "clipped", "vocab", "teacher_entropy", "student_entropy", "steer_rms")
@@ -171,25 +173,46 @@ def _accumulate_grads(Gw, G, h, weight, grad_h, grad_w, grad_b, sl: slice) -> No
 # ----------------------------------------------------------------------------------------------
 
 
-def _pool_into(d: Tensor, lp: Tensor, hidden: Tensor, mask: Tensor, tgt: TeacherTarget, sign: float) -> Tensor:
-    """``d += sign · mean_{k valid} log_softmax(h_k W^T + b)`` per row; returns the count ``[n]``.
+def _pool_into(acc: Tensor, lp: Tensor, hidden: Tensor, mask: Tensor, tgt: TeacherTarget, mode: str, sign: float = 1.0) -> Tensor:
+    """Run the contexts ``hidden [K, n, H]`` (valid where ``mask [K, n]``) through the shared pooling
+    kernel (:func:`~ogls_sd.losses.target.pool_add_`) into ``acc``; returns the count ``[n]``.
 
-    ``hidden [K, n, H]``, ``mask [K, n]``; the mean over an empty set is 0 (the caller handles it).
-    One context at a time: only the work buffer ``lp`` is needed besides ``d``.
+    ``mean_log`` adds ``sign · mean_k log_softmax(h_k W^T + b)`` to ``acc``; ``log_mean`` folds the
+    contexts into ``acc`` by a running ``logaddexp`` (the caller starts and finishes it). One
+    context at a time: only the work buffer ``lp`` is needed besides ``acc``.
     """
-    count = mask.sum(0).to(d.dtype)
-    wts = mask.to(d.dtype) / count.clamp(min=1)
-    if sign != 1.0:
-        wts = wts * sign
+    count = mask.sum(0).to(acc.dtype)
+    wts = sign / count.clamp(min=1)
     for k in range(hidden.shape[0]):
         mk = mask[k]
         if not bool(mk.any()):
             continue  # no row of this block uses context k: skip its GEMM
-        _log_softmax_(_linear_into(lp, hidden[k], tgt.weight, tgt.bias))
-        if not bool(mk.all()):
-            lp.index_fill_(0, (~mk).nonzero().squeeze(1), 0.0)
-        d.addcmul_(lp, _col(wts[k]))
+        pool_add_(acc, _log_softmax_(_linear_into(lp, hidden[k], tgt.weight, tgt.bias)), mk, wts, mode)
     return count
+
+
+def _direction_into(d: Tensor, lp: Tensor, tgt: TeacherTarget) -> tuple[Tensor, Tensor | None]:
+    """Context pooling: ``d = zpos − zneg`` into ``d`` (rows without a valid negative context get
+    ``zpos`` only; the caller subtracts their fallback). Returns the counts ``(npos, nneg)``.
+
+    ``log_mean`` needs ``d`` to itself while it folds the negatives, so the negatives go first
+    there: ``d = −zneg``, then the positives are added.
+    """
+    n = d.shape[0]
+    has_neg = tgt.negative_pool and tgt.neg_hidden is not None and tgt.neg_hidden.shape[0] > 0
+    nneg = torch.zeros(n, dtype=d.dtype, device=d.device) if tgt.negative_pool else None
+    if has_neg and tgt.negative_branch == "log_mean":
+        pool_start_(d, "log_mean")
+        nneg = _pool_into(d, lp, tgt.neg_hidden, tgt.neg_mask, tgt, "log_mean")
+        pool_finish_(d, nneg, "log_mean").neg_()
+        d.index_fill_(0, (nneg == 0).nonzero().squeeze(1), 0.0)  # −log(empty) = +inf: the fallback's rows
+        npos = _pool_into(d, lp, tgt.pos_hidden, tgt.pos_mask, tgt, "mean_log")
+        return npos, nneg
+    pool_start_(d, "mean_log")
+    npos = _pool_into(d, lp, tgt.pos_hidden, tgt.pos_mask, tgt, "mean_log")
+    if has_neg:
+        nneg = _pool_into(d, lp, tgt.neg_hidden, tgt.neg_mask, tgt, "mean_log", -1.0)
+    return npos, nneg
 
 
 def _teacher_block(tgt: TeacherTarget, temperature: float, d: Tensor, lp: Tensor, tmp: Tensor) -> tuple[Tensor, Tensor]:
@@ -207,13 +230,7 @@ def _teacher_block(tgt: TeacherTarget, temperature: float, d: Tensor, lp: Tensor
     npos = nneg = None
     if tgt.pos_hidden is not None:
         have_d = True
-        d.zero_()
-        npos = _pool_into(d, lp, tgt.pos_hidden, tgt.pos_mask, tgt, 1.0)
-        if tgt.negative_pool:
-            if tgt.neg_hidden is not None and tgt.neg_hidden.shape[0] > 0:
-                nneg = _pool_into(d, lp, tgt.neg_hidden, tgt.neg_mask, tgt, -1.0)
-            else:
-                nneg = torch.zeros(n, dtype=dtype, device=lp.device)
+        npos, nneg = _direction_into(d, lp, tgt)
     elif tgt.direction is not None:
         have_d = True
         direction = tgt.direction if tgt.direction.dtype == dtype else tgt.direction.to(dtype)

@@ -6,7 +6,9 @@ teacher distribution from hidden states passed through the teacher's lm head ``W
 
     z0_r   = anchor_scale_r · (h_anchor_r W_T^T + b_T)                 (0 when anchor is None)
     zpos_r = mean_{k: pos_mask[k, r]} log_softmax(h_pos[k, r] W_T^T + b_T)
-    zneg_r = mean_{k: neg_mask[k, r]} log_softmax(h_neg[k, r] W_T^T + b_T)
+    zneg_r = mean_{k: neg_mask[k, r]} log_softmax(h_neg[k, r] W_T^T + b_T)      (negative_branch = "mean_log")
+           = log( (1/K_r) Σ_{k: neg_mask[k, r]} softmax(h_neg[k, r] W_T^T + b_T) )  (negative_branch = "log_mean",
+             RLCSD's marginalisation: logsumexp of the log-probs minus log K_r)
              or log_softmax(z0_r) when no negative context is valid for the row
     d_r    = zpos_r − zneg_r     (context pooling, negative_pool=True)
            = zpos_r              (negative_pool=False)
@@ -15,6 +17,11 @@ teacher distribution from hidden states passed through the teacher's lm head ``W
     d_r    ← d_r / rms(d_r)      (normalize = "rms"; rms over the vocabulary)
     z̃_r   = z0_r + λ_r · d_r
     log p̃_r = log_softmax(z̃_r / T)
+
+The positive pool is always the mean of log-probabilities. Both pools are accumulated one context
+at a time by :func:`pool_start_` / :func:`pool_add_` / :func:`pool_finish_`, the one pooling kernel
+the reference path here and the chunked path (``chunked.py``) share: a running weighted sum for
+``mean_log``, a running ``logaddexp`` for ``log_mean`` (one ``[n, V]`` accumulator either way).
 
 Everything here is computed under ``no_grad`` by the callers: gradients flow only through the
 student.
@@ -28,6 +35,7 @@ import torch
 from torch import Tensor
 
 RMS_EPS = 1e-12
+NEGATIVE_BRANCHES = ("mean_log", "log_mean")  # zneg: mean of log-probs / log of mean probability
 
 
 @dataclass
@@ -42,6 +50,7 @@ class TeacherTarget:
         pos_hidden, neg_hidden: ``[K, N, H]`` context-pooling hidden states, or None.
         pos_mask, neg_mask: ``[K, N]`` bool: which contexts are valid for each row.
         negative_pool: subtract the negative pool.
+        negative_branch: how the negative contexts are pooled (``NEGATIVE_BRANCHES``).
         direction: ``[D, V]`` global-pooling vectors; ``row_direction [N]`` long index into it.
         strength: λ, a float or ``[N]`` per row.
         normalize: ``"none"`` or ``"rms"``.
@@ -56,10 +65,15 @@ class TeacherTarget:
     neg_hidden: Tensor | None = None
     neg_mask: Tensor | None = None
     negative_pool: bool = True
+    negative_branch: str = "mean_log"
     direction: Tensor | None = None
     row_direction: Tensor | None = None
     strength: float | Tensor = 1.0
     normalize: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.negative_branch not in NEGATIVE_BRANCHES:
+            raise ValueError(f"steering.negative_branch: {self.negative_branch!r} not in {', '.join(NEGATIVE_BRANCHES)}")
 
     @property
     def num_rows(self) -> int:
@@ -91,6 +105,7 @@ class TeacherTarget:
             neg_hidden=cut(self.neg_hidden, 1),
             neg_mask=cut(self.neg_mask, 1),
             negative_pool=self.negative_pool,
+            negative_branch=self.negative_branch,
             direction=self.direction,
             row_direction=cut(self.row_direction),
             strength=cut(self.strength) if isinstance(self.strength, Tensor) else self.strength,
@@ -104,18 +119,47 @@ def lm_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return out + bias if bias is not None else out
 
 
-def _pool_mean(hidden: Tensor, mask: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Mean over valid contexts of log_softmax logits. Returns ``(mean [N, V], count [N])``.
+def pool_start_(acc: Tensor, mode: str) -> Tensor:
+    """Reset the running pool ``acc [n, V]``: 0 for ``mean_log``, ``-inf`` (log of an empty sum) for ``log_mean``."""
+    if mode not in NEGATIVE_BRANCHES:
+        raise ValueError(f"steering.negative_branch: {mode!r} not in {', '.join(NEGATIVE_BRANCHES)}")
+    return acc.zero_() if mode == "mean_log" else acc.fill_(float("-inf"))
+
+
+def pool_add_(acc: Tensor, lp: Tensor, valid: Tensor, weight: Tensor, mode: str) -> None:
+    """Add one context's log-probs ``lp [n, V]`` to the running pool ``acc`` on the rows ``valid [n]``.
+
+    ``mean_log``: ``acc += weight · lp`` (``weight [n]`` = ±1 / count: the mean, signed, comes out
+    directly); ``log_mean``: ``acc = logaddexp(acc, lp)`` (``weight`` unused). ``lp`` is
+    overwritten on the invalid rows.
+    """
+    if not bool(valid.all()):
+        lp.masked_fill_(~valid.unsqueeze(-1), 0.0 if mode == "mean_log" else float("-inf"))
+    if mode == "mean_log":
+        acc.addcmul_(lp, weight.unsqueeze(-1))
+    else:
+        torch.logaddexp(acc, lp, out=acc)
+
+
+def pool_finish_(acc: Tensor, count: Tensor, mode: str) -> Tensor:
+    """``log_mean``: ``acc -= log count`` (rows without a valid context stay ``-inf``); ``mean_log``: nothing left to do."""
+    if mode == "log_mean":
+        acc.sub_(count.clamp(min=1).log().unsqueeze(-1))
+    return acc
+
+
+def _pool(hidden: Tensor, mask: Tensor, weight: Tensor, bias: Tensor | None, mode: str) -> tuple[Tensor, Tensor]:
+    """Pool of log_softmax logits over the valid contexts. Returns ``(pool [N, V], count [N])``.
 
     Loops over contexts so that at most two ``[N, V]`` tensors are alive.
     """
     K, N, _ = hidden.shape
-    acc = torch.zeros(N, weight.shape[0], dtype=hidden.dtype, device=hidden.device)
+    acc = pool_start_(torch.empty(N, weight.shape[0], dtype=hidden.dtype, device=hidden.device), mode)
     count = mask.sum(0).to(hidden.dtype)
+    inv = 1.0 / count.clamp(min=1)
     for k in range(K):
-        lp = torch.log_softmax(lm_logits(hidden[k], weight, bias), -1)
-        acc += torch.where(mask[k].unsqueeze(-1), lp, torch.zeros_like(lp))
-    return acc / count.clamp(min=1).unsqueeze(-1), count
+        pool_add_(acc, torch.log_softmax(lm_logits(hidden[k], weight, bias), -1), mask[k], inv, mode)
+    return pool_finish_(acc, count, mode), count
 
 
 def steered_logits(tgt: TeacherTarget) -> tuple[Tensor, Tensor]:
@@ -135,11 +179,11 @@ def steered_logits(tgt: TeacherTarget) -> tuple[Tensor, Tensor]:
 
     d = None
     if tgt.pos_hidden is not None:
-        zpos, npos = _pool_mean(tgt.pos_hidden, tgt.pos_mask, tgt.weight, tgt.bias)
+        zpos, npos = _pool(tgt.pos_hidden, tgt.pos_mask, tgt.weight, tgt.bias, "mean_log")
         d = zpos
         if tgt.negative_pool:
             if tgt.neg_hidden is not None and tgt.neg_hidden.shape[0] > 0:
-                zneg, nneg = _pool_mean(tgt.neg_hidden, tgt.neg_mask, tgt.weight, tgt.bias)
+                zneg, nneg = _pool(tgt.neg_hidden, tgt.neg_mask, tgt.weight, tgt.bias, tgt.negative_branch)
                 zneg = torch.where((nneg > 0).unsqueeze(-1), zneg, torch.log_softmax(z0, -1))
             else:
                 zneg = torch.log_softmax(z0, -1)
