@@ -86,10 +86,27 @@ class PromptBuilder:
         those are single tokens and ``strip_think``, then truncated to ``max_tokens``.
         """
         text = self._render(self._fill("context", ex, attempt=_SPLICE), self.cfg.teacher_thinking)
+        return self._splice(text, self.clean_attempt(attempt_ids, max_tokens, strip_think), "templates.context", "{attempt}")
+
+    def reprompt_ids(self, ex: Example, attempt_ids: list[int], reprompt: str, solution: str,
+                     strip_think: bool = False) -> list[int]:
+        """SDPO teacher prompt (TRL's re-prompt): the user message ``reprompt`` with ``{prompt}`` =
+        the student's user message, ``{solution}`` = ``solution`` around the attempt
+        (``{successful_previous_attempt}``), ``{feedback}`` = '' (no environment feedback here),
+        rendered like the student prompt (``student_thinking``), the attempt's ids spliced in and
+        cleaned as in :meth:`context_ids` (no length cap)."""
+        sol = solution.format(successful_previous_attempt=_SPLICE)
+        user = reprompt.format(prompt=self._fill("student", ex), solution=sol, feedback="")
+        text = self._render(user, self.cfg.student_thinking)
+        attempt = self.clean_attempt(attempt_ids, len(attempt_ids), strip_think)
+        return self._splice(text, attempt, "sdpo.solution_template", "{successful_previous_attempt}")
+
+    def _splice(self, text: str, attempt: list[int], key: str, placeholder: str) -> list[int]:
+        """Encode ``text`` around its one splice marker and put ``attempt``'s ids there."""
         if text.count(_SPLICE) != 1:
-            raise ValueError("templates.context must contain {attempt} exactly once")
+            raise ValueError(f"{key} must contain {placeholder} exactly once")
         pre, post = text.split(_SPLICE)
-        return self._encode(pre) + self.clean_attempt(attempt_ids, max_tokens, strip_think) + self._encode(post)
+        return self._encode(pre) + attempt + self._encode(post)
 
     def text_ids(self, text: str) -> list[int]:
         """Encode plain text (a reference solution used as an attempt)."""
