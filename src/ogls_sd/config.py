@@ -121,20 +121,29 @@ class WarmStartConfig(_Section):
     _section = "warmstart"
     _positive = ("batch_size", "lr", "check_every", "check_size")
     _nonneg = ("steps",)
-    _unit = ("target_accuracy",)
-    steps: int = opt(400, "Cap on the SFT steps of the built-in tiny model's warm start (0 = train from random init). It stops earlier once warmstart.target_accuracy is reached.")
-    target_accuracy: float = opt(0.3, "Stop the warm start once the student's greedy accuracy on warmstart.check_size validation problems reaches this (checked every warmstart.check_every steps); 0 = always run warmstart.steps. Leaves room for RL to improve while the model already solves some problems and reads its contexts.")
+    _unit = ("target_accuracy", "student_max", "context_target", "reading_student_fraction", "context_correct_share",
+             "student_fraction", "reference_fraction")
+    steps: int = opt(800, "Cap on the SFT steps of the built-in tiny model's warm start (0 = train from random init). It stops earlier once the student is in its band and, with warmstart.context_target > 0, the model reads a correct attempt in context (docs/experiments.md, 'The warm start').")
+    target_accuracy: float = opt(0.3, "Lower end of the student's band: the warm start stops only once the student's greedy accuracy on warmstart.check_size validation problems is at least this (checked every warmstart.check_every steps), and it switches to the reading mix once it gets there; 0 = no checks unless warmstart.context_target > 0. Leaves room for RL to improve while the model already solves some problems.")
+    student_max: float = opt(0.5, "Upper end of the student's band: a check with the student's greedy accuracy above this does not stop the warm start (it runs on in the reading mix, to the cap at most).")
+    context_target: float = opt(0.9, "Stop only once the greedy accuracy with a correct earlier attempt in the context template (context_correct) is at least this as well; measured at the checks where the student has reached warmstart.target_accuracy. 0 = the student's band alone decides.")
     check_every: int = opt(40, "Steps between warm-start accuracy checks.")
     check_size: int = opt(100, "Validation problems per warm-start check (a stream disjoint from training and from the held-out evaluation problems' seed).")
     batch_size: int = opt(64, "Warm-start batch size (sequences).")
     lr: float = opt(3e-3, "Warm-start learning rate (AdamW, 20 warm-up steps, then constant).")
-    student_fraction: float = opt(0.4, "Share of warm-start sequences in the student format (problem only).")
-    reference_fraction: float = opt(0.3, "Share in the privileged format (reference solution in context); the rest use the earlier-attempt template with right and wrong attempts.")
+    student_fraction: float = opt(0.4, "Share of warm-start sequences in the student format (problem only) until the student reaches warmstart.target_accuracy.")
+    reference_fraction: float = opt(0.3, "Share in the privileged format (reference solution in context), in both mixes; the rest use the earlier-attempt template with right and wrong attempts.")
+    reading_student_fraction: float = opt(0.1, "Share of the student format in the reading mix, used after a check where the student has reached warmstart.target_accuracy (the earlier-attempt template gets the share the student format gives up); back to warmstart.student_fraction if a later check finds the student below the target.")
+    context_correct_share: float = opt(0.5, "Share of earlier-attempt sequences whose attempt is correct (the rest carry a plausible wrong attempt); the target is always the correct solution.")
     cache_dir: str = opt(".cache/ogls_sd/warmstart", "Where warm-started models are cached, keyed by a hash of everything that determines them.")
 
     def validate(self) -> None:
         if self.student_fraction + self.reference_fraction > 1 + 1e-9:
             raise ConfigError("warmstart.student_fraction + warmstart.reference_fraction must be <= 1")
+        if self.reading_student_fraction + self.reference_fraction > 1 + 1e-9:
+            raise ConfigError("warmstart.reading_student_fraction + warmstart.reference_fraction must be <= 1")
+        if self.student_max < self.target_accuracy:
+            raise ConfigError(f"warmstart.student_max ({self.student_max}) must be >= warmstart.target_accuracy ({self.target_accuracy})")
 
 
 DEFAULT_TEACHER_TEMPLATE = (

@@ -14,11 +14,20 @@ writes its references in another template, as ``arith_style=templated`` does):
   student's style) with equal probability. The target is always the correct solution, so the
   model learns to *repair* a wrong attempt, not to copy it.
 
-Training stops once the student's greedy accuracy on ``warmstart.check_size`` validation problems
-reaches ``warmstart.target_accuracy`` (checked every ``warmstart.check_every`` steps), at the latest
-after ``warmstart.steps``. At the end the greedy accuracy of every format is measured on the same
+Two mixes share one stream of problems. The *student mix* (``student_fraction`` student format)
+runs until a check finds the student's greedy accuracy at ``warmstart.target_accuracy``; from then
+on the *reading mix* gives most of the student share to the earlier-attempt format
+(``reading_student_fraction``), so the model keeps learning to read an attempt in context while the
+student stays near its target. A later check that finds the student below the target switches back.
+Checks run every ``warmstart.check_every`` steps on ``warmstart.check_size`` validation problems:
+the student format always, ``context_correct`` once the student has reached its target. Training
+stops at the first check where both hold (:func:`warm_start_done`): the student is in its band
+``[target_accuracy, student_max]`` and ``context_correct >= context_target``; at the latest after
+``warmstart.steps``. At the end the greedy accuracy of every format is measured on the same
 validation problems (:func:`format_accuracies`: student, privileged, context with a correct attempt,
-context with a wrong attempt), printed, and stored in ``warmstart.json`` next to the weights.
+context with a wrong attempt), each with a token budget derived from the reference it must
+reproduce (:func:`format_budget`), printed, and stored in ``warmstart.json`` next to the weights
+with the checks, the wall time and why training stopped.
 
 The result is cached under ``warmstart.cache_dir/<hash>`` (hash of everything that determines it)
 and loaded from there on later runs.
@@ -41,7 +50,8 @@ from .data.example import Example
 from .templates import PromptBuilder
 from .tiny import char_tokenizer, tiny_llama
 
-CACHE_VERSION = 2  # 2: stops on an accuracy target, records per-format accuracies, varied wrong attempts
+CACHE_VERSION = 3  # 2: stops on an accuracy target, records per-format accuracies, varied wrong attempts;
+# 3: student band and context_correct target, reading mix, per-format budgets
 
 
 def cache_key(cfg: Config) -> str:
@@ -67,30 +77,54 @@ def plain_reference(task, ex: Example) -> str:
     return hook(ex) if hook is not None else ex.reference
 
 
-def sft_pairs(task, prompts: PromptBuilder, examples: list[Example], cfg: Config, rng: random.Random):
-    """Yield ``(kind, prompt_ids, target_ids)`` of the warm-start mix; kind is student|privileged|context."""
+def sft_pairs(task, prompts: PromptBuilder, examples: list[Example], cfg: Config, rng: random.Random,
+              reading: bool = False):
+    """Yield ``(kind, prompt_ids, target_ids)`` of the warm-start mix; kind is student|privileged|context.
+    ``reading``: the reading mix (``reading_student_fraction`` instead of ``student_fraction``)."""
     ws = cfg.warmstart
+    student = ws.reading_student_fraction if reading else ws.student_fraction
     for ex in examples:
         plain = plain_reference(task, ex)
         u = rng.random()
-        if u < ws.student_fraction:
+        if u < student:
             kind, p, sol = "student", prompts.student_ids(ex), plain
-        elif u < ws.student_fraction + ws.reference_fraction:
+        elif u < student + ws.reference_fraction:
             kind, p, sol = "privileged", prompts.teacher_ids(ex), ex.reference  # templated stays templated
         else:
-            attempt = plain if rng.random() < 0.5 else task.wrong_attempt(ex, rng)
+            attempt = plain if rng.random() < ws.context_correct_share else task.wrong_attempt(ex, rng)
             kind, sol = "context", plain
             p = prompts.context_ids(ex, prompts.text_ids(attempt), cfg.steering.max_context_tokens)
         yield kind, p, prompts.text_ids(sol) + [prompts.eos_id]
 
 
-def _sft_pairs(task, prompts: PromptBuilder, examples: list[Example], cfg: Config, rng: random.Random):
-    for _, p, t in sft_pairs(task, prompts, examples, cfg, rng):
-        yield p, t
-
-
 FORMATS = ("student", "privileged", "context_correct", "context_wrong")
 TEMPLATE_OF = {"student": "student", "privileged": "teacher", "context_correct": "context", "context_wrong": "context"}
+
+
+def student_reached(acc: dict[str, float], ws) -> bool:
+    """Whether a check's student accuracy has reached ``ws.target_accuracy`` (then the reading mix
+    is used and ``context_correct`` is measured)."""
+    return acc["student"] >= ws.target_accuracy
+
+
+def warm_start_done(acc: dict[str, float], ws) -> bool:
+    """The stopping rule: the student is in its band ``[target_accuracy, student_max]`` and, when
+    ``ws.context_target > 0``, ``context_correct`` (which must then be in ``acc``) reaches it."""
+    in_band = ws.target_accuracy <= acc["student"] <= ws.student_max
+    return in_band and (ws.context_target <= 0 or acc["context_correct"] >= ws.context_target)
+
+
+def checks_enabled(ws) -> bool:
+    """Checks run when either target is set; with both 0 the warm start always runs ``ws.steps``."""
+    return ws.target_accuracy > 0 or ws.context_target > 0
+
+
+def format_budget(task, prompts: PromptBuilder, examples: list[Example], fmt: str) -> int:
+    """Generation budget of ``fmt`` in :func:`format_accuracies`: the tokens of the longest solution
+    the format must reproduce, plus EOS — the privileged reference (templated under
+    ``arith_style=templated``) for ``privileged``, the student-style solution for the others."""
+    sols = [ex.reference if fmt == "privileged" else plain_reference(task, ex) for ex in examples]
+    return max(len(prompts.text_ids(s)) for s in sols) + 1
 
 
 def validation_examples(task, cfg: Config) -> list[Example]:
@@ -107,8 +141,8 @@ def format_accuracies(model, tok, prompts: PromptBuilder, task, examples: list[E
     ``student``: the problem alone; ``privileged``: the problem with the reference (``teacher``
     template); ``context_correct`` / ``context_wrong``: the context template with the correct
     student-style solution / a :meth:`wrong_attempt` as the earlier attempt (one fixed wrong attempt
-    per problem, seeded). The generation budget is ``eval.max_new_tokens`` (twice that for the
-    privileged format, whose templated references are longer). Each format is scored by
+    per problem, seeded). Each format's generation budget is :func:`format_budget` (the length of
+    the reference it must reproduce). Each format is scored by
     :func:`ogls_sd.evaluate.evaluate_accuracy` (same context check, same grading).
     """
     from .evaluate import evaluate_accuracy
@@ -125,7 +159,7 @@ def format_accuracies(model, tok, prompts: PromptBuilder, task, examples: list[E
                         for ex in examples]
             ps = [prompts.context_ids(ex, prompts.text_ids(a), cfg.steering.max_context_tokens)
                   for ex, a in zip(examples, attempts)]
-        n = cfg.eval.max_new_tokens * (2 if fmt == "privileged" else 1)
+        n = format_budget(task, prompts, examples, fmt)
         out[fmt] = evaluate_accuracy(model, tok, prompts, task, examples, n, cfg.eval.batch_size,
                                      prompt_ids=ps, kind=TEMPLATE_OF[fmt]).accuracy
     return out
@@ -181,6 +215,89 @@ def _say(progress, msg: str) -> None:
         print(msg, flush=True)
 
 
+def _batch(pairs: list[tuple[list[int], list[int]]], pad_id: int):
+    """``(input_ids, attention_mask, labels)`` of right-padded prompt+target pairs (loss on targets only)."""
+    width = max(len(p) + len(t) for p, t in pairs)
+    ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(pairs), width), -100, dtype=torch.long)
+    att = torch.zeros((len(pairs), width), dtype=torch.long)
+    for r, (p, t) in enumerate(pairs):
+        seq = p + t
+        ids[r, : len(seq)] = torch.tensor(seq)
+        att[r, : len(seq)] = 1
+        labels[r, len(p) : len(seq)] = torch.tensor(t)
+    return ids, att, labels
+
+
+def sft_loss(model, groups: list[list[tuple[list[int], list[int]]]], pad_id: int) -> torch.Tensor:
+    """Mean next-token NLL over every target token of ``groups`` (lists of prompt+target pairs),
+    each group padded only to its own longest sequence: the same loss as one batch of all pairs
+    (``model(labels=...).loss``), without computing the padding of short formats to the longest."""
+    total = sum(len(t) for g in groups for _, t in g)
+    loss = 0.0
+    for g in groups:
+        ids, att, labels = _batch(g, pad_id)
+        logits = model(input_ids=ids, attention_mask=att).logits[:, :-1]
+        loss = loss + torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                        labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+    return loss / total
+
+
+def _check(model, tok, prompts, task, val, cfg: Config) -> dict[str, float]:
+    """One check: the student's accuracy, and ``context_correct`` once the student has reached its
+    target (and ``warmstart.context_target > 0``)."""
+    ws = cfg.warmstart
+    acc = format_accuracies(model, tok, prompts, task, val, cfg, formats=("student",))
+    if ws.context_target > 0 and student_reached(acc, ws):
+        acc.update(format_accuracies(model, tok, prompts, task, val, cfg, formats=("context_correct",)))
+    model.train()
+    return acc
+
+
+def _describe_check(step: int, acc: dict[str, float], ws) -> str:
+    cc = f", context_correct {100 * acc['context_correct']:.1f}% (target {100 * ws.context_target:.0f}%)" \
+        if "context_correct" in acc else ""
+    return (f"warm start: step {step}/{ws.steps}, student greedy accuracy {100 * acc['student']:.1f}% "
+            f"(band {100 * ws.target_accuracy:.0f}-{100 * ws.student_max:.0f}%){cc}, "
+            f"{acc.get('cpu_s', 0):.0f} CPU s")
+
+
+def _train(model, tok, prompts, task, cfg: Config, progress) -> tuple[int, list[dict], str]:
+    """The SFT loop with its checks; returns ``(steps, checks, stopped)``, ``stopped`` = target | cap."""
+    ws = cfg.warmstart
+    val = validation_examples(task, cfg)
+    rng = random.Random(f"warmstart/{cfg.train.seed}")
+    opt = torch.optim.AdamW(model.parameters(), lr=ws.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))  # warm-up, then constant
+    model.train()
+    task_id = progress.add_task("warm start (SFT)", total=ws.steps, info="") if progress else None
+    checks: list[dict] = []
+    reading = False
+    t0, c0 = time.time(), time.process_time()
+    for step in range(1, ws.steps + 1):
+        exs = task.examples(ws.batch_size, seed=cfg.data.seed * 100003 + step - 1 + 1_000_000, split="train")
+        by_kind: dict[str, list] = {}
+        for kind, p, t in sft_pairs(task, prompts, exs, cfg, rng, reading=reading):
+            by_kind.setdefault(kind, []).append((p, t))
+        loss = sft_loss(model, list(by_kind.values()), tok.pad_token_id)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if progress:
+            progress.update(task_id, advance=1, description=f"warm start (SFT) loss {loss.item():.3f}")
+        if checks_enabled(ws) and step % ws.check_every == 0 and step < ws.steps:
+            acc = _check(model, tok, prompts, task, val, cfg)
+            checks.append({"step": step, "mix": "reading" if reading else "student", **acc,
+                           "wall_s": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - c0, 1)})
+            _say(progress, _describe_check(step, checks[-1], ws))
+            if warm_start_done(acc, ws):
+                return step, checks, "target"
+            reading = student_reached(acc, ws)
+    return ws.steps, checks, "cap"
+
+
 def warm_start(cfg: Config, task, task_templates: dict | None, progress=None):
     """Build (or load from cache) the warm-started tiny model. Returns ``(model, tokenizer, cache_path)``."""
     from transformers import LlamaForCausalLM
@@ -192,52 +309,21 @@ def warm_start(cfg: Config, task, task_templates: dict | None, progress=None):
     for d in clean_stale_temporaries(path.parent):
         _say(progress, f"warm start: removed a stale temporary left by a killed run: {d}")
 
+    t0, c0 = time.time(), time.process_time()
     m = cfg.model
     torch.manual_seed(cfg.train.seed)
     model = tiny_llama(len(tok), m.tiny_hidden, m.tiny_layers, m.tiny_heads, m.tiny_intermediate,
                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     prompts = PromptBuilder(tok, cfg.templates, task_templates)
     ws = cfg.warmstart
+    step, checks, stopped = _train(model, tok, prompts, task, cfg, progress) if ws.steps > 0 else (0, [], "cap")
     val = validation_examples(task, cfg)
-    checks: list[dict] = []
-    step = 0
-    if ws.steps > 0:
-        rng = random.Random(f"warmstart/{cfg.train.seed}")
-        opt = torch.optim.AdamW(model.parameters(), lr=ws.lr, weight_decay=0.01, betas=(0.9, 0.98))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))  # warm-up, then constant
-        model.train()
-        task_id = progress.add_task("warm start (SFT)", total=ws.steps, info="") if progress else None
-        for step in range(1, ws.steps + 1):
-            exs = task.examples(ws.batch_size, seed=cfg.data.seed * 100003 + step - 1 + 1_000_000, split="train")
-            pairs = list(_sft_pairs(task, prompts, exs, cfg, rng))
-            width = max(len(p) + len(t) for p, t in pairs)
-            ids = torch.full((len(pairs), width), tok.pad_token_id, dtype=torch.long)
-            labels = torch.full((len(pairs), width), -100, dtype=torch.long)
-            att = torch.zeros((len(pairs), width), dtype=torch.long)
-            for r, (p, t) in enumerate(pairs):
-                seq = p + t
-                ids[r, : len(seq)] = torch.tensor(seq)
-                att[r, : len(seq)] = 1
-                labels[r, len(p) : len(seq)] = torch.tensor(t)
-            loss = model(input_ids=ids, attention_mask=att, labels=labels).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            if progress:
-                progress.update(task_id, advance=1, description=f"warm start (SFT) loss {loss.item():.3f}")
-            if ws.target_accuracy > 0 and step % ws.check_every == 0 and step < ws.steps:
-                acc = format_accuracies(model, tok, prompts, task, val, cfg, formats=("student",))["student"]
-                model.train()
-                checks.append({"step": step, "student": acc})
-                _say(progress, f"warm start: step {step}/{ws.steps}, loss {loss.item():.3f}, student greedy accuracy "
-                               f"{100 * acc:.1f}% (target {100 * ws.target_accuracy:.0f}%)")
-                if acc >= ws.target_accuracy:
-                    break
     accuracy = format_accuracies(model, tok, prompts, task, val, cfg)
-    record = {"key": path.name, "steps": step, "target_accuracy": ws.target_accuracy, "checks": checks,
-              "accuracy": accuracy, "validation_size": len(val), "config": cfg.to_dict()}
+    record = {"key": path.name, "steps": step, "stopped": stopped, "target_accuracy": ws.target_accuracy,
+              "student_max": ws.student_max, "context_target": ws.context_target, "checks": checks,
+              "accuracy": accuracy, "validation_size": len(val), "wall_seconds": round(time.time() - t0, 1),
+              "cpu_seconds": round(time.process_time() - c0, 1),
+              "config": cfg.to_dict()}
     _say(progress, describe(record))
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # one per process: concurrent builds never share it
     model.save_pretrained(tmp)
