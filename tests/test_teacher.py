@@ -146,3 +146,32 @@ def test_frozen_teacher_is_the_adapter_disabled_policy_under_lora(tok, tiny_mode
 def test_ema_with_lora_needs_a_peft_model(tiny_model):
     with pytest.raises(ValueError, match="ema"):
         Teacher(tiny_model, "ema", lora=True)  # no adapter to average
+
+
+@pytest.mark.parametrize("kind,lora,cls_name,has_copy,has_state", [
+    ("live", False, "LiveTeacher", False, False), ("live", True, "LiveTeacher", False, False),
+    ("frozen", False, "FrozenCopyTeacher", True, False), ("frozen", True, "AdapterOffTeacher", False, False),
+    ("ema", False, "EMACopyTeacher", True, True), ("ema", True, "EMAAdapterTeacher", False, True),
+])
+def test_one_class_per_teacher_kind(kind, lora, cls_name, has_copy, has_state):
+    """teacher_class is the one place that reads teacher.kind; each kind is a class behind one interface."""
+    import ogls_sd.teacher as T
+
+    cls = T.teacher_class(kind, lora)
+    assert cls.__name__ == cls_name and issubclass(cls, T.Teacher) and cls.kind == kind
+    assert cls.has_state == has_state
+    for method in ("module", "hidden", "head", "update", "state_dict", "load_state_dict"):
+        assert callable(getattr(cls, method))
+    if not lora:
+        model = torch.nn.Linear(2, 2)
+        t = T.Teacher(model, kind, 0.5)
+        assert type(t) is cls and (t.copy is not None) == has_copy and (t.state_dict() is not None) == has_state
+        with t.module() as m:
+            assert (m is model) == (kind == "live")
+
+
+def test_unknown_teacher_kind_names_the_key():
+    import ogls_sd.teacher as T
+
+    with pytest.raises(ValueError, match="teacher.kind: 'stale' not in frozen, ema, live"):
+        T.Teacher(torch.nn.Linear(2, 2), "stale")

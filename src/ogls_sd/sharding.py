@@ -181,7 +181,7 @@ class Sharding:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         st = {"optimizer": get_optimizer_state_dict(self.policy, optimizer)}
-        if teacher is not None and teacher.kind == "ema" and teacher.copy is not None:
+        if teacher is not None and teacher.has_state and teacher.copy is not None:
             st["ema"] = teacher.copy.state_dict()
         return st
 

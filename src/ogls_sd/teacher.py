@@ -26,8 +26,27 @@ from .modeling import SeqBatch, completion_hidden, lm_head
 KINDS = ("frozen", "ema", "live")
 
 
+def teacher_class(kind: str, lora: bool) -> type["Teacher"]:
+    """The one place that reads ``teacher.kind``: the class of the teacher weights of a run."""
+    if kind not in KINDS:
+        raise ValueError(f"teacher.kind: {kind!r} not in {', '.join(KINDS)}")
+    if kind == "live":
+        return LiveTeacher
+    if kind == "frozen":
+        return AdapterOffTeacher if lora else FrozenCopyTeacher
+    return EMAAdapterTeacher if lora else EMACopyTeacher
+
+
 class Teacher:
-    """The teacher weights of a run.
+    """The teacher weights of a run; ``Teacher(policy, kind, ema_decay, lora)`` builds the class
+    :func:`teacher_class` picks. The interface every kind implements:
+
+    * :meth:`module` — the network that plays the teacher, for a no-grad forward;
+    * :meth:`update` — after each optimizer step (an EMA moves; the others do nothing);
+    * :meth:`state_dict` / :meth:`load_state_dict` — what a checkpoint must hold to resume exactly
+      (``None``: nothing, the kind is reproducible from θ₀ or θ);
+    * ``copy`` — a separate module that FSDP2 shards beside the policy (``None``: the teacher is the
+      policy itself, sharded with it).
 
     Args:
         policy: the trained model (a peft model when ``lora``).
@@ -37,42 +56,20 @@ class Teacher:
         lora: the policy trains a LoRA adapter.
     """
 
+    kind = ""
+    copy: nn.Module | None = None
+    has_state = False  # state_dict() returns tensors that a checkpoint must keep
+
+    def __new__(cls, policy: nn.Module, kind: str = "frozen", ema_decay: float = 0.999, lora: bool = False):
+        return super().__new__(teacher_class(kind, lora) if cls is Teacher else cls)
+
     def __init__(self, policy: nn.Module, kind: str = "frozen", ema_decay: float = 0.999, lora: bool = False):
-        if kind not in KINDS:
-            raise ValueError(f"teacher.kind: {kind!r} not in {', '.join(KINDS)}")
-        self.policy, self.kind, self.decay, self.lora = policy, kind, ema_decay, lora
-        self.copy: nn.Module | None = None
-        self.adapter_ema: dict[str, Tensor] | None = None  # LoRA + ema: name -> EMA of a trainable tensor
-        if kind == "ema" and lora:
-            if not hasattr(policy, "disable_adapter"):
-                raise ValueError("teacher.kind=ema with model.lora=true needs a peft model (no adapter to average)")
-            self.adapter_ema = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
-        elif kind == "ema" or (kind == "frozen" and not lora):
-            self.copy = copy.deepcopy(policy).eval()
-            self.copy.requires_grad_(False)
+        self.policy, self.decay, self.lora = policy, ema_decay, lora
 
     @contextlib.contextmanager
     def module(self) -> Iterator[nn.Module]:
         """The network that plays the teacher, ready for a no-grad forward."""
-        if self.copy is not None:
-            yield self.copy
-        elif self.kind == "frozen":  # LoRA: adapter disabled
-            with self.policy.disable_adapter():
-                yield self.policy
-        elif self.adapter_ema is not None:  # LoRA + ema: point the adapter at the EMA tensors, then back
-            # ``.data`` is swapped, not copied into: an in-place write would bump the parameters'
-            # autograd versions and break the student's graph of the same step (backward after it)
-            params = dict(self.policy.named_parameters())
-            saved = {n: params[n].data for n in self.adapter_ema}
-            for n, v in self.adapter_ema.items():
-                params[n].data = v
-            try:
-                yield self.policy
-            finally:
-                for n, v in saved.items():
-                    params[n].data = v
-        else:
-            yield self.policy
+        yield self.policy
 
     @torch.no_grad()
     def hidden(self, batch: SeqBatch, pad_id: int, micro_batch: int = 64) -> Tensor:
@@ -86,38 +83,71 @@ class Teacher:
                 m.train(was)
 
     def head(self) -> tuple[Tensor, Tensor | None]:
-        """Teacher lm head ``(W [V, H], b)``, detached (cloned while an EMA adapter is swapped in)."""
+        """Teacher lm head ``(W [V, H], b)``, detached."""
         with self.module() as m:
             w, b = lm_head(m)
-            w, b = w.detach(), (b.detach() if b is not None else None)
-            if self.adapter_ema is not None:  # the swap is undone on exit: keep the EMA values
-                w, b = w.clone(), (b.clone() if b is not None else None)
-        return w, b
+            return w.detach(), (b.detach() if b is not None else None)
+
+    def update(self) -> None:
+        """After an optimizer step (no-op unless the kind moves)."""
+
+    def state_dict(self) -> dict[str, Tensor] | None:
+        """What a checkpoint keeps of the teacher; None: nothing (reproducible from θ₀ or θ)."""
+        return None
+
+    def load_state_dict(self, sd: dict[str, Tensor]) -> None:
+        """Restore :meth:`state_dict` (no-op for kinds without state)."""
+
+
+class LiveTeacher(Teacher):
+    """``live``: the current policy θ (detached; with LoRA, the adapter enabled). No copy."""
+
+    kind = "live"
+
+
+class FrozenCopyTeacher(Teacher):
+    """``frozen``, full fine-tuning: a copy of θ₀ that never requires grad."""
+
+    kind = "frozen"
+
+    def __init__(self, policy: nn.Module, kind: str = "frozen", ema_decay: float = 0.999, lora: bool = False):
+        super().__init__(policy, kind, ema_decay, lora)
+        self.copy = copy.deepcopy(policy).eval()
+        self.copy.requires_grad_(False)
+
+    @contextlib.contextmanager
+    def module(self) -> Iterator[nn.Module]:
+        yield self.copy
+
+
+class AdapterOffTeacher(Teacher):
+    """``frozen`` with LoRA: the policy with its adapter disabled (θ₀ without a second copy)."""
+
+    kind = "frozen"
+
+    @contextlib.contextmanager
+    def module(self) -> Iterator[nn.Module]:
+        with self.policy.disable_adapter():
+            yield self.policy
+
+
+class EMACopyTeacher(FrozenCopyTeacher):
+    """``ema``, full fine-tuning: a copy moved toward θ after every optimizer step; its weights are
+    part of every checkpoint."""
+
+    kind = "ema"
+    has_state = True
 
     @torch.no_grad()
     def update(self) -> None:
-        """After an optimizer step: ``φ ← decay·φ + (1 − decay)·θ`` for ``ema``; no-op otherwise."""
-        if self.kind != "ema":
-            return
-        if self.adapter_ema is not None:
-            params = dict(self.policy.named_parameters())
-            for n, v in self.adapter_ema.items():
-                v.mul_(self.decay).add_(params[n].detach().to(v.dtype), alpha=1.0 - self.decay)
-            return
+        """``φ ← decay·φ + (1 − decay)·θ``."""
         for pt, ps in zip(self.copy.parameters(), self.policy.parameters()):
             pt.mul_(self.decay).add_(ps.detach().to(pt.dtype), alpha=1.0 - self.decay)
 
-    def state_dict(self) -> dict[str, Tensor] | None:
-        """The EMA weights (saved in checkpoints); None for other kinds (frozen is reproducible from θ₀).
-
-        Tensors that share storage (tied input/output embeddings) are cloned, so that the dict can
-        be written with safetensors, which refuses shared tensors; loading it back re-ties nothing
-        and needs nothing re-tied (both keys hold the same values).
-        """
-        if self.kind != "ema":
-            return None
-        if self.adapter_ema is not None:
-            return {n: v.contiguous() for n, v in self.adapter_ema.items()}
+    def state_dict(self) -> dict[str, Tensor]:
+        """The EMA weights. Tensors that share storage (tied input/output embeddings) are cloned, so
+        that the dict can be written with safetensors, which refuses shared tensors; loading it back
+        re-ties nothing and needs nothing re-tied (both keys hold the same values)."""
         out, seen = {}, set()
         for k, v in self.copy.state_dict().items():
             ptr = v.untyped_storage().data_ptr()
@@ -126,13 +156,52 @@ class Teacher:
         return out
 
     def load_state_dict(self, sd: dict[str, Tensor]) -> None:
-        if self.kind != "ema":
-            return
-        if self.adapter_ema is not None:
-            missing = set(self.adapter_ema) - set(sd)
-            if missing:
-                raise ValueError(f"EMA adapter state lacks {len(missing)} tensor(s), e.g. {sorted(missing)[0]}")
-            for n in self.adapter_ema:
-                self.adapter_ema[n].copy_(sd[n])
-            return
         self.copy.load_state_dict(sd)
+
+
+class EMAAdapterTeacher(Teacher):
+    """``ema`` with LoRA: an EMA of the **adapter** weights only (a few MB), swapped into the
+    adapter for the duration of a teacher pass and swapped back afterwards."""
+
+    kind = "ema"
+    has_state = True
+
+    def __init__(self, policy: nn.Module, kind: str = "ema", ema_decay: float = 0.999, lora: bool = True):
+        super().__init__(policy, kind, ema_decay, lora)
+        if not hasattr(policy, "disable_adapter"):
+            raise ValueError("teacher.kind=ema with model.lora=true needs a peft model (no adapter to average)")
+        self.adapter_ema = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+
+    @contextlib.contextmanager
+    def module(self) -> Iterator[nn.Module]:
+        # ``.data`` is swapped, not copied into: an in-place write would bump the parameters'
+        # autograd versions and break the student's graph of the same step (backward after it)
+        params = dict(self.policy.named_parameters())
+        saved = {n: params[n].data for n in self.adapter_ema}
+        for n, v in self.adapter_ema.items():
+            params[n].data = v
+        try:
+            yield self.policy
+        finally:
+            for n, v in saved.items():
+                params[n].data = v
+
+    def head(self) -> tuple[Tensor, Tensor | None]:
+        w, b = super().head()  # cloned: the swap is undone on exit, keep the EMA values
+        return w.clone(), (b.clone() if b is not None else None)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        params = dict(self.policy.named_parameters())
+        for n, v in self.adapter_ema.items():
+            v.mul_(self.decay).add_(params[n].detach().to(v.dtype), alpha=1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {n: v.contiguous() for n, v in self.adapter_ema.items()}
+
+    def load_state_dict(self, sd: dict[str, Tensor]) -> None:
+        missing = set(self.adapter_ema) - set(sd)
+        if missing:
+            raise ValueError(f"EMA adapter state lacks {len(missing)} tensor(s), e.g. {sorted(missing)[0]}")
+        for n in self.adapter_ema:
+            self.adapter_ema[n].copy_(sd[n])

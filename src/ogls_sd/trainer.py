@@ -547,7 +547,7 @@ def train(cfg: Config, console: Console | None = None) -> dict:
                 sched.load_state_dict(state["scheduler"])
         # a run with an EMA teacher cannot continue without its EMA state (never re-initialised)
         sharded_ema = shard is not None and teacher.copy is not None
-        ema = None if sharded_ema else load_ema(resume_from, required=teacher.kind == "ema")
+        ema = None if sharded_ema else load_ema(resume_from, required=teacher.has_state)
         if ema is not None:
             with restoring(resume_from / "teacher_ema.safetensors", "EMA teacher state"):
                 teacher.load_state_dict(ema)
