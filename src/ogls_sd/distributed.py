@@ -40,10 +40,10 @@ def sum_across_ranks(values: list[float]) -> list[float]:
 
 def globalize_plan(plan) -> None:
     """Sum the plan's normalisers (``GLOBAL_SUMS`` attributes) over ranks, in place; recurses
-    into ``plan.subplans()`` (hybrids). Every rank must call it once per step."""
-    for sub in getattr(plan, "subplans", lambda: ())():
+    into ``plan.subplans()`` (hybrids); ``plan`` is an ``algorithms.base.StepPlan``. Every rank must call it once per step."""
+    for sub in plan.subplans():
         globalize_plan(sub)
-    names = tuple(getattr(plan, "GLOBAL_SUMS", ()))
+    names = tuple(plan.GLOBAL_SUMS)
     if not names or world()[1] == 1:
         return
     for name, v in zip(names, sum_across_ranks([float(getattr(plan, n)) for n in names])):

@@ -34,7 +34,6 @@ from .distributed import (barrier, gather_objects, globalize_plan, rank_slice, s
                           world)
 from .evaluate import check_eval_prompts, check_prompt_fits, context_limit, evaluate_accuracy
 from .markers import loop_fraction, marker_metrics
-from .modeling import unwrap
 from .models import load_policy
 from .runlock import holding_run_lock
 from .sharding import clip_grad_norm, is_sharded
@@ -198,15 +197,17 @@ def noop_cause(cfg: Config, metrics: dict) -> str:
     return f"{why}; {knobs}"
 
 
-def collect_rollouts(cfg: Config, task, tok, prompts: PromptBuilder, backend, sampling, algo, step: int) -> StepBatch:
-    """Steps 1–3 of method.md §3: the step's prompts, G rollouts each, verified outcomes."""
+def collect_rollouts(cfg: Config, task, tok, prompts: PromptBuilder, backend, sampling, algo, step: int,
+                     limit: int | None = None) -> StepBatch:
+    """Steps 1–3 of method.md §3: the step's prompts, G rollouts each, verified outcomes; every prompt
+    plus ``rollout.max_new_tokens`` must fit the model's context ``limit`` (None: unchecked)."""
     G = cfg.rollout.num_generations
     # 1. prompts of this step: a function of (seed, step) only, so a resumed run sees the same ones
     # With several processes each rank takes a contiguous share of whole prompt groups.
     exs = task.examples(cfg.train.prompts_per_step, seed=cfg.data.seed * 1_000_003 + step, split="train")
     exs = exs[rank_slice(len(exs))]
     groups = [Group(ex, prompts.student_ids(ex), prompts.teacher_ids(ex)) for ex in exs]
-    check_context(groups, cfg.rollout.max_new_tokens, getattr(algo, "context_limit", None))
+    check_context(groups, cfg.rollout.max_new_tokens, limit)
     # 2. G rollouts per prompt from the student, on token ids (none for SFT)
     if not algo.needs_rollouts:
         return StepBatch(groups, [])
@@ -510,7 +511,6 @@ def train(cfg: Config, console: Console | None = None) -> dict:
         shard = Sharding(policy, teacher.copy, lora=cfg.model.lora, mixed_precision=cfg.train.mixed_precision)
     step_scope = shard.gathered if shard is not None else contextlib.nullcontext  # a step's compute: gathered
     algo = build_algorithm(cfg, policy, teacher, prompts)
-    algo.context_limit = getattr(unwrap(policy).config, "max_position_embeddings", None)
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched = build_scheduler(cfg, opt)
@@ -562,6 +562,7 @@ def train(cfg: Config, console: Console | None = None) -> dict:
     rank, world_size = world()
     summary["processes"] = world_size
     is_main = rank == 0
+    limit = context_limit(policy)  # the model's context: prompts + generation limit must fit it
     backend = build_backend(cfg.rollout, policy, prompts.pad_id, prompts.eos_id, cfg=cfg, is_main_process=accel.is_main_process)
     sampling = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
     heldout = task.examples(cfg.data.eval_size, seed=cfg.data.seed, split="test")
@@ -587,8 +588,7 @@ def train(cfg: Config, console: Console | None = None) -> dict:
         return correct / max(1.0, n)
 
     if cfg.eval.before_after or cfg.eval.every:  # before training, on every rank: the whole held-out set fits
-        check_eval_prompts(heldout, [prompts.student_ids(ex) for ex in heldout], cfg.eval.max_new_tokens,
-                           context_limit(policy))
+        check_eval_prompts(heldout, [prompts.student_ids(ex) for ex in heldout], cfg.eval.max_new_tokens, limit)
 
     def checkpoint(step: int) -> Path:
         """Every rank calls it: the ranks' RNG states are gathered, and with FSDP2 the full weights
@@ -645,7 +645,7 @@ def train(cfg: Config, console: Console | None = None) -> dict:
             t0 = time.time()
             with step_scope():  # FSDP2: gathered until optimize() reduce-scatters the gradients
                 with accel.autocast():
-                    batch = collect_rollouts(cfg, task, tok, prompts, backend, sampling, algo, step)  # 1–3
+                    batch = collect_rollouts(cfg, task, tok, prompts, backend, sampling, algo, step, limit)  # 1–3
                 t1 = time.time()
                 with accel.autocast():
                     plan = algo.plan(batch, step)  # 4–6

@@ -55,11 +55,32 @@ class StepBatch:
         return sum(1 for r in self.rollouts if not r.ids)
 
 
+class StepPlan:
+    """What the trainer and the distributed code read of the plan an algorithm makes for a step
+    (every algorithm's plan class derives from it):
+
+    * ``micro_batches(size) -> list[list[int]]``: the work items of the step, in micro-batches;
+    * ``metrics``: per-step metrics known at planning time;
+    * ``GLOBAL_SUMS``: names of the loss normalisers that are summed over data-parallel ranks
+      before the loss (:func:`ogls_sd.distributed.globalize_plan`), so that N processes take the
+      step one process takes on the whole batch;
+    * ``subplans()``: the plans this one is made of (hybrids), globalized too.
+    """
+
+    GLOBAL_SUMS: tuple[str, ...] = ()
+    metrics: dict[str, float]
+
+    def micro_batches(self, size: int) -> list[list[int]]:
+        raise NotImplementedError
+
+    def subplans(self) -> tuple["StepPlan", ...]:
+        return ()
+
+
 class Algorithm:
     """What the trainer expects of an algorithm (besides ``plan`` and ``loss``).
 
-    * ``plan(batch, step) -> plan`` (no grad) where ``plan.micro_batches(size) -> list[list[int]]``
-      and ``plan.metrics: dict[str, float]``;
+    * ``plan(batch, step) -> StepPlan`` (no grad);
     * ``loss(plan, micro) -> (loss, metrics)``; the losses of all micro-batches of a step sum to
       the step's objective, and the trainer sums the ``metrics`` over micro-batches;
     * ``needs_rollouts``: False when the step needs no generation (SFT): the batch then has groups

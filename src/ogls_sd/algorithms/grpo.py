@@ -38,7 +38,7 @@ from ..losses import get_token_logprobs
 from ..modeling import SeqBatch, lm_head
 from ..teacher import Teacher
 from ..templates import PromptBuilder, join_completion
-from .base import EMPTY_METRIC, Algorithm, StepBatch, loss_dtype, register_algorithm, student_hidden
+from .base import Algorithm, EMPTY_METRIC, StepBatch, StepPlan, loss_dtype, register_algorithm, student_hidden
 
 
 def group_advantages(rewards: list[float], scale_std: bool = True, std: str = "sample", eps: float = 1e-4) -> list[float]:
@@ -64,7 +64,7 @@ def group_advantages(rewards: list[float], scale_std: bool = True, std: str = "s
 
 
 @dataclass
-class GRPOPlan:
+class GRPOPlan(StepPlan):
     GLOBAL_SUMS = ("norm",)  # summed over data-parallel ranks (distributed.globalize_plan)
 
     batch: StepBatch
@@ -87,7 +87,7 @@ class GRPO(Algorithm):
     def __init__(self, policy, teacher: Teacher | None, prompts: PromptBuilder, grpo: GRPOConfig, loss: LossConfig,
                  temperature: float = 1.0, plan_batch: int = 16):
         self.policy, self.teacher, self.prompts = policy, teacher, prompts
-        self.g = grpo
+        self.grpo_cfg = grpo
         self.temperature = temperature
         self.token_logprobs = get_token_logprobs(loss.impl, loss.chunk_size)
         self.pad_id = prompts.pad_id
@@ -101,7 +101,7 @@ class GRPO(Algorithm):
     # ------------------------------------------------------------------ planning (no grad)
     @torch.no_grad()
     def plan(self, batch: StepBatch, step: int) -> GRPOPlan:
-        g = self.g
+        g = self.grpo_cfg
         adv = [0.0] * len(batch.rollouts)
         zero_spread = 0
         for grp in batch.groups:
@@ -181,7 +181,7 @@ class GRPO(Algorithm):
         adv = torch.cat([torch.full((n,), plan.advantages[micro[k]]) for k, n in zip(sel, lens)]).to(dev, lp.dtype)
         # token weights and the weighted sum in float32 (or wider): a step's weights sum to 1
         wdtype = loss_dtype(lp.dtype)
-        if self.g.reduction == "token_mean":
+        if self.grpo_cfg.reduction == "token_mean":
             wts = torch.full(lp.shape, 1.0 / plan.norm, dtype=wdtype, device=dev)
         else:
             wts = torch.cat([torch.full((n,), 1.0 / (n * plan.norm), dtype=torch.float64) for n in lens]).to(dev, wdtype)
@@ -195,7 +195,7 @@ class GRPO(Algorithm):
         if plan.ref_logprobs is not None:
             ref = torch.cat([plan.ref_logprobs[micro[k]] for k in sel]).to(dev, lp.dtype)
             k3 = k3_kl(lp, ref)
-            per_tok = per_tok + self.g.kl_coef * k3
+            per_tok = per_tok + self.grpo_cfg.kl_coef * k3
             m["grpo_kl_sum"] = float(k3.detach().sum())
         total = total + (per_tok.to(wdtype) * wts).sum()
         m.update({
@@ -213,7 +213,7 @@ class GRPO(Algorithm):
             "grpo/clip_frac": agg.get("grpo_clipped_sum", 0.0) / n if n else 0.0,
             "grpo/ratio_mean": agg.get("grpo_ratio_sum", 0.0) / n if n else 1.0,
         }
-        if self.g.kl_coef > 0:
+        if self.grpo_cfg.kl_coef > 0:
             out["grpo/kl_token"] = agg.get("grpo_kl_sum", 0.0) / n if n else 0.0
         return out
 

@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from .base import Algorithm, StepBatch, register_algorithm, student_hidden
+from .base import Algorithm, StepBatch, StepPlan, register_algorithm, student_hidden
 from .grpo import GRPO, GRPOPlan, build_grpo
 from .ogls_sd import DISTILL_NOOP_HINT, OGLSSD, Plan, build_ogls
 from .opsd import opsd_steering
 
 
 @dataclass
-class HybridPlan:
+class HybridPlan(StepPlan):
     batch: StepBatch
     grpo: GRPOPlan
     opsd: Plan

@@ -33,7 +33,8 @@ from ..losses import get_distill_loss, get_token_logprobs
 from ..modeling import SeqBatch, lm_head
 from ..templates import PromptBuilder, join_completion
 from ..teacher import Teacher
-from .base import (EMPTY_METRIC, Algorithm, StepBatch, distill_step_metrics, loss_dtype, register_algorithm,
+from .base import (EMPTY_METRIC, Algorithm, StepBatch, StepPlan, distill_step_metrics, loss_dtype,
+                   register_algorithm,
                    student_hidden)
 
 
@@ -50,7 +51,7 @@ class TargetPlan:
 
 
 @dataclass
-class Plan:
+class Plan(StepPlan):
     """Normalisers in ``GLOBAL_SUMS`` are summed over data-parallel ranks before the loss."""
 
     GLOBAL_SUMS = ("distill_norm", "tail_norm", "n_seq_targets")
@@ -76,7 +77,7 @@ class OGLSSD(Algorithm):
     def __init__(self, policy, teacher: Teacher, prompts: PromptBuilder, steering: SteeringConfig,
                  loss: LossConfig, max_new_tokens: int, seed: int = 0, teacher_batch: int = 16):
         self.policy, self.teacher, self.prompts = policy, teacher, prompts
-        self.s, self.l = steering, loss
+        self.steering, self.loss_cfg = steering, loss
         self.max_new_tokens = max_new_tokens
         self.spec = DivergenceSpec(loss.divergence, loss.beta, loss.top_k, loss.clip, loss.clip_tau, loss.temperature)
         self.distill = get_distill_loss(loss.impl, loss.chunk_size)
@@ -99,14 +100,14 @@ class OGLSSD(Algorithm):
 
     # ------------------------------------------------------------------ planning (no grad)
     def _ctx(self, g, attempt_ids: list[int]) -> list[int]:
-        return self.prompts.context_ids(g.example, attempt_ids, self.s.max_context_tokens, self.s.strip_think)
+        return self.prompts.context_ids(g.example, attempt_ids, self.steering.max_context_tokens, self.steering.strip_think)
 
     def _n_distill(self, i: int, batch: StepBatch) -> int:
-        return min(len(batch.rollouts[i].ids), self.l.max_distill_tokens)
+        return min(len(batch.rollouts[i].ids), self.loss_cfg.max_distill_tokens)
 
     @torch.no_grad()
     def plan(self, batch: StepBatch, step: int) -> Plan:
-        s = self.s
+        s = self.steering
         rng = random.Random(f"{self.seed}/{step}")
         targets: dict[int, TargetPlan] = {}
         tail: list[int] = []
@@ -199,7 +200,7 @@ class OGLSSD(Algorithm):
             seqs = [join_completion(g.teacher_prompt, a) for a in attempts]
             sb = SeqBatch([q for q, _ in seqs], [st for _, st in seqs], [len(a) for a in attempts])
             h = self.teacher.hidden(sb, self.pad_id, self.teacher_batch)
-            return mean_log_softmax(h, w, b, self.l.chunk_size)
+            return mean_log_softmax(h, w, b, self.loss_cfg.chunk_size)
 
         # A pool without a single token (its attempts all empty, e.g. an empty reference) has no
         # mean: no direction for the group (d = 0), like a group without negatives.
@@ -239,7 +240,7 @@ class OGLSSD(Algorithm):
                 n = self._n_distill(i, batch)
                 rows.append(torch.arange(offsets[k], offsets[k] + n))
                 ids += batch.rollouts[i].ids[:n]
-                if self.l.reduction == "token_mean":
+                if self.loss_cfg.reduction == "token_mean":
                     weights += [1.0 / plan.distill_norm] * n
                 else:
                     weights += [1.0 / (n * plan.n_seq_targets)] * n
@@ -266,13 +267,13 @@ class OGLSSD(Algorithm):
             for i in tail_ids:
                 k = micro.index(i)
                 L = len(batch.rollouts[i].ids)
-                n = min(L, self.s.tail_tokens)
+                n = min(L, self.steering.tail_tokens)
                 rows.append(torch.arange(offsets[k] + L - n, offsets[k] + L))
                 ids += batch.rollouts[i].ids[L - n :]
             rows_t = torch.cat(rows).to(h_s.device)
             lp = self.token_logprobs(h_s[rows_t], w_s, b_s, torch.tensor(ids, device=h_s.device))
             nll = -lp.to(loss_dtype(lp.dtype)).sum() / plan.tail_norm
-            total = total + self.s.tail_weight * nll
+            total = total + self.steering.tail_weight * nll
             m["tail_nll"] = float(nll.detach())
         return total, m
 
@@ -305,9 +306,9 @@ class OGLSSD(Algorithm):
                 c += lens[t]
         strength = torch.cat([torch.full((n,), tp.strength, dtype=w.dtype) for tp, n in zip(tps, lens)]).to(dev)
         tgt = TeacherTarget(weight=w, bias=b, anchor_hidden=anchor_hidden, anchor_scale=anchor_scale,
-                            negative_pool=self.s.negative_pool, negative_branch=self.s.negative_branch,
-                            strength=strength, normalize=self.s.normalize)
-        if self.s.pooling == "context":
+                            negative_pool=self.steering.negative_pool, negative_branch=self.steering.negative_branch,
+                            strength=strength, normalize=self.steering.normalize)
+        if self.steering.pooling == "context":
             tgt.pos_hidden, tgt.pos_mask = self._pool_hidden([tp.pos for tp in tps], lens, run, dev, w.dtype)
             tgt.neg_hidden, tgt.neg_mask = self._pool_hidden([tp.neg for tp in tps], lens, run, dev, w.dtype)
             if tgt.pos_hidden is None:  # no positive context anywhere (opsd fallback rows only)

@@ -27,7 +27,7 @@ from ..config import _Section, ConfigError, opt
 from ..losses import rlcsd as mod
 from ..modeling import SeqBatch, lm_head
 from ..templates import join_completion
-from .base import EMPTY_METRIC, StepBatch, loss_dtype, register_algorithm, student_hidden
+from .base import EMPTY_METRIC, StepBatch, StepPlan, loss_dtype, register_algorithm, student_hidden
 from .grpo import GRPO, group_advantages, ppo_clip_loss
 
 
@@ -63,7 +63,7 @@ class Hint:
 
 
 @dataclass
-class RLCSDPlan:
+class RLCSDPlan(StepPlan):
     GLOBAL_SUMS = ("n_selected", "n_unselected")  # summed over data-parallel ranks
 
     batch: StepBatch
@@ -100,7 +100,7 @@ class RLCSD(GRPO):
     # ------------------------------------------------------------------ planning (no grad)
     @torch.no_grad()
     def plan(self, batch: StepBatch, step: int) -> RLCSDPlan:
-        g = self.g
+        g = self.grpo_cfg
         adv = [0.0] * len(batch.rollouts)
         for grp in batch.groups:
             rs = [batch.rollouts[i].reward for i in grp.rollouts]

@@ -29,7 +29,7 @@ from ..losses.sdpo import MODES, sdpo_loss
 from ..modeling import SeqBatch, lm_head
 from ..teacher import Teacher
 from ..templates import PromptBuilder, join_completion
-from .base import EMPTY_METRIC, Algorithm, StepBatch, loss_dtype, register_algorithm, student_hidden
+from .base import Algorithm, EMPTY_METRIC, StepBatch, StepPlan, loss_dtype, register_algorithm, student_hidden
 
 TRL_REPROMPT = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question.\n"
 TRL_SOLUTION = "\nCorrect solution:\n\n{successful_previous_attempt}\n\n"
@@ -81,7 +81,7 @@ def demonstrations(rewards: list[float], threshold: float, exclude_self: bool) -
 
 
 @dataclass
-class SDPOPlan:
+class SDPOPlan(StepPlan):
     """``teacher_prompts``: rollout index -> re-prompt ids (the distilled rollouts)."""
 
     GLOBAL_SUMS = ("n_seq",)  # summed over data-parallel ranks (distributed.globalize_plan)

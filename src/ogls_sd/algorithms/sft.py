@@ -22,11 +22,11 @@ from ..config import LossConfig, SFTConfig
 from ..losses import get_token_logprobs
 from ..modeling import SeqBatch, completion_hidden, lm_head
 from ..templates import PromptBuilder, join_completion
-from .base import EMPTY_METRIC, Algorithm, StepBatch, loss_dtype, register_algorithm, student_hidden
+from .base import Algorithm, EMPTY_METRIC, StepBatch, StepPlan, loss_dtype, register_algorithm, student_hidden
 
 
 @dataclass
-class NLLPlan:
+class NLLPlan(StepPlan):
     """Work items (group indices for SFT, rollout indices for RFT) and the step's token count."""
 
     batch: StepBatch
@@ -53,14 +53,14 @@ class SFT(Algorithm):
     needs_rollouts = False
 
     def __init__(self, policy, prompts: PromptBuilder, sft: SFTConfig, loss: LossConfig):
-        self.policy, self.prompts, self.s = policy, prompts, sft
+        self.policy, self.prompts, self.sft_cfg = policy, prompts, sft
         self.token_logprobs = get_token_logprobs(loss.impl, loss.chunk_size)
         self.pad_id = prompts.pad_id
 
     def reference_ids(self, example) -> list[int]:
         ids = self.prompts.text_ids(example.reference)
-        if self.s.max_tokens and len(ids) >= self.s.max_tokens:
-            return ids[: self.s.max_tokens]
+        if self.sft_cfg.max_tokens and len(ids) >= self.sft_cfg.max_tokens:
+            return ids[: self.sft_cfg.max_tokens]
         return ids + [self.prompts.eos_id]
 
     @torch.no_grad()
