@@ -224,6 +224,28 @@ def test_a_failure_during_training_stops_with_the_last_completed_step_and_resume
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
+def test_a_failure_in_held_out_accuracy_keeps_the_step_it_followed(tiny_cfg, user_module, tmp_path):
+    mod = __import__(user_module)
+    mod.FAIL_AT[0] = 4  # calls: step 1, its accuracy, step 2, its accuracy (4 held-out problems): fails
+    cfg = tiny_cfg(f"reward.funcs={user_module}:flaky", "train.steps=3", "eval.before_after=false", "eval.every=1",
+                   "steering.no_positive=reference")
+    with pytest.raises(TrainingHalted, match=rf"^reward\.funcs\[0\] {user_module}:flaky returned 3 values for 4 "
+                                             r"completions; stopped with checkpoint .*step_000002 \(step 2\)"):
+        ogls_sd.trainer.train(cfg)
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and "eval/accuracy" in metrics[0] and "eval/accuracy" not in metrics[1]
+    assert (tmp_path / "run" / "checkpoints" / "step_000002" / "model" / "model.safetensors").is_file()
+
+
+def test_the_api_evaluate_shadows_the_module_name_only():
+    import ogls_sd.api
+    from ogls_sd.evaluate import evaluate_accuracy  # the module stays importable by its full name
+
+    assert ogls_sd.evaluate is ogls_sd.api.evaluate and callable(evaluate_accuracy)
+    assert sys.modules["ogls_sd.evaluate"].evaluate_accuracy is evaluate_accuracy
+    assert {"Config", "ConfigError", "train", "evaluate"} <= set(ogls_sd.__all__) and ogls_sd.algorithms
+
+
 # ------------------------------------------------------------------------------ threshold
 def test_success_threshold_decides_the_pools():
     r = [Rollout(0, [1], True, x, threshold=0.7) for x in (0.7, 0.71, 1.0, -3.0)]

@@ -33,7 +33,8 @@ def train(cfg: Config | None = None, *, model=None, tokenizer=None, data=None, r
     Args:
         model, tokenizer: a causal LM and its tokenizer (both), used instead of ``model.name``; the
             tokenizer needs a chat template and gets a pad token and left padding if it lacks them.
-        data: training rows (a list of dicts or a ``datasets.Dataset``) instead of ``data.task``.
+        data: training rows (a list of dicts or a ``datasets.Dataset``) instead of ``data.task`` (and
+            ``data.mixture``), read with the ``data.*`` column settings.
         rewards: reward functions, ``f(prompts, completions, **columns) -> list[float]`` or
             ``(f, weight)`` each; with ``reward.funcs`` the reward is the weighted sum of all.
         console: a ``rich.console.Console`` for the progress output.

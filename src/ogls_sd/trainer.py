@@ -211,7 +211,7 @@ def collect_rollouts(cfg: Config, task, tok, prompts: PromptBuilder, backend, sa
         return StepBatch(groups, [])
     comps = backend.generate([g.student_prompt for g in groups for _ in range(G)], sampling)
     # 3. outcomes r_i (the reward functions; the same ones held-out accuracy uses)
-    rewards = rewards or RewardSet([], task, cfg.reward.success_threshold)
+    rewards = rewards if rewards is not None else RewardSet([], task, cfg.reward.success_threshold)
     texts = [tok.decode(c.ids, skip_special_tokens=True) for c in comps]
     shown = [tok.decode(g.student_prompt, skip_special_tokens=False) for g in groups]
     scores = agreed(lambda: rewards.score([shown[k // G] for k in range(len(comps))], texts,
@@ -695,18 +695,18 @@ def train(cfg: Config, console: Console | None = None, *, model=None, tokenizer=
             bar = progress.add_task(f"{cfg.train.algorithm}", total=cfg.train.steps, completed=start, info="")
         for step in range(start, cfg.train.steps):
             t0 = time.time()
-            with step_scope():  # FSDP2: gathered until optimize() reduce-scatters the gradients
-                with accel.autocast():
-                    try:
+            try:
+                with step_scope():  # FSDP2: gathered until optimize() reduce-scatters the gradients
+                    with accel.autocast():
                         batch = collect_rollouts(cfg, task, tok, prompts, backend, sampling, algo, step, reward_set)  # 1–3
-                    except RewardError as e:
-                        halt(step, e)
-                parts = dict(reward_set.last_means) if specs and algo.needs_rollouts else {}  # per reward function
-                t1 = time.time()
-                with accel.autocast():
-                    plan = algo.plan(batch, step)  # 4–6
-                globalize_plan(plan)  # loss normalisers of the whole (multi-rank) batch
-                res = optimize(cfg, algo, plan, accel, policy, params, opt, teacher, shard)
+                    parts = dict(reward_set.last_means) if specs and algo.needs_rollouts else {}  # per reward function
+                    t1 = time.time()
+                    with accel.autocast():
+                        plan = algo.plan(batch, step)  # 4–6
+                    globalize_plan(plan)  # loss normalisers of the whole (multi-rank) batch
+                    res = optimize(cfg, algo, plan, accel, policy, params, opt, teacher, shard)
+            except RewardError as e:  # only the rollouts' rewards raise it: nothing of this step was applied
+                halt(step, e)
             sched.step()
             if not res.skipped:
                 backend.sync_weights(policy)  # the rollout engine samples the next step from the new weights

@@ -217,8 +217,8 @@ def _short(v: object) -> str:
 
 
 # ------------------------------------------------------------------------------------ built-ins
-@register_reward("verifier", "the task's own grader (arith: the integer after the last 'A:'; data sets: the math "
-                             "verifier on the last \\boxed{} / #### / Answer:), 1 or 0; the default")
+@register_reward("verifier", "the task's own grader, 1 or 0: arith's integer after the last 'A:', the math verifier "
+                             "for other tasks; the default")
 def task_verifier(task) -> RewardFn:
     def verifier(prompts, completions, answer, **_):
         if hasattr(task, "rewards"):
@@ -228,8 +228,8 @@ def task_verifier(task) -> RewardFn:
     return verifier
 
 
-@register_reward("reasoning_gym", "data.task=reasoning_gym:<name>: the task's own score_answer on the content of the "
-                                  "completion's last \\boxed{} (None when there is none)")
+@register_reward("reasoning_gym", "for data.task=reasoning_gym:<name>: that task's own score_answer on the last "
+                                  "\\boxed{} of the completion, None without one")
 def reasoning_gym_builtin(task) -> RewardFn:
     return reasoning_gym_score
 
