@@ -7,7 +7,9 @@ arguments, 1: anything else); ``--debug`` or ``OGLS_SD_DEBUG=1`` shows the full 
 from __future__ import annotations
 
 import functools
+import json
 import os
+import sys
 import pickle
 import textwrap
 
@@ -181,6 +183,13 @@ def _guarded(fn):
     return wrapper
 
 
+def _importable_cwd() -> None:
+    """``--reward mymod:f`` with mymod.py in the current directory imports, as ``python -m`` would
+    find it (the ``ogls-sd`` script's sys.path holds its own directory, not the current one)."""
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+
+
 def _fields_epilog() -> str:
     lines = ["Config fields (set with --config FILE and/or section.key=value overrides):", ""]
     for key, default, h in describe_fields():
@@ -209,6 +218,7 @@ def train(
     config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config file (sections as below)."),
     output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Run directory (same as train.output_dir)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="'latest' (newest checkpoint in the run directory) or a checkpoint path (same as train.resume)."),
+    reward: List[str] = typer.Option(None, "--reward", help="A reward function, module:function[=weight] (your own; the module must be importable: on PYTHONPATH or in the current directory) or a built-in name (verifier, reasoning_gym). Repeatable; the rewards are summed with their weights. Same as reward.funcs=...; replaces reward.funcs of --config. Called as f(prompts, completions, **columns) -> list[float] (docs/data_and_eval.md, 'Your own reward')."),
     debug: bool = _DEBUG,
 ):
     ov = list(overrides or [])
@@ -216,7 +226,11 @@ def train(
         ov.append(f"train.output_dir={output_dir}")
     if resume:
         ov.append(f"train.resume={resume}")
+    if reward:
+        ov.append(f"reward.funcs={json.dumps(list(reward))}")  # a YAML flow list: entries may hold '=' and ','
     cfg = Config.load(config, ov)
+    if cfg.reward.funcs:
+        _importable_cwd()
     from .distributed import shutdown
     from .trainer import train as run_train
 

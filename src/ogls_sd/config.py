@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import functools
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,7 +21,8 @@ from typing import Any
 
 import yaml
 
-from .registry import ALGORITHMS, SECTIONS, Registry
+from .registry import ALGORITHMS, REWARDS, SECTIONS, Registry
+from .rewards.functions import RewardError, parse_entry
 
 
 class ConfigError(ValueError):
@@ -37,7 +40,9 @@ def opt(default: Any, help: str, choices: tuple | None = None, factory: Any = No
 
 
 class _Section:
-    """Mixin: validates ``choices`` and positivity constraints after init."""
+    """Mixin: validates ``choices`` and positivity constraints after init, and again on every later
+    assignment (``cfg.train.lr = -1`` raises :class:`ConfigError` naming ``train.lr``; the value is
+    coerced as a YAML value would be, and the section's own :meth:`validate` runs again)."""
 
     _section = ""
     _positive: tuple[str, ...] = ()
@@ -46,18 +51,36 @@ class _Section:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            key = f"{self._section}.{f.name}"
-            ch = f.metadata.get("choices")
-            if ch is not None and v not in ch:
-                raise ConfigError(f"{key}: {ch.unknown(v) if isinstance(ch, Registry) else Registry.listing(ch, v)}")
-            if f.name in self._positive and not (v > 0):
-                raise ConfigError(f"{key}: must be > 0, got {v!r}")
-            if f.name in self._nonneg and not (v >= 0):
-                raise ConfigError(f"{key}: must be >= 0, got {v!r}")
-            if f.name in self._unit and not (0 <= v <= 1):
-                raise ConfigError(f"{key}: must be in [0, 1], got {v!r}")
+            self._check(f, getattr(self, f.name))
         self.validate()
+        object.__setattr__(self, "_validated", True)  # from now on, assignments are checked
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        f = {f.name: f for f in dataclasses.fields(self)}.get(name) if self.__dict__.get("_validated") else None
+        if f is None:  # during __init__ (__post_init__ checks every field), or not a field
+            object.__setattr__(self, name, value)
+            return
+        value = _coerce(f"{self._section}.{name}", value, f, type(self))
+        self._check(f, value)
+        old = getattr(self, name)
+        object.__setattr__(self, name, value)
+        try:
+            self.validate()
+        except ConfigError:
+            object.__setattr__(self, name, old)  # a refused assignment leaves the section as it was
+            raise
+
+    def _check(self, f: dataclasses.Field, v: Any) -> None:
+        key = f"{self._section}.{f.name}"
+        ch = f.metadata.get("choices")
+        if ch is not None and v not in ch:
+            raise ConfigError(f"{key}: {ch.unknown(v) if isinstance(ch, Registry) else Registry.listing(ch, v)}")
+        if f.name in self._positive and not (v > 0):
+            raise ConfigError(f"{key}: must be > 0, got {v!r}")
+        if f.name in self._nonneg and not (v >= 0):
+            raise ConfigError(f"{key}: must be >= 0, got {v!r}")
+        if f.name in self._unit and not (0 <= v <= 1):
+            raise ConfigError(f"{key}: must be in [0, 1], got {v!r}")
 
     def validate(self) -> None:  # section-specific checks
         pass
@@ -113,6 +136,22 @@ class DataConfig(_Section):
             try:
                 parse_mixture(self.mixture)
             except ValueError as e:
+                raise ConfigError(str(e)) from None
+
+
+@dataclass
+class RewardConfig(_Section):
+    _section = "reward"
+    funcs: list = opt(None, "Reward functions, NAME or module:function, each optionally =WEIGHT (comma-separated on the command line, or `ogls-sd train --reward module:function[=weight]`, repeatable). A function is called like TRL's, f(prompts, completions, **columns) -> list[float], with the examples' columns (problem, reference, answer, id and every other column of the data) as lists; the reward is the weighted sum. Built-in names: " + ", ".join(f"{n} ({REWARDS[n].summary})" for n in REWARDS) + ". Empty = verifier alone (docs/data_and_eval.md, 'Your own reward').", factory=list)
+    success_threshold: float = opt(0.5, "A rollout is correct (positive pool; counted by held-out accuracy) when its reward is > this.")
+
+    def validate(self) -> None:
+        if not math.isfinite(self.success_threshold):
+            raise ConfigError(f"reward.success_threshold: must be a finite number, got {self.success_threshold!r}")
+        for i, entry in enumerate(self.funcs):
+            try:
+                parse_entry(entry, f"reward.funcs[{i}]")
+            except RewardError as e:
                 raise ConfigError(str(e)) from None
 
 
@@ -335,6 +374,7 @@ class EvalConfig(_Section):
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
     templates: TemplateConfig = field(default_factory=TemplateConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -497,9 +537,14 @@ def validate(cfg: Config) -> None:
             "single rollout has no siblings, so every step would be a no-op")
 
 
+@functools.lru_cache(maxsize=None)
+def _type_hints(owner: type) -> dict:
+    return typing.get_type_hints(owner)
+
+
 def _coerce(key: str, value: Any, f: dataclasses.Field, owner: type) -> Any:
     """Check and lightly coerce a value to the field's declared type."""
-    hints = typing.get_type_hints(owner)
+    hints = _type_hints(owner)
     t = hints.get(f.name, type(f.default))
     if t is bool:
         if isinstance(value, bool):

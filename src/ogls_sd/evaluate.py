@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .data.example import Example
+from .rewards.functions import RewardSet
 from .rollout import HFBackend, PromptTooLong, SamplingParams
 from .templates import PromptBuilder
 
@@ -44,24 +45,34 @@ class EvalResult:
     completions: list[str]
     correct: list[bool]
     mean_length: float
+    rewards: list[float] | None = None  # with reward functions: each completion's reward
 
 
 def evaluate_accuracy(model, tokenizer, prompts: PromptBuilder, task, examples: list[Example],
                       max_new_tokens: int, batch_size: int = 100, params: SamplingParams | None = None,
-                      prompt_ids: list[list[int]] | None = None, kind: str = "student") -> EvalResult:
-    """Greedy (default) accuracy of ``model`` on ``examples`` graded by ``task.reward``, from the
-    student prompts or from ``prompt_ids`` (one per example; ``kind`` names them in errors, e.g. the
-    warm start's privileged and context formats). A prompt that cannot fit the model's context with
-    ``max_new_tokens`` is an error (:func:`check_prompt_fits`), before anything is generated."""
+                      prompt_ids: list[list[int]] | None = None, kind: str = "student",
+                      rewards: RewardSet | None = None) -> EvalResult:
+    """Greedy (default) accuracy of ``model`` on ``examples``, from the student prompts or from
+    ``prompt_ids`` (one per example; ``kind`` names them in errors, e.g. the warm start's privileged
+    and context formats). Graded by ``rewards`` (the run's reward functions: correct = reward >
+    ``reward.success_threshold``) or, without them, by ``task.reward`` > 0.5. A prompt that cannot
+    fit the model's context with ``max_new_tokens`` is an error (:func:`check_prompt_fits`), before
+    anything is generated."""
     params = params or SamplingParams(max_new_tokens=max_new_tokens, greedy=True)
     ids = prompt_ids if prompt_ids is not None else [prompts.student_ids(ex) for ex in examples]
     check_eval_prompts(examples, ids, params.max_new_tokens, context_limit(model), kind=kind)
     backend = HFBackend(model, prompts.pad_id, prompts.eos_id, batch_size)
     comps = backend.generate(ids, params)
     texts = [tokenizer.decode(c.ids, skip_special_tokens=True) for c in comps]
-    correct = [task.reward(t, ex.answer) > 0.5 for t, ex in zip(texts, examples)]
+    scores = None
+    if rewards is not None:
+        shown = [tokenizer.decode(p, skip_special_tokens=False) for p in ids]
+        scores = rewards.score(shown, texts, examples)
+        correct = rewards.correct(scores)
+    else:
+        correct = [task.reward(t, ex.answer) > 0.5 for t, ex in zip(texts, examples)]
     n = len(examples)
-    return EvalResult(sum(correct) / max(1, n), n, texts, correct, sum(len(c.ids) for c in comps) / max(1, n))
+    return EvalResult(sum(correct) / max(1, n), n, texts, correct, sum(len(c.ids) for c in comps) / max(1, n), scores)
 
 
 def load_for_eval(cfg, checkpoint: str | None):

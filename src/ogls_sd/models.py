@@ -78,12 +78,27 @@ def enable_checkpointing(model) -> None:
     fn()
 
 
-def load_policy(cfg: Config, progress=None):
-    """Returns ``(policy, tokenizer, task, task_templates, info)``; ``info`` describes the model."""
-    task = get_task(cfg.data)
+def load_policy(cfg: Config, progress=None, *, task=None, model=None, tokenizer=None):
+    """Returns ``(policy, tokenizer, task, task_templates, info)``; ``info`` describes the model.
+
+    ``task``: the training data as a task object instead of ``data.*`` (the Python API's ``data=``).
+    ``model`` / ``tokenizer``: a causal LM and its tokenizer (both) instead of ``model.name``
+    (no warm start; the tokenizer gets a pad token and left padding if it lacks them). LoRA and
+    gradient checkpointing (``model.lora``, ``model.gradient_checkpointing``) apply either way."""
+    task = task if task is not None else get_task(cfg.data)
     tpl = task_templates(task)
     m = cfg.model
-    if m.name == "tiny":
+    if (model is None) != (tokenizer is None):
+        raise ValueError("pass model= and tokenizer= together (a model object needs its tokenizer, and a tokenizer "
+                         "alone has no model)")
+    if model is not None:
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+        tok, model = tokenizer, model
+        info = {"name": getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__,
+                "object": True}
+    elif m.name == "tiny":
         from .warmstart import warm_start
 
         model, tok, path = warm_start(cfg, task, tpl, progress)
@@ -102,8 +117,8 @@ def load_policy(cfg: Config, progress=None):
 
         model = get_peft_model(model, LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
                                                  target_modules=list(m.lora_target_modules), task_type="CAUSAL_LM"))
-        if m.name != "tiny":  # the adapter names the base as the user did (hub id, path, smollm2-135m), not a
-            for pc in model.peft_config.values():  # resolved path inside site-packages or a cache
+        if m.name != "tiny" and not info.get("object"):  # the adapter names the base as the user did (hub id,
+            for pc in model.peft_config.values():  # path, smollm2-135m), not a resolved path in site-packages or a cache
                 pc.base_model_name_or_path = m.name
         info["lora"] = {"r": m.lora_r, "alpha": m.lora_alpha, "target_modules": list(m.lora_target_modules)}
     return model, tok, task, tpl, info

@@ -1,7 +1,7 @@
 """Registries: the one place each extension point is looked up by name.
 
 An algorithm (``algorithms/``), and the config section it brings, registers itself here when its
-module is imported; config validation, the trainer, ``compare`` and the CLI help read these tables
+module is imported; so does a built-in reward function (``rewards/functions.py``, ``reward.funcs``); config validation, the trainer, ``compare`` and the CLI help read these tables
 and name no algorithm themselves. This module imports nothing from the package, so every other
 module may read it (imports point one way: ``config`` → ``registry`` ← ``algorithms``).
 """
@@ -68,3 +68,5 @@ class Registry(Generic[T]):
 ALGORITHMS: Registry = Registry("train.algorithm")
 # config sections that registered modules bring (name -> section dataclass, config.py's _Section)
 SECTIONS: Registry = Registry("config section")
+# reward.funcs entries without a module (verifier, reasoning_gym) -> BuiltinReward (rewards/functions.py)
+REWARDS: Registry = Registry("reward function")

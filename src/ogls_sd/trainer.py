@@ -29,12 +29,13 @@ from .registry import ALGORITHMS
 from .checkpoint import (SHARDED, CheckpointError, check_resume_config, checkpoint_dirs, load_ema, load_model_weights,
                          load_trainer_state, rank_rng, read_state, resolve_resume, restoring, rng_state, save_checkpoint,
                          set_rng_state, step_of, weights_fingerprint)
-from .config import Config
+from .config import Config, ConfigError
 from .distributed import (barrier, gather_objects, globalize_plan, rank_slice, sum_across_ranks, sum_dicts, sum_gradients,
                           world)
 from .evaluate import check_eval_prompts, check_prompt_fits, context_limit, evaluate_accuracy
 from .markers import loop_fraction, marker_metrics
 from .models import load_policy
+from .rewards.functions import RewardError, RewardSet, RewardSpec, resolve
 from .runlock import holding_run_lock
 from .sharding import clip_grad_norm, is_sharded
 from .rollout import SamplingParams, build_backend
@@ -198,9 +199,10 @@ def noop_cause(cfg: Config, metrics: dict) -> str:
 
 
 def collect_rollouts(cfg: Config, task, tok, prompts: PromptBuilder, backend, sampling, algo, step: int,
-                     limit: int | None = None) -> StepBatch:
-    """Steps 1–3 of method.md §3: the step's prompts, G rollouts each, verified outcomes; every prompt
-    plus ``rollout.max_new_tokens`` must fit the model's context ``limit`` (None: unchecked)."""
+                     rewards: RewardSet | None = None, limit: int | None = None) -> StepBatch:
+    """Steps 1–3 of method.md §3: the step's prompts, G rollouts each, their rewards (``rewards``:
+    the run's reward functions; default the task's verifier) and pools (``reward.success_threshold``);
+    every prompt plus ``rollout.max_new_tokens`` must fit the model's context ``limit`` (None: unchecked)."""
     G = cfg.rollout.num_generations
     # 1. prompts of this step: a function of (seed, step) only, so a resumed run sees the same ones
     # With several processes each rank takes a contiguous share of whole prompt groups.
@@ -212,15 +214,39 @@ def collect_rollouts(cfg: Config, task, tok, prompts: PromptBuilder, backend, sa
     if not algo.needs_rollouts:
         return StepBatch(groups, [])
     comps = backend.generate([g.student_prompt for g in groups for _ in range(G)], sampling)
-    # 3. outcomes r_i (the task's verifier; the same one evaluation uses)
+    # 3. outcomes r_i (the reward functions; the same ones held-out accuracy uses)
+    rewards = rewards if rewards is not None else RewardSet([], task, cfg.reward.success_threshold)
     texts = [tok.decode(c.ids, skip_special_tokens=True) for c in comps]
-    answers = [groups[k // G].example.answer for k in range(len(comps))]
-    rewards = task.rewards(texts, answers) if hasattr(task, "rewards") else [task.reward(t, a) for t, a in zip(texts, answers)]
+    shown = [tok.decode(g.student_prompt, skip_special_tokens=False) for g in groups]
+    scores = agreed(lambda: rewards.score([shown[k // G] for k in range(len(comps))], texts,
+                                          [groups[k // G].example for k in range(len(comps))]))
     rollouts = []
-    for k, (c, r) in enumerate(zip(comps, rewards)):
-        rollouts.append(Rollout(k // G, c.ids, c.finished, r))
+    for k, (c, r) in enumerate(zip(comps, scores)):
+        rollouts.append(Rollout(k // G, c.ids, c.finished, r, rewards.threshold))
         groups[k // G].rollouts.append(k)
     return StepBatch(groups, rollouts)
+
+
+def agreed(score):
+    """``score()``, where a :class:`RewardError` in any process raises in every process (they must
+    stop together: the others would wait for it in the next collective operation)."""
+    failure, out = None, None
+    try:
+        out = score()
+    except RewardError as e:
+        failure = e
+    if sum_across_ranks([1.0 if failure else 0.0])[0]:
+        raise failure or RewardError("a reward function failed in another process (its error is in that process's output)")
+    return out
+
+
+def reward_parts(means: dict[str, float], n: int) -> dict[str, float]:
+    """``reward/fn/<name>``: each reward function's unweighted mean over the step's rollouts (all
+    processes' when there are several; every process calls this once per step)."""
+    if not means:
+        return {}
+    totals = sum_across_ranks([m * n for m in means.values()] + [float(n)])
+    return {f"reward/fn/{k}": t / max(1.0, totals[-1]) for k, t in zip(means, totals)}
 
 
 def check_context(groups: list[Group], max_new_tokens: int, limit: int | None) -> None:
@@ -434,15 +460,29 @@ def finished_summary(run: Path, start: int, cfg: Config) -> dict | None:
     return summ if isinstance(summ, dict) and summ.get("steps") == start and "output_dir" in summ else None
 
 
+def reward_specs(cfg: Config, extra=()) -> list[RewardSpec]:
+    """``reward.funcs`` and the Python API's ``rewards``, imported: a module that does not import is
+    a :class:`ConfigError` naming the entry, before any data or model is loaded."""
+    try:
+        return resolve(cfg.reward.funcs, extra)
+    except RewardError as e:
+        raise ConfigError(str(e)) from None
+
+
 @holding_run_lock  # one run per output directory (<output_dir>/.lock); before anything in it is touched
-def train(cfg: Config, console: Console | None = None) -> dict:
-    """Run training as configured; returns the summary (also written to ``summary.json``)."""
+def train(cfg: Config, console: Console | None = None, *, model=None, tokenizer=None, task=None, rewards=()) -> dict:
+    """Run training as configured; returns the summary (also written to ``summary.json``).
+
+    The Python API (:mod:`ogls_sd.api`) passes what a config cannot hold: ``model`` / ``tokenizer``
+    objects, the training data as a ``task``, and reward functions as callables (``rewards``: after
+    ``reward.funcs``; see :func:`~ogls_sd.rewards.functions.resolve`)."""
     from accelerate import Accelerator
     from transformers import set_seed
 
     from .tracking import check_tracker
 
     console = console or Console()
+    specs = reward_specs(cfg, rewards)  # the user's reward modules import, or one line before anything loads
     check_tracker(cfg.train.report_to)  # a missing optional tracker: one line, before any model is loaded
     if cfg.train.push_to_hub:  # the hub, likewise: never train for hours and then fail to upload
         from .hub import check_hub
@@ -493,7 +533,8 @@ def train(cfg: Config, console: Console | None = None) -> dict:
     # One process per machine first: it computes and caches the warm start; the others then load it.
     with accel.local_main_process_first(), (_progress(console) if console.is_terminal
                                              else contextlib.nullcontext(PlainProgress(console))) as progress:
-        policy, tok, task, task_tpl, info = load_policy(cfg, progress)
+        policy, tok, task, task_tpl, info = load_policy(cfg, progress, task=task, model=model, tokenizer=tokenizer)
+    reward_set = RewardSet(specs, task, cfg.reward.success_threshold)
     # the initial weights θ₀ (warm start / model files) are part of what a checkpoint continues
     init_weights = {"sha256": weights_fingerprint(policy), **{k: info[k] for k in ("name", "warm_start") if k in info}}
     if resume_from is not None:
@@ -518,6 +559,8 @@ def train(cfg: Config, console: Console | None = None) -> dict:
     run_name = cfg.train.run_name or run.resolve().name
     summary: dict = {"algorithm": cfg.train.algorithm, "run_name": run_name, "model": info, "output_dir": str(run),
                      "noop_steps": 0}
+    if specs:  # the run's own reward functions (none: the task's verifier, as always)
+        summary["reward_funcs"] = [f"{s.label}={s.weight:g}" for s in specs]
     if hasattr(task, "split_line"):  # a file / hub data set: what was held out
         console.print(task.split_line(), markup=False, highlight=False)
         summary["data_split"] = dict(zip(("train", "held_out"), task.split_sizes))
@@ -583,7 +626,8 @@ def train(cfg: Config, console: Console | None = None) -> dict:
         world_size-th problem and the counts are summed (one process: the whole set)."""
         share = heldout[rank::world_size]
         with step_scope():
-            res = evaluate_accuracy(policy, tok, prompts, task, share, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+            res = agreed(lambda: evaluate_accuracy(policy, tok, prompts, task, share, cfg.eval.max_new_tokens,
+                                                   cfg.eval.batch_size, rewards=reward_set))
         correct, n = sum_across_ranks([float(sum(res.correct)), float(len(share))])
         return correct / max(1.0, n)
 
@@ -637,20 +681,35 @@ def train(cfg: Config, console: Console | None = None) -> dict:
     last_eval: tuple[int, float] | None = None  # (step, accuracy) of the latest eval.every measurement
     nonfinite_run = noop_run = 0
 
+    def halt(done: int, e: RewardError) -> None:
+        """A reward function failed: stop with a checkpoint of the last completed step ``done``."""
+        log.close()
+        samples.close()
+        if done > start:
+            kept = f"stopped with checkpoint {checkpoint(done)} (step {done})"
+        else:
+            kept = f"stopped at step {done}, " + (f"nothing trained since {resume_from}" if resume_from is not None
+                                                  else "before any step completed")
+        raise TrainingHalted(f"{e}; {kept}. Fix the function, then continue with --resume latest") from e
+
     plain = None if console.is_terminal else StepLines(console, cfg.train.steps, start)  # not a TTY: plain lines
     with (_progress(console) if plain is None else contextlib.nullcontext()) as progress:
         if plain is None:
             bar = progress.add_task(f"{cfg.train.algorithm}", total=cfg.train.steps, completed=start, info="")
         for step in range(start, cfg.train.steps):
             t0 = time.time()
-            with step_scope():  # FSDP2: gathered until optimize() reduce-scatters the gradients
-                with accel.autocast():
-                    batch = collect_rollouts(cfg, task, tok, prompts, backend, sampling, algo, step, limit)  # 1–3
-                t1 = time.time()
-                with accel.autocast():
-                    plan = algo.plan(batch, step)  # 4–6
-                globalize_plan(plan)  # loss normalisers of the whole (multi-rank) batch
-                res = optimize(cfg, algo, plan, accel, policy, params, opt, teacher, shard)
+            try:
+                with step_scope():  # FSDP2: gathered until optimize() reduce-scatters the gradients
+                    with accel.autocast():
+                        batch = collect_rollouts(cfg, task, tok, prompts, backend, sampling, algo, step, reward_set, limit)  # 1–3
+                    parts = dict(reward_set.last_means) if specs and algo.needs_rollouts else {}  # per reward function
+                    t1 = time.time()
+                    with accel.autocast():
+                        plan = algo.plan(batch, step)  # 4–6
+                    globalize_plan(plan)  # loss normalisers of the whole (multi-rank) batch
+                    res = optimize(cfg, algo, plan, accel, policy, params, opt, teacher, shard)
+            except RewardError as e:  # only the rollouts' rewards raise it: nothing of this step was applied
+                halt(step, e)
             sched.step()
             if not res.skipped:
                 backend.sync_weights(policy)  # the rollout engine samples the next step from the new weights
@@ -658,11 +717,16 @@ def train(cfg: Config, console: Console | None = None) -> dict:
 
             rec = step_record(step, batch, plan, res, sched.get_last_lr()[0],
                               {"rollout": t1 - t0, "train": t2 - t1, "step": time.time() - t0}, tok, task, cfg, algo)
+            rec.update(reward_parts(parts, len(batch.rollouts)))
             if world_size > 1 and batch.rollouts:  # the reward over all ranks' rollouts
                 tot, n = sum_across_ranks([sum(r.reward for r in batch.rollouts), float(len(batch.rollouts))])
                 rec["reward/mean"] = tot / n
             if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or step + 1 == cfg.train.steps):
-                last_eval = (step + 1, held_out_accuracy())
+                try:
+                    last_eval = (step + 1, held_out_accuracy())
+                except RewardError as e:
+                    log.write(rec)  # the step itself completed
+                    halt(step + 1, e)
                 rec["eval/accuracy"] = last_eval[1]
                 if cfg.eval.benchmarks:
                     with step_scope():  # FSDP2: every process gathers; process 0 evaluates

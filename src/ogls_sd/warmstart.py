@@ -54,7 +54,9 @@ CACHE_VERSION = 3  # 2: stops on an accuracy target, records per-format accuraci
 # 3: student band and context_correct target, reading mix, per-format budgets
 
 
-def cache_key(cfg: Config) -> str:
+def cache_key(cfg: Config, data_fingerprint: str = "") -> str:
+    """The warm start's cache directory name. ``data_fingerprint``: a hash of training rows given in
+    memory (the Python API's ``data=``), which ``data.task`` does not describe."""
     d = cfg.to_dict()
     keep = {
         "v": CACHE_VERSION,
@@ -66,6 +68,8 @@ def cache_key(cfg: Config) -> str:
     }
     if keep["data"].get("arith_style", "plain") == "plain":  # caches made before the style existed stay valid
         keep["data"].pop("arith_style", None)
+    if data_fingerprint:
+        keep["data"]["rows"] = data_fingerprint
     import hashlib
 
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
@@ -303,7 +307,7 @@ def warm_start(cfg: Config, task, task_templates: dict | None, progress=None):
     from transformers import LlamaForCausalLM
 
     tok = char_tokenizer()
-    path = Path(cfg.warmstart.cache_dir) / cache_key(cfg)
+    path = Path(cfg.warmstart.cache_dir) / cache_key(cfg, getattr(task, "fingerprint", ""))
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32), tok, path
     for d in clean_stale_temporaries(path.parent):

@@ -13,16 +13,18 @@ from ..registry import ALGORITHMS, SECTIONS
 
 @dataclass
 class Rollout:
-    """One sampled completion. ``ids`` are the exact sampled tokens (EOS included if ``finished``)."""
+    """One sampled completion. ``ids`` are the exact sampled tokens (EOS included if ``finished``).
+    It is correct (the positive pool) when ``reward > threshold`` (``reward.success_threshold``)."""
 
     group: int
     ids: list[int]
     finished: bool
     reward: float = 0.0
+    threshold: float = 0.5
 
     @property
     def correct(self) -> bool:
-        return self.reward > 0.5
+        return self.reward > self.threshold
 
 
 @dataclass

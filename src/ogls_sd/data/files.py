@@ -57,11 +57,13 @@ from .example import Example
 
 __all__ = [
     "DEFAULT_COLUMNS",
+    "RESERVED_COLUMNS",
     "DataError",
     "LoadResult",
     "load_champ",
     "load_examples",
     "load_reasoning_gym",
+    "load_rows",
     "normalise_problem",
     "require_examples",
     "simplify_champ_answer",
@@ -73,6 +75,9 @@ REQUIRED = ("problem", "answer")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 DEFAULT_COLUMNS: dict[str, str | None] = {"problem": "problem", "reference": "reference", "answer": "answer"}
 DEFAULT_MAX_CHARS = 100_000
+# Names a reward function receives for every example (its fields, and its prompts and completions):
+# a source column of the same name that is not mapped to the field is not kept in Example.extra.
+RESERVED_COLUMNS = ("problem", "reference", "answer", "id", "prompts", "completions")
 _DATA_EXTRA_HINT = "pip install 'ogls-sd[data]'"
 
 
@@ -243,7 +248,10 @@ def _build_example(
     id_column = columns.get("id")
     if id_column is not None and id_column in row and row[id_column] is not None:
         ex_id = _to_text(row[id_column], "id", False, max_chars) or default_id
-    return Example(problem=values["problem"], reference=values["reference"], answer=values["answer"], id=ex_id)
+    mapped = {c for c in columns.values() if c is not None}
+    extra = {k: v for k, v in row.items() if k not in mapped and k not in RESERVED_COLUMNS}
+    return Example(problem=values["problem"], reference=values["reference"], answer=values["answer"], id=ex_id,
+                   extra=extra)
 
 
 # ------------------------------------------------------------------------------- row readers
@@ -545,6 +553,25 @@ def load_examples(
     return _collect(rows, source, unit, cols, policy, max_chars, prefix, transforms, limit, dedupe)
 
 
+def load_rows(
+    rows: Iterable[Mapping[str, Any]],
+    columns: Mapping[str, str | None] | None = None,
+    policy: Policy = "error",
+    max_chars: int = DEFAULT_MAX_CHARS,
+    *,
+    source: str = "data",
+    transforms: Mapping[str, Callable[[str], str]] | None = None,
+) -> LoadResult:
+    """:func:`load_examples` for rows already in memory: a list of dicts or a ``datasets.Dataset``
+    (the Python API's ``train(cfg, data=...)``), with the same column mapping, validation, ``policy``
+    and duplicate rule. Rows are numbered from 1 in errors (``data: row 3: field 'answer': empty``);
+    ``source`` names them."""
+    cols: dict[str, str | None] = {**DEFAULT_COLUMNS, **(columns or {})}
+    numbered = ((i, row if isinstance(row, Mapping) else _RowError(None, f"not a mapping (got {type(row).__name__})"))
+                for i, row in enumerate(rows, start=1))
+    return _collect(numbered, source, "row", cols, policy, max_chars, source, transforms, None)
+
+
 # -------------------------------------------------------------------------- optional packages
 
 
@@ -567,7 +594,9 @@ def load_reasoning_gym(
     ``Example(problem=question, reference=metadata[reference_key] or "", answer=answer,
     id=f"rg:{task}:{seed}:{index}")``. ``gsm_symbolic`` exposes a step-by-step solution as
     ``metadata["answer_cot"]`` (ending in ``#### <answer>``); most other tasks have no worked
-    solution, and their reference is ``""``. Entries whose question or answer is empty, and repeated
+    solution, and their reference is ``""``. ``Example.extra`` keeps the generated ``entry`` and its
+    ``metadata``: the ``reasoning_gym`` reward function (``reward.funcs``) scores with the task's own
+    ``score_answer(answer, entry)``. Entries whose question or answer is empty, and repeated
     questions (see :func:`normalise_problem`), are skipped and reported. Deterministic for a given
     ``(task, size, seed, task_config)``.
 
@@ -585,7 +614,8 @@ def load_reasoning_gym(
         reference = meta.get(reference_key) if isinstance(meta, dict) else None
         rows.append(
             (i + 1, {"problem": entry.get("question"), "answer": entry.get("answer"),
-                     "reference": reference if isinstance(reference, str) else "", "id": f"rg:{task}:{seed}:{i}"})
+                     "reference": reference if isinstance(reference, str) else "", "id": f"rg:{task}:{seed}:{i}",
+                     "entry": entry, "metadata": meta})  # kept in Example.extra: its own scorer reads them
         )
     cols = {"problem": "problem", "reference": "reference", "answer": "answer", "id": "id"}
     return _collect(rows, f"reasoning-gym:{task}", "row", cols, "skip", DEFAULT_MAX_CHARS, f"rg:{task}", None, None)

@@ -1,5 +1,7 @@
-"""Rewards: final-answer extraction and verification (see :mod:`ogls_sd.rewards.verifier`)."""
+"""Rewards: final-answer extraction and verification (see :mod:`ogls_sd.rewards.verifier`), and the
+reward functions of ``reward.funcs`` (see :mod:`ogls_sd.rewards.functions`)."""
 
+from .functions import RewardError, RewardSet, reasoning_gym_score, register_reward
 from .verifier import (
     REASONS,
     Verifier,
@@ -13,11 +15,15 @@ from .verifier import (
 
 __all__ = [
     "REASONS",
+    "RewardError",
+    "RewardSet",
     "Verifier",
     "VerifyResult",
     "extract_answer",
     "get_default_verifier",
     "normalize_answer",
+    "reasoning_gym_score",
+    "register_reward",
     "verify",
     "verify_batch",
 ]

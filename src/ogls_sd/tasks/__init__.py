@@ -23,25 +23,57 @@ def load_source(t: str, data_cfg):
     """One data set (``reasoning_gym:<task>``, ``champ``, a file or a hub id) as a
     :class:`~ogls_sd.tasks.dataset.DatasetTask`, with the ``data.*`` column settings."""
     from ..data import files
-    from .dataset import DatasetTask
 
     if t.startswith("reasoning_gym:"):
         res = files.load_reasoning_gym(t.split(":", 1)[1], size=data_cfg.size, seed=data_cfg.seed)
     elif t == "champ":
         res = files.load_champ()
     else:
-        columns = {"problem": data_cfg.problem_column, "answer": data_cfg.answer_column,
-                   "reference": data_cfg.reference_column or None}
-        transforms = None
-        if getattr(data_cfg, "answer_from", "column") != "column":  # the answer is derived from the reference
-            columns["answer"] = data_cfg.reference_column
-            transforms = {"answer": answer_extractor(data_cfg.answer_from)}
+        columns, transforms = column_settings(data_cfg)
         res = files.load_examples(t, columns=columns, split=data_cfg.split, policy=data_cfg.policy,
                                   max_chars=data_cfg.max_chars, config=data_cfg.hub_config or None,
                                   transforms=transforms)
-    files.require_examples(res, t)  # none usable: say how many rows were skipped and why
-    return DatasetTask(res.examples, test_size=data_cfg.eval_size, max_test_fraction=data_cfg.eval_fraction_max, name=t,
-                       skipped=res.skipped, duplicates=res.duplicates)
+    return split_task(res, t, data_cfg)
+
+
+def rows_task(rows, data_cfg, name: str = "data"):
+    """Rows in memory (a list of dicts or a ``datasets.Dataset``: the Python API's ``data=``) as a
+    :class:`~ogls_sd.tasks.dataset.DatasetTask`, read with the ``data.*`` column settings like a file.
+    ``fingerprint`` (a hash of the examples) stands in for ``data.task`` in the warm-start cache key."""
+    import hashlib
+    import json
+
+    from ..data import files
+
+    columns, transforms = column_settings(data_cfg)
+    res = files.load_rows(rows, columns, policy=data_cfg.policy, max_chars=data_cfg.max_chars, source=name,
+                          transforms=transforms)
+    task = split_task(res, name, data_cfg)
+    fields = [[ex.problem, ex.reference, ex.answer, ex.id] for ex in res.examples]
+    task.fingerprint = hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
+    return task
+
+
+def column_settings(data_cfg) -> tuple[dict, dict | None]:
+    """``(columns, transforms)`` for :func:`~ogls_sd.data.files.load_examples` from ``data.*_column``
+    and ``data.answer_from``."""
+    columns = {"problem": data_cfg.problem_column, "answer": data_cfg.answer_column,
+               "reference": data_cfg.reference_column or None}
+    transforms = None
+    if getattr(data_cfg, "answer_from", "column") != "column":  # the answer is derived from the reference
+        columns["answer"] = data_cfg.reference_column
+        transforms = {"answer": answer_extractor(data_cfg.answer_from)}
+    return columns, transforms
+
+
+def split_task(res, source: str, data_cfg):
+    """The loaded examples as a task with its held-out split (``data.eval_size``, ``data.eval_fraction_max``)."""
+    from ..data import files
+    from .dataset import DatasetTask
+
+    files.require_examples(res, source)  # none usable: say how many rows were skipped and why
+    return DatasetTask(res.examples, test_size=data_cfg.eval_size, max_test_fraction=data_cfg.eval_fraction_max,
+                       name=source, skipped=res.skipped, duplicates=res.duplicates)
 
 
 def answer_extractor(spec: str):
@@ -64,4 +96,5 @@ def task_templates(task) -> dict | None:
     return ARITH_TEMPLATES if isinstance(task, ArithTask) else None
 
 
-__all__ = ["ArithTask", "answer_extractor", "get_task", "load_source", "task_templates"]
+__all__ = ["ArithTask", "answer_extractor", "column_settings", "get_task", "load_source", "rows_task", "split_task",
+           "task_templates"]

@@ -34,6 +34,7 @@ class DatasetTask:
     skipped: int = 0  # bad rows dropped by the loader (data.policy=skip)
     duplicates: int = 0  # rows dropped as repeated problems (data_duplicates in summary.json)
     verifier: Verifier | None = field(default=None, repr=False)
+    fingerprint: str = ""  # rows given in memory (Python API data=): their hash, for the warm-start cache key
 
     def __post_init__(self) -> None:
         if not self.all_examples:
