@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from .losses.divergence import CLIPS, DIVERGENCES, DivergenceSpec
 from .registry import ALGORITHMS, REWARDS, SECTIONS, Registry
 from .rewards.functions import RewardError, parse_entry
 
@@ -256,16 +257,22 @@ class LossConfig(_Section):
     _positive = ("temperature", "max_distill_tokens", "chunk_size")
     _nonneg = ("clip_tau",)
     _unit = ("beta",)
-    divergence: str = opt("forward_kl", "Per-position divergence between teacher and student.", choices=("forward_kl", "reverse_kl", "jsd", "sampled_token", "topk"))
+    divergence: str = opt("forward_kl", "Per-position divergence between teacher and student.", choices=DIVERGENCES)
     beta: float = opt(0.5, "JSD beta in TRL's convention: m = beta*p_T + (1-beta)*p_S; 0 = forward KL, 1 = reverse KL.")
     top_k: int = opt(20, "divergence=topk: teacher top-k tokens plus one tail bucket.")
-    clip: str = opt("none", "Clip: per vocabulary entry (published; can reverse gradients, see method.md hazard), per position (token: clamp), safe (per-position rescale min(1, tau/D): value min(D, tau), gradient never zeroed or sign-flipped), or none (default).", choices=("none", "entry", "token", "safe"))
+    clip: str = opt("none", "Clip: per vocabulary entry (published; can reverse gradients, see method.md hazard), per position (token: clamp), safe (per-position rescale min(1, tau/D): value min(D, tau), gradient never zeroed or sign-flipped), or none (default).", choices=CLIPS)
     clip_tau: float = opt(0.05, "Clip threshold tau.")
     temperature: float = opt(1.0, "Both logits are divided by this before log-softmax.")
     max_distill_tokens: int = opt(1024, "Only the first N completion tokens are distilled.")
     reduction: str = opt("token_mean", "token_mean over all valid tokens of the global batch, or per-sequence mean then batch mean.", choices=("token_mean", "sequence_mean"))
     impl: str = opt("chunked", "Loss implementation: chunked (default; blocks of loss.chunk_size rows, never materialises [T, V] logits) or the plain full-vocabulary reference that tests compare it against.", choices=("chunked", "reference"))
     chunk_size: int = opt(1024, "Rows per block in the chunked loss.")
+
+    def validate(self) -> None:  # the loss module's own rules (losses/divergence.py), at config load
+        try:
+            DivergenceSpec(self.divergence, self.beta, self.top_k, self.clip, self.clip_tau, self.temperature)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 @dataclass
