@@ -188,6 +188,9 @@ def test_malicious_trainer_state_from_resume_is_one_line_naming_the_file(tmp_pat
     ckpt = out / "checkpoints" / "step_000001"
     _evil_state(ckpt / "trainer_state.pt", marker)
     (ckpt / "manifest.json").unlink(missing_ok=True)  # an attacker would rewrite it as well
+    from ogls_sd.checkpoint import write_manifest
+
+    write_manifest(ckpt)
     res = runner.invoke(app, _train_args(out, ws, "steering.no_positive=reference", "train.steps=2",
                                          "--resume", str(ckpt)))
     _fails(res, 1, str(ckpt / "trainer_state.pt"))

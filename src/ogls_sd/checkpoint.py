@@ -271,6 +271,29 @@ def _required(ckpt: Path) -> list[str]:
     return ["state.json", "trainer_state.pt"]
 
 
+def manifest_files(ckpt: Path) -> dict | None:
+    """The manifest's ``{relative path: {size, sha256}}``; None for a checkpoint written before
+    manifests existed (format 1). A missing manifest in a checkpoint whose ``state.json`` says
+    format 2 or later is an error: it was deleted, and the files can no longer be verified."""
+    ckpt = Path(ckpt)
+    mp = ckpt / MANIFEST
+    if not mp.is_file():
+        st = ckpt / "state.json"
+        try:
+            fmt = json.loads(st.read_text()).get("format", 1)
+        except Exception:  # unreadable: reported by whoever reads it (read_state)
+            fmt = 1
+        if fmt != 1:
+            raise CheckpointError(f"{mp}: missing, although {st} says format {fmt} (written with a manifest): the "
+                                  "checkpoint's files cannot be verified")
+        return None
+    with _reading(mp):
+        files = json.loads(mp.read_text())["files"]
+        if not isinstance(files, dict):
+            raise TypeError("'files' is not a mapping")
+    return files
+
+
 def verify_checkpoint(ckpt: Path) -> bool:
     """Check ``ckpt`` against its manifest (every listed file present with its size and sha256)
     and that the required files are there. Returns True when a manifest was verified, False for
@@ -285,19 +308,17 @@ def verify_checkpoint(ckpt: Path) -> bool:
     mdir = ckpt / "model"
     if not (mdir.is_dir() and any(mdir.glob("*.safetensors"))):
         raise CheckpointError(f"{mdir}: no *.safetensors weights")
-    mp = ckpt / MANIFEST
-    if not mp.is_file():
+    files = manifest_files(ckpt)
+    if files is None:
         return False
-    with _reading(mp):
-        man = json.loads(mp.read_text())
-        files = man["files"]
-        if not isinstance(files, dict):
-            raise TypeError("'files' is not a mapping")
+    mp = ckpt / MANIFEST
     for rel in _required(ckpt):
         if rel not in files:
             raise CheckpointError(f"{mp}: does not list {rel}")
     for rel, meta in files.items():
         p = ckpt / rel
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{mp}: the entry for {rel} is not a mapping with size and sha256")
         if not p.is_file():
             raise CheckpointError(f"{p}: missing (listed in {MANIFEST})")
         size = p.stat().st_size
@@ -390,11 +411,27 @@ def load_ema(ckpt: Path, required: bool = False) -> dict | None:
         return load_file(p)
 
 
+def model_weight_files(ckpt: Path) -> list[Path]:
+    """The ``model/*.safetensors`` files to load: exactly those the manifest lists (a stray
+    ``model_old.safetensors`` is never read); every one there for a checkpoint without a manifest."""
+    mdir = Path(ckpt) / "model"
+    listed = manifest_files(ckpt)
+    if listed is None:
+        files = sorted(mdir.glob("*.safetensors"))
+    else:
+        files = [Path(ckpt) / rel for rel in sorted(listed)
+                 if rel.startswith("model/") and rel.count("/") == 1 and rel.endswith(".safetensors")]
+    if not files:
+        raise CheckpointError(f"{mdir}: no *.safetensors weights" + ("" if listed is None else f" listed in {MANIFEST}"))
+    return files
+
+
 def load_model_weights(ckpt: Path, model) -> None:
     """Load the checkpoint's weights into ``model`` in place (full model or peft adapter)."""
     mdir = Path(ckpt) / "model"
+    files = model_weight_files(Path(ckpt))
     adapter = mdir / "adapter_model.safetensors"
-    if adapter.is_file():
+    if adapter in files:
         from peft import set_peft_model_state_dict
 
         with _reading(adapter):
@@ -403,9 +440,6 @@ def load_model_weights(ckpt: Path, model) -> None:
         if getattr(res, "unexpected_keys", None):
             raise CheckpointError(f"{adapter}: unexpected adapter keys {', '.join(res.unexpected_keys[:5])}")
         return
-    files = sorted(mdir.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{mdir}: no *.safetensors weights")
     from .modeling import unwrap
 
     target = unwrap(model)
