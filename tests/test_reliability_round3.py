@@ -218,3 +218,177 @@ def test_mixture_same_file_twice_or_an_infinite_weight_is_refused_cli(tmp_path, 
     mix = entries.format(a=a, b=b, d=tmp_path / "d")
     res = runner.invoke(app, _train_args(tmp_path / "run", tmp_path / "ws", f"data.mixture={mix}"))
     _fails(res, 2, *needles)
+
+
+# ------------------------------------------- items 6, 7, 10: a run directory holds one run, checks come first
+def _snapshot(run: Path) -> dict:
+    import hashlib
+
+    return {p.relative_to(run).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def _rewrite_manifest(ckpt: Path) -> None:
+    from ogls_sd.checkpoint import write_manifest
+
+    (ckpt / "manifest.json").unlink()
+    write_manifest(ckpt)
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_resume_with_another_number_of_processes_is_refused_cli(tmp_path, two_step_run, recorded):
+    """A checkpoint written by 2 processes resumed by 1: refused before anything is written
+    (``recorded``: state.json names the number; else it is read from the trainer state's RNG list)."""
+    src, ws = two_step_run
+    out = _copy_run(src, tmp_path / "run")
+    ck = _step(out, 2)
+    st = torch.load(ck / "trainer_state.pt", weights_only=True)
+    st["rng_ranks"] = [st["rng"], st["rng"]]
+    torch.save(st, ck / "trainer_state.pt")
+    meta = json.loads((ck / "state.json").read_text())
+    if recorded:
+        meta["world_size"] = 2
+    else:
+        meta.pop("world_size", None)
+    (ck / "state.json").write_text(json.dumps(meta))
+    _rewrite_manifest(ck)
+    before = _snapshot(out)
+    res = runner.invoke(app, _train_args(out, ws, "steering.no_positive=reference", "train.steps=3", "train.keep_last=10",
+                                         "--resume", "latest"), env={"COLUMNS": "4000"})
+    _fails(res, 1, "saved by 2 process(es)", "this launch has 1")
+    assert _snapshot(out) == before
+
+
+def test_fresh_run_in_a_used_directory_is_refused_unless_overwrite_cli(tmp_path, two_step_run):
+    src, ws = two_step_run
+    out = _copy_run(src, tmp_path / "run")
+    before = _snapshot(out)
+    res = runner.invoke(app, _train_args(out, ws, "steering.no_positive=reference", "train.steps=1"),
+                        env={"COLUMNS": "4000"})
+    _fails(res, 1, str(out), "holds another run", "--overwrite")
+    assert _snapshot(out) == before
+    res = runner.invoke(app, _train_args(out, ws, "steering.no_positive=reference", "train.steps=1", "--overwrite"),
+                        env={"COLUMNS": "4000"})
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000001"]  # nothing of the old run left
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 1
+    assert "steps: 1\n" in (out / "config.yaml").read_text()
+    # --resume latest now continues the new run (not the old one's summary)
+    res = runner.invoke(app, _train_args(out, ws, "steering.no_positive=reference", "train.steps=2", "--resume", "latest"),
+                        env={"COLUMNS": "4000"})
+    assert res.exit_code == 0 and "nothing to do" not in res.output, res.output
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "loss" in r] == [1, 2]
+
+
+def test_resume_latest_restarts_a_run_stopped_before_its_first_checkpoint(tmp_path):
+    out, ws = tmp_path / "run", tmp_path / "ws"
+    out.mkdir()
+    (out / "config.yaml").write_text("stale: 1\n")
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9}\n')
+    res = runner.invoke(app, _train_args(out, ws, "steering.no_positive=reference", "--resume", "latest"),
+                        env={"COLUMNS": "4000"})
+    assert res.exit_code == 0, res.output
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1] and recs[0]["loss"] != 9
+
+
+def test_refused_resume_writes_nothing_not_even_config_yaml_cli(tmp_path, two_step_run):
+    """A resume refused late (the initial weights differ) leaves config.yaml and every other file as they were."""
+    src, ws = two_step_run
+    out = _copy_run(src, tmp_path / "run")
+    ck = _step(out, 2)
+    meta = json.loads((ck / "state.json").read_text())
+    meta["init_weights"]["sha256"] = "0" * 64
+    (ck / "state.json").write_text(json.dumps(meta))
+    _rewrite_manifest(ck)
+    before = _snapshot(out)
+    res = runner.invoke(app, _train_args(out, ws, "steering.no_positive=reference", "train.steps=3", "train.keep_last=10",
+                                         "--resume", str(ck)), env={"COLUMNS": "4000"})
+    _fails(res, 1, "initial weights differ")
+    assert _snapshot(out) == before
+
+
+# ------------------------------------------------------------ item 8 (and 13): sizes that generate nothing
+@pytest.mark.parametrize("override, needle", [
+    ("rollout.batch_size=-1", "rollout.batch_size: must be > 0"), ("rollout.batch_size=0", "rollout.batch_size: must be > 0"),
+    ("rollout.top_k=-1", "rollout.top_k: must be >= 0"), ("loss.top_k=0", "loss.top_k: must be > 0"),
+    ("train.seed=-1", "train.seed: must be >= 0"), ("model.lora_dropout=1.5", "model.lora_dropout: must be in [0, 1]"),
+])
+def test_sizes_that_would_generate_nothing_are_refused_cli(tmp_path, override, needle):
+    res = runner.invoke(app, _train_args(tmp_path / "run", tmp_path / "ws", override))
+    _fails(res, 2, needle)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+# ----------------------------------------------------------------------------------- item 9: hedges
+@pytest.mark.parametrize("completion", [
+    r"\boxed{13 \text{ or 12}}", r"\boxed{13 \text{ or } 12}", r"\boxed{12 = 13}", r"\boxed{12 \approx 13}",
+    r"\boxed{11=12=13}", r"\boxed{12 \lor 13}", r"\boxed{13 \text{ and 12}}", r"\boxed{13 := 12}",
+    r"\boxed{3} or \boxed{4}", r"\boxed{4} or \boxed{3}", r"\boxed{3}, \boxed{4}", r"$\boxed{3}$ \text{or} $\boxed{4}$",
+    r"\boxed{3} or maybe \boxed{4}", r"\boxed{12} \quad \boxed{13}",
+])
+def test_hedges_never_score_for_any_of_their_values(verifier, completion):
+    for gold in ("3", "4", "11", "12", "13"):
+        r = verifier.verify(completion, gold)
+        assert (r.correct, r.reason) == (False, "hedge"), (completion, gold, r)
+
+
+@pytest.mark.parametrize("completion, gold", [
+    (r"\boxed{x = 13}", "13"), (r"\boxed{2+2=4}", "4"), (r"\boxed{\frac{8}{2} = 4}", "4"), (r"\boxed{4} and \boxed{4}", "4"),
+    (r"First \boxed{3}. Then we find the final answer \boxed{4}", "4"), ("\\boxed{3}\n\nSo the answer is \\boxed{4}", "4"),
+    (r"\boxed{x = 2 \text{ or } x = 3}", r"x = 2 \text{ or } x = 3"), (r"\boxed{\frac{1}{2} = 0.5}", "0.5"),
+])
+def test_single_answers_are_not_hedges(verifier, completion, gold):
+    r = verifier.verify(completion, gold)
+    assert r.reason != "hedge", (completion, r)
+    if "or" not in gold:
+        assert r.correct, (completion, gold, r)
+
+
+def test_hedge_rule_agrees_with_math_verify_on_box_sets():
+    """Where math-verify reads several boxes as one set answer, the graded answer is a hedge."""
+    from math_verify import parse
+
+    from ogls_sd.rewards.verifier import is_hedge, extract_answer
+
+    for text in (r"\boxed{3} or \boxed{4}", r"\boxed{3}, \boxed{4}", r"\boxed{3} \quad \boxed{4}",
+                 r"First \boxed{3}. Then we find the final answer \boxed{4}", r"\boxed{4} and \boxed{4}"):
+        mv_set = len(parse(text)[1].split(",")) > 1
+        assert is_hedge(text, extract_answer(text), "4") == mv_set, text
+
+
+# ------------------------------------------------------------ item 12 (and 13): lists are checked first
+def _alias_bomb(levels: int = 9) -> str:
+    """A flow-style YAML list whose last item expands to 10**levels strings (about 400 bytes)."""
+    items = ["&a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    items += [f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, levels)]
+    return "[" + ", ".join(items) + "]"
+
+
+@pytest.mark.parametrize("where, needle", [
+    ("train.reflection_markers", "item 0"), ("train.output_dir", "expected a string"), ("train.steps", "expected an integer"),
+    ("eval.benchmarks", "item 0"),
+])
+def test_yaml_alias_bomb_in_a_field_is_refused_at_once_cli(tmp_path, where, needle):
+    import time
+
+    section, key = where.split(".")
+    cfg = tmp_path / "bomb.yaml"
+    cfg.write_text(f"{section}:\n  {key}: {_alias_bomb()}\n")
+    assert len(cfg.read_bytes()) < 600
+    t0 = time.time()
+    res = runner.invoke(app, ["train", "-c", str(cfg), "-o", str(tmp_path / "run")])
+    assert time.time() - t0 < 60  # expanding it would take hours
+    _fails(res, 2, where, needle)
+    assert len(res.output) < 600
+
+
+def test_list_items_are_type_checked_and_bounded_cli(tmp_path):
+    res = runner.invoke(app, _train_args(tmp_path / "run", tmp_path / "ws", "train.reflection_markers=[1, 2]"))
+    _fails(res, 2, "train.reflection_markers", "item 0", "expected a string")
+    big = tmp_path / "big.yaml"
+    big.write_text("eval:\n  benchmarks: [" + ", ".join(["task"] * 1001) + "]\n")
+    res = runner.invoke(app, ["train", "-c", str(big), "-o", str(tmp_path / "run")])
+    _fails(res, 2, "eval.benchmarks", "1001 items")

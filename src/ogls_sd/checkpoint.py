@@ -381,6 +381,13 @@ def read_state(ckpt: Path) -> dict:
     return st
 
 
+def saved_world_size(state: dict) -> int:
+    """The number of processes that wrote a trainer state: every rank's RNG state is recorded
+    (``rng_ranks``) when there were several, none when there was one."""
+    ranks = state.get("rng_ranks")
+    return len(ranks) if isinstance(ranks, list) else 1
+
+
 def rank_rng(state: dict, rank: int, world_size: int) -> dict:
     """This rank's RNG state from a trainer state: its own when the checkpoint recorded every
     rank's (same number of processes), else the one saved (rank 0's)."""

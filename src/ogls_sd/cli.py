@@ -209,6 +209,7 @@ def train(
     config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config file (sections as below)."),
     output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Run directory (same as train.output_dir)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="'latest' (newest checkpoint in the run directory) or a checkpoint path (same as train.resume)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh in an output directory that holds another run: its config, metrics, checkpoints and summary are removed once every check of the new run passed. Without it such a run is refused."),
     debug: bool = _DEBUG,
 ):
     ov = list(overrides or [])
@@ -220,7 +221,7 @@ def train(
     from .distributed import shutdown
     from .trainer import train as run_train
 
-    summary = run_train(cfg)
+    summary = run_train(cfg, overwrite=overwrite)
     shutdown()  # several processes: leave together, cleanly
     before, after = summary.get("accuracy_before"), summary.get("accuracy_after")
     if before is not None and after is not None:

@@ -249,7 +249,8 @@ def run_compare(out: str | Path, methods: list[str] | None = None, seeds: list[i
             live.update(view())
             log = open(r.out / "train.log", "w")
             try:
-                r.summary = train(cfg, console=Console(file=log, width=120, force_terminal=False))
+                # a deliberate rerun (--fresh, or a stale run): replaces whatever run was there
+                r.summary = train(cfg, console=Console(file=log, width=120, force_terminal=False), overwrite=True)
                 r.summary["rollout_tokens"] = _rollout_tokens(r.out)
                 r.status = "done"
             except Exception as e:  # keep going: one failed run must not lose the others

@@ -27,7 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .algorithms import Group, Rollout, StepBatch, build_algorithm, teacher_kind
 from .checkpoint import (SHARDED, CheckpointError, check_resume_config, checkpoint_dirs, load_ema, load_model_weights,
                          load_trainer_state, rank_rng, read_state, resolve_resume, restoring, rng_state, save_checkpoint,
-                         set_rng_state, step_of, weights_fingerprint)
+                         saved_world_size, set_rng_state, step_of, weights_fingerprint)
 from .config import Config
 from .distributed import (barrier, gather_objects, globalize_plan, rank_slice, sum_across_ranks, sum_dicts, sum_gradients,
                           world)
@@ -35,7 +35,7 @@ from .evaluate import check_eval_prompts, check_prompt_fits, context_limit, eval
 from .markers import loop_fraction, marker_metrics
 from .modeling import unwrap
 from .models import load_policy
-from .runlock import holding_run_lock
+from .runlock import check_fresh_run_dir, clear_previous_run, holding_run_lock
 from .sharding import clip_grad_norm, is_sharded
 from .rollout import SamplingParams, build_backend
 from .teacher import Teacher
@@ -439,6 +439,16 @@ def check_initial_weights(ckpt: Path, state: dict, init_weights: dict) -> None:
             "or start a new run in another train.output_dir")
 
 
+def check_world_size(ckpt: Path, saved: int | None, now: int) -> None:
+    """A run continues exactly only with the number of processes it was saved with: each process
+    samples its own share of a step's prompts from its own RNG stream."""
+    if saved is not None and saved != now:
+        raise CheckpointError(
+            f"--resume {ckpt}: the run was saved by {saved} process(es), this launch has {now}; each process samples its "
+            f"own share of a step's prompts from its own RNG stream, so another number would continue on another "
+            f"trajectory. Launch {saved} process(es), or start a new run (another train.output_dir)")
+
+
 def finished_summary(run: Path, start: int, cfg: Config) -> dict | None:
     """The run's ``summary.json`` when it already finished at ``train.steps == start``, else None."""
     if start != cfg.train.steps or not (run / "summary.json").is_file():
@@ -451,8 +461,11 @@ def finished_summary(run: Path, start: int, cfg: Config) -> dict | None:
 
 
 @holding_run_lock  # one run per output directory (<output_dir>/.lock); before anything in it is touched
-def train(cfg: Config, console: Console | None = None) -> dict:
-    """Run training as configured; returns the summary (also written to ``summary.json``)."""
+def train(cfg: Config, console: Console | None = None, overwrite: bool = False) -> dict:
+    """Run training as configured; returns the summary (also written to ``summary.json``).
+
+    A fresh run in a directory that holds another run is refused unless ``overwrite`` (then the
+    old run's files are removed once every check of the new run has passed)."""
     from accelerate import Accelerator
     from transformers import set_seed
 
@@ -478,6 +491,7 @@ def train(cfg: Config, console: Console | None = None) -> dict:
             console.print(f"the run already reached train.steps={cfg.train.steps} ({resume_from}): nothing to do",
                           markup=False, highlight=False)
             return finished
+    old_run = [] if resume_from is not None else check_fresh_run_dir(run, overwrite, restart_unsaved=bool(cfg.train.resume))
     set_seed(cfg.train.seed)
     # device=auto without a GPU is CPU: say so, or accelerate would not join the processes of
     # a multi-process CPU launch into one group (each would think it is rank 0).
@@ -500,9 +514,9 @@ def train(cfg: Config, console: Console | None = None) -> dict:
     if fsdp and world()[1] < 2:
         raise ValueError("train.fsdp=true shards across processes: launch several (accelerate launch --config_file "
                          "configs/accelerate/fsdp.yaml, or torchrun --nproc_per_node N); with one process leave it off")
-    if accel.is_main_process:
-        cfg.save(run / "config.yaml")
-    else:  # data parallel: one rank reports (errors still raise on every rank)
+    if resume_from is not None:  # before anything is loaded: the recorded number of processes, if any
+        check_world_size(resume_from, resume_state.get("world_size"), world()[1])
+    if not accel.is_main_process:  # data parallel: one rank reports (errors still raise on every rank)
         console = Console(quiet=True)
 
     # ---- policy, teacher (θ₀ is taken before any checkpoint is loaded), algorithm, optimizer
@@ -548,6 +562,7 @@ def train(cfg: Config, console: Console | None = None) -> dict:
     start = 0
     if resume_from is not None:
         state = load_trainer_state(resume_from)
+        check_world_size(resume_from, saved_world_size(state), world()[1])
         start = int(state["step"])
         if start != resume_state["step"]:
             raise CheckpointError(f"{resume_from}: trainer_state.pt is at step {start} but state.json at step "
@@ -582,6 +597,13 @@ def train(cfg: Config, console: Console | None = None) -> dict:
     backend = build_backend(cfg.rollout, policy, prompts.pad_id, prompts.eos_id, cfg=cfg, is_main_process=accel.is_main_process)
     sampling = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
     heldout = task.examples(cfg.data.eval_size, seed=cfg.data.seed, split="test")
+    if cfg.eval.before_after or cfg.eval.every:  # before training, on every rank: the whole held-out set fits
+        check_eval_prompts(heldout, [prompts.student_ids(ex) for ex in heldout], cfg.eval.max_new_tokens,
+                           context_limit(policy))
+    # every check passed: only now is the run directory written (a refused run changes nothing in it)
+    if is_main:
+        clear_previous_run(run, old_run)  # --overwrite (or a run stopped before its first checkpoint)
+        cfg.save(run / "config.yaml")
     from .tracking import open_tracker
 
     log = MetricsLog(run / "metrics.jsonl", open_tracker(cfg.train.report_to, run, cfg.to_dict(), name=run_name) if is_main else None,
@@ -603,10 +625,6 @@ def train(cfg: Config, console: Console | None = None) -> dict:
         correct, n = sum_across_ranks([float(sum(res.correct)), float(len(share))])
         return correct / max(1.0, n)
 
-    if cfg.eval.before_after or cfg.eval.every:  # before training, on every rank: the whole held-out set fits
-        check_eval_prompts(heldout, [prompts.student_ids(ex) for ex in heldout], cfg.eval.max_new_tokens,
-                           context_limit(policy))
-
     def checkpoint(step: int) -> Path:
         """Every rank calls it: the ranks' RNG states are gathered, and with FSDP2 the full weights
         (to rank 0) and the optimizer / EMA shards (every rank writes its own) too."""
@@ -627,7 +645,7 @@ def train(cfg: Config, console: Console | None = None) -> dict:
                 final = save_checkpoint(
                     run, step, accel.unwrap_model(policy), tok, opt, sched, teacher, cfg.train.keep_last,
                     extra={"summary": {k: v for k, v in summary.items() if k.startswith("accuracy_") or k == "noop_steps"},
-                           "config": cfg.to_dict(), "init_weights": init_weights},
+                           "config": cfg.to_dict(), "init_weights": init_weights, "world_size": world_size},
                     state_dict=full_sd, sharded_dir=sharded_dir, rng_ranks=rngs)
             except Exception as e:  # the other ranks must not wait for a checkpoint that will not come
                 failed = e
