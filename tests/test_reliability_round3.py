@@ -379,7 +379,8 @@ def test_yaml_alias_bomb_in_a_field_is_refused_at_once_cli(tmp_path, where, need
     cfg.write_text(f"{section}:\n  {key}: {_alias_bomb()}\n")
     assert len(cfg.read_bytes()) < 600
     t0 = time.time()
-    res = runner.invoke(app, ["train", "-c", str(cfg), "-o", str(tmp_path / "run")])
+    out = [] if where == "train.output_dir" else ["-o", str(tmp_path / "run")]  # -o would replace the bomb
+    res = runner.invoke(app, ["train", "-c", str(cfg), *out])
     assert time.time() - t0 < 60  # expanding it would take hours
     _fails(res, 2, where, needle)
     assert len(res.output) < 600
@@ -392,3 +393,38 @@ def test_list_items_are_type_checked_and_bounded_cli(tmp_path):
     big.write_text("eval:\n  benchmarks: [" + ", ".join(["task"] * 1001) + "]\n")
     res = runner.invoke(app, ["train", "-c", str(big), "-o", str(tmp_path / "run")])
     _fails(res, 2, "eval.benchmarks", "1001 items")
+
+
+# ------------------------------------------------------ item 11: FSDP2 sharded checkpoint failures are one line
+def test_sharded_checkpoint_failure_is_one_line_naming_the_path(tmp_path, monkeypatch):
+    """torch.distributed.checkpoint's CheckpointException is a BaseException: save_sharded and
+    load_sharded turn it into a CheckpointError (an Exception, printed as one line), with "no space
+    left on device" when a process ran out of disk."""
+    import errno
+    import traceback
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from ogls_sd.checkpoint import CheckpointError
+    from ogls_sd.sharding import Sharding
+
+    def failing(exc):
+        def run(*a, **k):
+            raise CheckpointException("dcp failed", {0: (exc, traceback.StackSummary()),
+                                                     1: (exc, traceback.StackSummary())})
+        return run
+
+    class Fake:  # only what save_sharded / load_sharded touch before the collective call
+        def _sharded_state(self, optimizer, teacher):
+            return {"optimizer": {}}
+
+    target = tmp_path / "step_000002.sharded.tmp"
+    monkeypatch.setattr(dcp, "save", failing(OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(CheckpointError) as ei:
+        Sharding.save_sharded(Fake(), target, None, None)
+    assert str(target) in str(ei.value) and "no space left on device" in str(ei.value)
+    assert "\n" not in str(ei.value) and isinstance(ei.value, Exception)
+    monkeypatch.setattr(dcp, "load", failing(FileNotFoundError(2, "No such file", ".metadata")))
+    with pytest.raises(CheckpointError, match=r"reading the sharded .* failed on process\(es\) 0, 1 \(FileNotFoundError"):
+        Sharding.load_sharded(Fake(), tmp_path / "sharded", None, None)

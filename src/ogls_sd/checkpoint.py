@@ -80,7 +80,7 @@ def _tuplify(x):
 
 
 # ------------------------------------------------------------------------------------ helpers
-def _brief(e: BaseException) -> str:
+def describe_failure(e: BaseException) -> str:
     """First line of an exception's message, without square brackets (the CLI prints with rich
     markup) and bounded in length."""
     lines = str(e).strip().splitlines()
@@ -91,7 +91,7 @@ def _brief(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
-def _is_no_space(e: BaseException) -> bool:
+def is_no_space(e: BaseException) -> bool:
     """Disk full or quota exceeded, however the writer reports it: ``OSError`` (ENOSPC/EDQUOT),
     safetensors' ``SafetensorError`` ("os error 28"), torch's "enforce fail at
     inline_container.cc ... unexpected pos" (a short write), possibly as the cause of another."""
@@ -106,6 +106,43 @@ def _is_no_space(e: BaseException) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
+
+
+def is_file_too_large(e: BaseException) -> bool:
+    """The process's file size limit (``ulimit -f``, EFBIG) stopped a write, possibly as the cause
+    of another error."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.EFBIG:
+            return True
+        s = str(e).lower()
+        if "file too large" in s or "os error 27" in s:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _file_size_limit() -> int | None:
+    """``ulimit -f`` in bytes, None when unlimited (or unknown)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        return None if soft == resource.RLIM_INFINITY else soft
+    except (ImportError, OSError, ValueError):
+        return None
+
+
+def write_failure(e: BaseException) -> str | None:
+    """"no space left on device" / "the file size limit (ulimit -f ...) was reached" when ``e`` is
+    one of those (a short write that could be either names both), else None."""
+    if is_file_too_large(e):
+        return "the file size limit (ulimit -f) was reached"
+    if is_no_space(e):
+        limit = _file_size_limit()
+        return "no space left on device" + ("" if limit is None else f" or the file size limit (ulimit -f, {limit} bytes) reached")
+    return None
 
 
 def step_of(path: Path) -> int | None:
@@ -228,10 +265,11 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sched
         shutil.rmtree(tmp, ignore_errors=True)
         prev = [p for p in checkpoint_dirs(run_dir) if p != final]
         kept = f"; the previous checkpoint {prev[-1]} is kept" if prev else ""
-        if _is_no_space(e):
-            raise CheckpointError(f"writing checkpoint {final}: no space left on device; the partial {tmp.name} "
-                                  f"was removed{kept}. Free disk space and resume with --resume latest") from e
-        raise CheckpointError(f"writing checkpoint {final} failed ({_brief(e)}); the partial {tmp.name} was "
+        why = write_failure(e)
+        if why is not None:
+            raise CheckpointError(f"writing checkpoint {final}: {why}; the partial {tmp.name} was removed{kept}. Free "
+                                  "disk space (or raise the limit) and resume with --resume latest") from e
+        raise CheckpointError(f"writing checkpoint {final} failed ({describe_failure(e)}); the partial {tmp.name} was "
                               f"removed{kept}") from e
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -263,7 +301,7 @@ def _reading(path: Path, what: str = "") -> Iterator[None]:
     except FileNotFoundError as e:
         raise CheckpointError(f"{path}: missing{what}") from e
     except Exception as e:  # SafetensorError, pickle/zip errors, EOFError, JSON errors, ...
-        raise CheckpointError(f"{path}: unreadable{what} ({_brief(e)})") from e
+        raise CheckpointError(f"{path}: unreadable{what} ({describe_failure(e)})") from e
 
 
 def _required(ckpt: Path) -> list[str]:
@@ -457,7 +495,7 @@ def load_model_weights(ckpt: Path, model) -> None:
     try:
         missing, unexpected = target.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # shape mismatch
-        raise CheckpointError(f"{mdir}: weights do not match the model ({_brief(e)})") from e
+        raise CheckpointError(f"{mdir}: weights do not match the model ({describe_failure(e)})") from e
     tied = set(getattr(target, "_tied_weights_keys", None) or [])
     if isinstance(getattr(target, "_tied_weights_keys", None), dict):
         tied = set(target._tied_weights_keys)
@@ -476,7 +514,7 @@ def restoring(path: Path, what: str) -> Iterator[None]:
     except CheckpointError:
         raise
     except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as e:
-        raise CheckpointError(f"{path}: the {what} does not match this run ({_brief(e)})") from e
+        raise CheckpointError(f"{path}: the {what} does not match this run ({describe_failure(e)})") from e
 
 
 # ------------------------------------------------------------------------ resume config checks

@@ -453,7 +453,7 @@ class Config:
                                   f"0x{raw[e.start]:02x}); save the config as UTF-8") from None
             try:
                 d = yaml.safe_load(text) or {}
-            except yaml.YAMLError as e:
+            except (yaml.YAMLError, ValueError) as e:  # ValueError: an integer of > 4300 digits
                 mark = getattr(e, "problem_mark", None)
                 where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
                 pos = getattr(e, "position", None)
@@ -473,7 +473,7 @@ class Config:
                 raise ConfigError(f"override {ov!r}: key must be section.key, e.g. loss.clip=entry")
             try:
                 parsed = yaml.safe_load(val) if val != "" else ""
-            except yaml.YAMLError:
+            except (yaml.YAMLError, ValueError):  # ValueError: an integer of > 4300 digits (then range-checked)
                 parsed = val
             d.setdefault(parts[0], {})
             if not isinstance(d[parts[0]], dict):

@@ -118,8 +118,7 @@ class MetricsLog:
             self.f, self.tracker = None, None
             return
         if keep_until_step is not None and path.is_file():
-            kept = [ln for ln in path.read_text().splitlines()
-                    if ln.strip() and _parse_step(ln) is not None and _parse_step(ln) <= keep_until_step]
+            kept = [ln for ln in _text_lines(path) if _parse_step(ln) is not None and _parse_step(ln) <= keep_until_step]
             path.write_text("".join(ln + "\n" for ln in kept))
         elif keep_until_step is None and path.is_file():
             path.unlink()  # a fresh run in an existing directory starts a fresh log
@@ -129,7 +128,10 @@ class MetricsLog:
     def write(self, rec: dict) -> None:
         if not self.enabled:
             return
-        self.f.write(json.dumps(rec, sort_keys=True) + "\n")
+        try:
+            self.f.write(json.dumps(rec, sort_keys=True) + "\n")
+        except OSError as e:  # a full disk: name the file
+            raise OSError(e.errno, f"appending to {self.path}: {e.strerror or e}") from None
         if self.tracker is not None:
             self.tracker.log(rec, step=rec.get("step"))
 
@@ -139,6 +141,19 @@ class MetricsLog:
         self.f.close()
         if self.tracker is not None:
             self.tracker.close()
+
+
+def _text_lines(path: Path) -> list[str]:
+    """The UTF-8 lines of ``path``; a line that is not UTF-8 (damage) is dropped like a cut one."""
+    out = []
+    for raw in path.read_bytes().splitlines():
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if line.strip():
+            out.append(line)
+    return out
 
 
 def _parse_step(line: str) -> int | None:
@@ -584,7 +599,7 @@ def train(cfg: Config, console: Console | None = None, overwrite: bool = False) 
             with restoring(resume_from / "teacher_ema.safetensors", "EMA teacher state"):
                 teacher.load_state_dict(ema)
         summary.update(resume_state.get("summary", {}))
-        console.print(f"resuming from {resume_from} (step {start})")
+        console.print(f"resuming from {resume_from} (step {start})", markup=False, highlight=False)
 
     # The model is not wrapped (no DDP): the algorithms call the backbone directly, and gradients
     # are summed across ranks explicitly after the micro-batch loop (distributed.py), or
@@ -637,7 +652,12 @@ def train(cfg: Config, console: Console | None = None, overwrite: bool = False) 
             if is_main:
                 shutil.rmtree(sharded_dir, ignore_errors=True)
             barrier()
-            shard.save_sharded(sharded_dir, opt, teacher)
+            try:
+                shard.save_sharded(sharded_dir, opt, teacher)  # collective: fails on every process together
+            except CheckpointError:
+                if is_main:  # a full disk keeps nothing half-written
+                    shutil.rmtree(sharded_dir, ignore_errors=True)
+                raise
             barrier()
         failed: Exception | None = None
         if is_main:
@@ -756,5 +776,6 @@ def train(cfg: Config, console: Console | None = None, overwrite: bool = False) 
         summary["pushed_to"] = push_checkpoint(ckpt, cfg.train.push_to_hub, private=cfg.train.hub_private)
         (run / "summary.json").write_text(json.dumps(summary, indent=1))
         console.print(f"pushed {ckpt / 'model'} to {summary['pushed_to']}", markup=False, highlight=False)
-    console.print(f"run directory: {run}  (summary.json, metrics.jsonl, config.yaml, checkpoints/)")
+    console.print(f"run directory: {run}  (summary.json, metrics.jsonl, config.yaml, checkpoints/)", markup=False,
+                  highlight=False)
     return summary

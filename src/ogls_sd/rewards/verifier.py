@@ -616,11 +616,10 @@ class Verifier:
         start_timeout: float = 120.0,
         prefilter: bool = True,
     ) -> None:
-        if timeout <= 0:
-            raise ValueError("timeout must be > 0")
+        timeout = checked_timeout(timeout)
         if mode not in ("math", "exact"):
             raise ValueError(f"unknown mode {mode!r} (expected 'math' or 'exact')")
-        self.timeout = float(timeout)
+        self.timeout = timeout
         self.max_workers = max_workers or max(1, min(4, os.cpu_count() or 1))
         self.mode: Mode = mode
         self.max_answer_chars = int(max_answer_chars)
@@ -760,6 +759,22 @@ def get_default_verifier() -> Verifier:
         return _default
 
 
+MAX_TIMEOUT = 86400.0  # a day: a longer deadline is no deadline (and inf overflows the pipe waits)
+
+
+def checked_timeout(timeout: object) -> float:
+    """``timeout`` as seconds: a finite number in (0, MAX_TIMEOUT]; anything else is a ValueError
+    naming it (``inf`` used to overflow, ``0`` / ``-1`` to grade everything "timeout", ``nan``
+    to switch the deadline off)."""
+    try:
+        t = float(timeout)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"timeout: expected a number of seconds, got {timeout!r}") from None
+    if not 0 < t <= MAX_TIMEOUT:  # False for nan
+        raise ValueError(f"timeout: must be in (0, {MAX_TIMEOUT:g}] seconds, got {timeout!r}")
+    return t
+
+
 def verify(completion: str, gold: str, timeout: float = DEFAULT_TIMEOUT, mode: Mode = "math") -> VerifyResult:
     """Verify one completion against a gold answer with the shared default verifier.
 
@@ -768,7 +783,7 @@ def verify(completion: str, gold: str, timeout: float = DEFAULT_TIMEOUT, mode: M
     v = get_default_verifier()
     with v._lock:
         saved = v.timeout
-        v.timeout = float(timeout)
+        v.timeout = checked_timeout(timeout)
         try:
             return v.verify(completion, gold, mode=mode)
         finally:
@@ -782,7 +797,7 @@ def verify_batch(
     v = get_default_verifier()
     with v._lock:
         saved = v.timeout
-        v.timeout = float(timeout)
+        v.timeout = checked_timeout(timeout)
         try:
             return v.verify_batch(completions, golds, mode=mode)
         finally:
