@@ -428,3 +428,114 @@ def test_sharded_checkpoint_failure_is_one_line_naming_the_path(tmp_path, monkey
     monkeypatch.setattr(dcp, "load", failing(FileNotFoundError(2, "No such file", ".metadata")))
     with pytest.raises(CheckpointError, match=r"reading the sharded .* failed on process\(es\) 0, 1 \(FileNotFoundError"):
         Sharding.load_sharded(Fake(), tmp_path / "sharded", None, None)
+
+
+# ------------------------------------------------------------ item 13: unclear messages become one line
+def test_json_rows_beyond_parser_limits_are_bad_rows_not_crashes(tmp_path):
+    from ogls_sd.data.files import DataError, load_examples
+
+    good = [json.dumps({"problem": f"p{i}?", "solution": "s", "answer": str(i)}) for i in range(4)]
+    huge = '{"problem": "q?", "solution": "s", "answer": ' + "7" * 5000 + "}"
+    deep = '{"problem": ' + "[" * 100_000 + "]" * 100_000 + ', "answer": "1"}'
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join([good[0], huge, good[1], deep, good[2], good[3]]) + "\n")
+    cols = {"problem": "problem", "answer": "answer", "reference": "solution"}
+    res = load_examples(str(path), columns=cols, policy="skip")
+    assert len(res.examples) == 4 and res.skipped == 2
+    with pytest.raises(DataError) as ei:
+        load_examples(str(path), columns=cols, policy="error")
+    msg = str(ei.value)
+    assert str(path) in msg and "line 2" in msg and "4300 digits" in msg and "\n" not in msg
+    whole = tmp_path / "rows.json"
+    whole.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match="nested too deeply"):
+        load_examples(str(whole), columns=cols, policy="skip")
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), 0, -1, float("nan"), "soon"])
+def test_verifier_timeout_must_be_a_positive_finite_number(timeout):
+    from ogls_sd.rewards.verifier import Verifier, verify
+
+    with pytest.raises(ValueError, match="timeout"):
+        verify(r"\boxed{4}", "4", timeout=timeout)
+    with pytest.raises(ValueError, match="timeout"):
+        Verifier(timeout=timeout)
+
+
+def test_huge_yaml_integer_in_a_file_or_override_is_one_line_cli(tmp_path):
+    res = runner.invoke(app, _train_args(tmp_path / "run", tmp_path / "ws", "train.steps=" + "9" * 5000))
+    assert len(_fails(res, 2, "train.steps", "expected an integer")) < 400
+    f = tmp_path / "big.yaml"
+    f.write_text("train:\n  steps: " + "9" * 5000 + "\n")
+    res = runner.invoke(app, ["train", "-c", str(f), "-o", str(tmp_path / "run")])
+    _fails(res, 2, str(f), "4300 digits")
+
+
+def test_write_limits_are_named_exactly(tmp_path, monkeypatch):
+    """ulimit -f (EFBIG) is not "no space left on device"; a full disk while appending metrics names the file."""
+    import errno
+
+    from ogls_sd import checkpoint as ck
+    from ogls_sd.trainer import MetricsLog
+
+    assert "ulimit -f" in ck.write_failure(OSError(errno.EFBIG, "File too large")) and \
+        "no space" not in ck.write_failure(OSError(errno.EFBIG, "File too large"))
+    assert ck.write_failure(OSError(errno.ENOSPC, "No space left on device")).startswith("no space left on device")
+    assert ck.write_failure(ValueError("x")) is None
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+
+    class Full:
+        def write(self, s):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    log.f = Full()
+    with pytest.raises(OSError) as ei:
+        log.write({"step": 1})
+    assert str(tmp_path / "metrics.jsonl") in str(ei.value) and "No space left" in str(ei.value)
+
+
+def test_markup_in_the_output_path_and_damaged_metrics_cli(tmp_path):
+    """``a[/]b`` is a path, not rich markup: training and resuming work; a metrics line that is
+    not UTF-8 is dropped on resume and by the report; a damaged summary.json is one line naming it."""
+    out, ws = tmp_path / "a[/]b", tmp_path / "ws"
+    res = runner.invoke(app, _train_args(out, ws, "steering.no_positive=reference"), env={"COLUMNS": "4000"})
+    assert res.exit_code == 0, res.output
+    with open(out / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 1, "loss": "\xff\xfe"}\n')
+    res = runner.invoke(app, _train_args(out, ws, "steering.no_positive=reference", "train.steps=2", "--resume", "latest"),
+                        env={"COLUMNS": "4000"})
+    assert res.exit_code == 0, res.output
+    assert str(out) in res.output
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 2
+    with open(out / "metrics.jsonl", "ab") as f:
+        f.write(b'\xff\xfe not utf-8\n[1, 2]\n')
+    res = runner.invoke(app, ["report", str(out), "-o", str(tmp_path / "rep")], env={"COLUMNS": "4000"})
+    assert res.exit_code == 0, res.output
+    (out / "summary.json").write_bytes(b'{"steps": 2, "accur')
+    res = runner.invoke(app, ["report", str(out), "-o", str(tmp_path / "rep")], env={"COLUMNS": "4000"})
+    _fails(res, 1, str(out / "summary.json"), "unreadable")
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated"])
+def test_damaged_warm_start_cache_or_model_file_is_one_line_naming_it_cli(tmp_path, two_step_run, damage):
+    """Item 14 (decided: verify) and 13: a cached warm start is checked against the sha256 in its
+    warmstart.json before a fresh run uses it; a damaged plain model directory in ``eval`` names it."""
+    import shutil
+
+    src, ws = two_step_run
+    ws2 = tmp_path / "ws"
+    shutil.copytree(ws, ws2)
+    cached = next(p for p in ws2.iterdir() if (p / "model.safetensors").is_file())
+    assert len(json.loads((cached / "warmstart.json").read_text())["weights_sha256"]) == 64
+    weights = cached / "model.safetensors"
+    _flip(weights) if damage == "flipped byte" else weights.write_bytes(weights.read_bytes()[:1000])
+    res = runner.invoke(app, _train_args(tmp_path / "run", ws2, "steering.no_positive=reference"), env={"COLUMNS": "4000"})
+    _fails(res, 1, str(weights), "sha256 differs", f"delete {cached}")
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    plain = tmp_path / "plain"
+    shutil.copytree(_step(src, 2) / "model", plain)
+    (plain / "model.safetensors").write_bytes((plain / "model.safetensors").read_bytes()[:1000])
+    res = runner.invoke(app, ["eval", *TINY_OVERRIDES, "--checkpoint", str(plain), "-o", str(tmp_path / "ev")],
+                        env={"COLUMNS": "4000"})
+    _fails(res, 1, f"--checkpoint {plain}", "cannot load the model", "SafetensorError")

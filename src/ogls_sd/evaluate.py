@@ -94,7 +94,12 @@ def load_for_eval(cfg, checkpoint: str | None):
         tok.padding_side = "left"
         info = {"checkpoint": str(p), "adapter": True, "base": how}
     else:
-        tok, model = load_tokenizer_and_model(str(p))
+        try:
+            tok, model = load_tokenizer_and_model(str(p))
+        except Exception as e:  # a truncated / damaged model file: name it
+            from .checkpoint import CheckpointError, describe_failure
+
+            raise CheckpointError(f"--checkpoint {checkpoint}: cannot load the model in {p} ({describe_failure(e)})") from e
         info = {"checkpoint": str(p), "adapter": False}
     task = get_task(cfg.data)
     return model, tok, task, task_templates(task), info
