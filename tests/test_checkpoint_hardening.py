@@ -126,6 +126,9 @@ def test_resume_refuses_config_changes_and_records_allowed_ones(tmp_path, monkey
     (cache,) = [p for p in ws.iterdir() if p.is_dir()]
     sd = load_file(cache / "model.safetensors")
     save_file({k: v * 1.01 for k, v in sd.items()}, cache / "model.safetensors", metadata={"format": "pt"})
+    record = json.loads((cache / "warmstart.json").read_text())  # a rebuilt cache: its record matches its weights
+    record["weights_sha256"] = hashlib.sha256((cache / "model.safetensors").read_bytes()).hexdigest()
+    (cache / "warmstart.json").write_text(json.dumps(record))
     before = _snapshot(out)
     res = _train(monkeypatch, out, ws, "train.steps=4", "train.save_every=1", "train.keep_last=5", "eval.max_new_tokens=8",
                  "--resume", "latest")

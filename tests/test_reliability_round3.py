@@ -539,3 +539,11 @@ def test_damaged_warm_start_cache_or_model_file_is_one_line_naming_it_cli(tmp_pa
     res = runner.invoke(app, ["eval", *TINY_OVERRIDES, "--checkpoint", str(plain), "-o", str(tmp_path / "ev")],
                         env={"COLUMNS": "4000"})
     _fails(res, 1, f"--checkpoint {plain}", "cannot load the model", "SafetensorError")
+
+
+def test_the_same_answer_twice_joined_by_or_is_not_a_hedge(verifier):
+    for text in (r"\boxed{\frac{1}{2} \text{ or } 0.5}", r"\boxed{12 \text{ or } 12}", r"\boxed{3/4 or 0.75}"):
+        r = verifier.verify(text, "0.5" if "frac" in text else ("12" if "12" in text else "0.75"))
+        assert (r.correct, r.reason) == (True, "ok"), (text, r)
+    r = verifier.verify(r"\boxed{\frac{1}{2} \text{ or } 0.6}", "0.5")
+    assert r.reason == "hedge"

@@ -281,13 +281,34 @@ def _distinct_values(sides: list[str]) -> bool:
     return len(values) > 1
 
 
+_TEXT_OPENER = re.compile(r"\\(?:text|textbf|mbox|mathrm)\{")
+
+
+def _one_value(parts: list[str]) -> bool:
+    """Every part of ``12 \\text{ or } 12``-style text is the same number (the same answer
+    twice, not a hedge)."""
+    values = set()
+    for part in parts:
+        s = _TEXT_OPENER.sub("", part).strip(" \t$")
+        while s.count("}") > s.count("{") and (s.startswith("}") or s.endswith("}")):
+            s = (s[1:] if s.startswith("}") else s[:-1]).strip(" \t$")
+        while s.count("{") > s.count("}") and (s.startswith("{") or s.endswith("{")):
+            s = (s[1:] if s.startswith("{") else s[:-1]).strip(" \t$")
+        v = _numeric_value(s)
+        if v is None:
+            return False
+        values.add(v)
+    return len(values) == 1
+
+
 def is_hedge(completion: str, extracted: str, gold: str) -> bool:
     """Whether the graded answer hedges between several values (see the module docstring)."""
     if _BOX_COMMAND.search(extracted):  # a box inside the graded box
         return True
-    if _OR_WORDS.search(extracted) and not _OR_WORDS.search(gold):
+    if _OR_WORDS.search(extracted) and not _OR_WORDS.search(gold) and not _one_value(_OR_WORDS.split(extracted)):
         return True
-    if _AND_WORDS.search(extracted) and not (_AND_WORDS.search(gold) or "," in gold):
+    if _AND_WORDS.search(extracted) and not (_AND_WORDS.search(gold) or "," in gold) \
+            and not _one_value(_AND_WORDS.split(extracted)):
         return True
     if not _EQUALITIES.search(gold) and _distinct_values(_EQUALITIES.split(extracted)):
         return True
