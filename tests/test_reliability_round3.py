@@ -547,3 +547,49 @@ def test_the_same_answer_twice_joined_by_or_is_not_a_hedge(verifier):
         assert (r.correct, r.reason) == (True, "ok"), (text, r)
     r = verifier.verify(r"\boxed{\frac{1}{2} \text{ or } 0.6}", "0.5")
     assert r.reason == "hedge"
+
+
+# ----------------------------------------------------- items 6 and 11 with real processes (torchrun, gloo)
+def _torchrun_train(out: Path, ws: Path, *extra: str, limit_bytes: int | None = None):
+    import resource
+    import subprocess
+
+    from test_data_parallel import _env, torchrun_cmd
+
+    def limit():
+        if limit_bytes is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    cmd = torchrun_cmd(2, "-m", "ogls_sd.cli", "train", *TINY_OVERRIDES, f"warmstart.cache_dir={ws}", *FAST,
+                       "steering.no_positive=reference", "-o", str(out), *extra)
+    return subprocess.run(cmd, cwd=out.parent, env=dict(_env(), COLUMNS="4000"), capture_output=True, text=True,
+                          timeout=900, preexec_fn=limit)
+
+
+def test_one_process_checkpoint_resumed_by_two_is_refused_torchrun(tmp_path, two_step_run):
+    src, ws = two_step_run
+    out = _copy_run(src, tmp_path / "run")
+    before = _snapshot(out)
+    res = _torchrun_train(out, ws, "train.steps=3", "train.keep_last=10", "--resume", "latest")
+    text = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert "saved by 1 process(es), this launch has 2" in text, text[-3000:]
+    assert _snapshot(out) == before
+
+
+def test_fsdp_file_size_limit_during_the_sharded_write_is_one_line_per_process_torchrun(tmp_path, two_step_run):
+    """ulimit -f below the size of an optimizer shard: every process says so in one line (no
+    tracebacks), the partial step_N.sharded.tmp is removed, nothing else is left behind."""
+    _, ws = two_step_run  # the warm start is cached (it would not fit under the limit either)
+    out = tmp_path / "run"
+    out.mkdir()
+    res = _torchrun_train(out, ws, "train.fsdp=true", "train.steps=2", "train.save_every=1", limit_bytes=30_000)
+    text = res.stdout + res.stderr
+    assert res.returncode != 0
+    errs = [ln for ln in text.splitlines() if "error:" in ln and "sharded" in ln]
+    assert len(errs) == 2 and all("file size limit (ulimit -f)" in e for e in errs), text[-4000:]
+    assert all(f"{out / 'checkpoints' / 'step_000001.sharded.tmp'}" in e for e in errs)
+    rank_tracebacks = [ln for ln in text.splitlines() if "CheckpointException" in ln]
+    assert not rank_tracebacks, text[-4000:]
+    assert not (out / "checkpoints" / "step_000001.sharded.tmp").exists()
+    assert not (out / "checkpoints" / "step_000001").exists()
