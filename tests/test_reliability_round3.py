@@ -593,3 +593,25 @@ def test_fsdp_file_size_limit_during_the_sharded_write_is_one_line_per_process_t
     assert not rank_tracebacks, text[-4000:]
     assert not (out / "checkpoints" / "step_000001.sharded.tmp").exists()
     assert not (out / "checkpoints" / "step_000001").exists()
+
+
+def test_list_item_type_follows_the_annotation():
+    """A section with a ``list[float]`` field (as an algorithm's own section may declare) gets its
+    items type- and range-checked; a bare ``list`` holds strings."""
+    from dataclasses import dataclass
+
+    from ogls_sd.config import _Section, opt
+
+    @dataclass
+    class Weights(_Section):
+        _section = "weights"
+        values: list[float] = opt(None, "some weights", factory=lambda: [0.5, 1])
+        names: list = opt(None, "some names", factory=lambda: ["a"])
+
+    Weights()
+    with pytest.raises(ConfigError, match=r"weights.values: item 1 is 'x' \(str\), expected a number"):
+        Weights(values=[1.0, "x"])
+    with pytest.raises(ConfigError, match=r"weights.values\[0\]: must be a finite number"):
+        Weights(values=[float("inf")])
+    with pytest.raises(ConfigError, match=r"weights.names: item 0 is 1 \(int\), expected a string"):
+        Weights(names=[1])

@@ -62,16 +62,31 @@ def _check_number(key: str, v: Any) -> None:
             raise ConfigError(f"{key}: {v!r} is out of range (|value| <= {FLOAT_LIMIT:g})")
 
 
-def _check_list(key: str, v: Any) -> None:
-    """The schema's rule for every list field: a list of at most LIST_LIMIT strings, checked
+_ITEM_NAMES = {str: "a string", int: "an integer", float: "a number"}
+
+
+def _item_type(annotation: Any) -> type:
+    """The declared item type of a list field: ``list[float]`` -> float; a bare ``list`` holds strings."""
+    args = typing.get_args(annotation)
+    return args[0] if args and args[0] in _ITEM_NAMES else str
+
+
+def _check_list(key: str, v: Any, item_type: type = str) -> None:
+    """The schema's rule for every list field: a list of at most LIST_LIMIT items of its declared
+    type (strings unless annotated ``list[int]`` / ``list[float]``; numbers range-checked), checked
     item by item before anything expands it (a YAML alias bomb is refused at its first item)."""
     if not isinstance(v, list):
         raise ConfigError(f"{key}: expected a list, got {_brief_value(v)}")
     if len(v) > LIST_LIMIT:
         raise ConfigError(f"{key}: {len(v)} items, at most {LIST_LIMIT} allowed")
     for i, item in enumerate(v):
-        if not isinstance(item, str):
-            raise ConfigError(f"{key}: item {i} is {_brief_value(item)} ({type(item).__name__}), expected a string")
+        ok = isinstance(item, item_type) and not isinstance(item, bool)
+        if item_type is float:
+            ok = isinstance(item, (int, float)) and not isinstance(item, bool)
+        if not ok:
+            raise ConfigError(f"{key}: item {i} is {_brief_value(item)} ({type(item).__name__}), expected "
+                              f"{_ITEM_NAMES[item_type]}")
+        _check_number(f"{key}[{i}]", float(item) if item_type is float else item)
 
 
 class _Section:
@@ -86,11 +101,12 @@ class _Section:
     _unit: tuple[str, ...] = ()  # values in [0, 1]
 
     def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             key = f"{self._section}.{f.name}"
             if isinstance(v, list):
-                _check_list(key, v)
+                _check_list(key, v, _item_type(hints.get(f.name)))
             _check_number(key, v)
             ch = f.metadata.get("choices")
             if ch is not None and v not in ch:
@@ -548,7 +564,7 @@ def _coerce(key: str, value: Any, f: dataclasses.Field, owner: type) -> Any:
     if t is list or typing.get_origin(t) is list:
         if isinstance(value, str):
             value = [s.strip() for s in value.split(",") if s.strip()]
-        _check_list(key, value)
+        _check_list(key, value, _item_type(t))
         return value
     return value
 
