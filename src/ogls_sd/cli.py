@@ -201,7 +201,8 @@ _DEBUG = typer.Option(False, "--debug", help=_DEBUG_HELP)
 @app.command(cls=_RawEpilog, epilog=_fields_epilog(),
              help="Train a model. With no arguments: the built-in default (arith task, tiny model, "
                   "warm start if not cached, OGLS-SD) on CPU in a few minutes. One run at a time per output "
-                  "directory (<output_dir>/.lock).")
+                  "directory (<output_dir>/.lock); a fresh run in a directory that holds another run needs --overwrite "
+                  "(or continue it with --resume latest).")
 @_guarded
 def train(
     ctx: typer.Context,
