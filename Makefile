@@ -16,8 +16,8 @@ $(BIN)/ogls-sd: pyproject.toml constraints-cpu.txt
 
 setup: $(BIN)/ogls-sd  ## create .venv and install the project with test extras
 
-demo: setup  ## train the built-in default (arith task, tiny model, OGLS-SD) on CPU; one torch thread: the tiny model gains nothing from more, and spin-waiting threads crawl when another process uses a core
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/ogls-sd train
+demo: setup  ## train the built-in default (arith task, tiny model, OGLS-SD) on CPU into runs/default (replacing an earlier demo run); one torch thread: the tiny model gains nothing from more, and spin-waiting threads crawl when another process uses a core
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/ogls-sd train --overwrite
 	$(BIN)/ogls-sd report runs/default -o runs/default/report
 
 test: setup  ## run the test suite (offline, CPU)

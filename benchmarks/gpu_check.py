@@ -219,7 +219,7 @@ def run_backend(backend: str, a: argparse.Namespace) -> dict:
     trainer_mod.build_backend = recording_build
     t0 = time.time()
     try:
-        summary = trainer_mod.train(cfg)
+        summary = trainer_mod.train(cfg, overwrite=True)  # a deliberate rerun into the same directory
     finally:
         trainer_mod.build_backend = real_build
     wall = time.time() - t0

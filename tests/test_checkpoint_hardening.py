@@ -126,6 +126,9 @@ def test_resume_refuses_config_changes_and_records_allowed_ones(tmp_path, monkey
     (cache,) = [p for p in ws.iterdir() if p.is_dir()]
     sd = load_file(cache / "model.safetensors")
     save_file({k: v * 1.01 for k, v in sd.items()}, cache / "model.safetensors", metadata={"format": "pt"})
+    record = json.loads((cache / "warmstart.json").read_text())  # a rebuilt cache: its record matches its weights
+    record["weights_sha256"] = hashlib.sha256((cache / "model.safetensors").read_bytes()).hexdigest()
+    (cache / "warmstart.json").write_text(json.dumps(record))
     before = _snapshot(out)
     res = _train(monkeypatch, out, ws, "train.steps=4", "train.save_every=1", "train.keep_last=5", "eval.max_new_tokens=8",
                  "--resume", "latest")
@@ -155,7 +158,7 @@ def test_missing_ema_state_is_an_error_naming_the_file(tmp_path, monkeypatch):
     res = _train(monkeypatch, out, ws, "train.steps=2", "teacher.kind=ema", "teacher.ema_decay=0.5", "--resume", str(ckpt))
     _one_error_line(res, "teacher_ema.safetensors", "missing")
     # a checkpoint without a manifest (older format): still refused, by the loader
-    (ckpt / "manifest.json").unlink(missing_ok=True)
+    _as_format_1(ckpt)
     res = _train(monkeypatch, out, ws, "train.steps=2", "teacher.kind=ema", "teacher.ema_decay=0.5", "--resume", str(ckpt))
     _one_error_line(res, str(ckpt / "teacher_ema.safetensors"), "missing")
     assert not _step(out, 2).exists()
@@ -222,6 +225,14 @@ def test_corrupt_checkpoint_is_detected_and_latest_falls_back(tmp_path, monkeypa
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _as_format_1(ckpt: Path) -> None:
+    """What an older version wrote: no manifest, state.json without format 2."""
+    (ckpt / "manifest.json").unlink(missing_ok=True)
+    st = json.loads((ckpt / "state.json").read_text())
+    st["format"] = 1
+    (ckpt / "state.json").write_text(json.dumps(st))
+
+
 @pytest.mark.parametrize("kind", [k for k in CORRUPTIONS if k != "flipped weight bytes"])
 def test_corrupt_checkpoint_without_manifest_is_one_line_naming_the_file(tmp_path, monkeypatch, two_step_run, kind):
     """Checkpoints of older versions have no manifest: a warning, and an unreadable file is
@@ -230,7 +241,7 @@ def test_corrupt_checkpoint_without_manifest_is_one_line_naming_the_file(tmp_pat
     rel, corrupt = CORRUPTIONS[kind]
     out = tmp_path / "run"
     shutil.copytree(src, out)
-    (_step(out, 2) / "manifest.json").unlink(missing_ok=True)
+    _as_format_1(_step(out, 2))
     corrupt(_step(out, 2) / rel)
     res = _train(monkeypatch, out, ws, "train.steps=3", "--resume", str(_step(out, 2)))
     _one_error_line(res, str(_step(out, 2) / rel))
@@ -241,7 +252,7 @@ def test_checkpoint_without_manifest_resumes_with_a_warning(tmp_path, monkeypatc
     src, ws = two_step_run
     out = tmp_path / "run"
     shutil.copytree(src, out)
-    (_step(out, 2) / "manifest.json").unlink(missing_ok=True)
+    _as_format_1(_step(out, 2))
     res = _ok(_train(monkeypatch, out, ws, "train.steps=3", "train.save_every=1", "train.keep_last=10", "--resume", "latest"))
     assert "warning:" in res.output and "no manifest.json" in res.output
     assert _metric_steps(out) == [1, 2, 3]

@@ -89,12 +89,13 @@ def test_locked_output_dir_refuses_a_second_run_and_a_killed_holder_does_not_blo
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    # the lock died with its holder: no stale lock file blocks the next run
-    res = runner.invoke(app, _train_args(out, ws))
+    # the lock died with its holder: no stale lock file blocks the next run (--overwrite: the
+    # directory holds the first run's files, which a fresh run replaces only when asked)
+    res = runner.invoke(app, _train_args(out, ws, "--overwrite"))
     assert res.exit_code == 0, (res.output, res.exception)
     assert json.loads((out / "summary.json").read_text())["steps"] == 1
     assert (out / ".lock").read_text() == ""  # released (and the PID cleared) when train() returned
-    res = runner.invoke(app, _train_args(out, ws))  # the same process takes it again
+    res = runner.invoke(app, _train_args(out, ws, "--overwrite"))  # the same process takes it again
     assert res.exit_code == 0, (res.output, res.exception)
 
 
@@ -188,6 +189,9 @@ def test_malicious_trainer_state_from_resume_is_one_line_naming_the_file(tmp_pat
     ckpt = out / "checkpoints" / "step_000001"
     _evil_state(ckpt / "trainer_state.pt", marker)
     (ckpt / "manifest.json").unlink(missing_ok=True)  # an attacker would rewrite it as well
+    from ogls_sd.checkpoint import write_manifest
+
+    write_manifest(ckpt)
     res = runner.invoke(app, _train_args(out, ws, "steering.no_positive=reference", "train.steps=2",
                                          "--resume", str(ckpt)))
     _fails(res, 1, str(ckpt / "trainer_state.pt"))

@@ -26,7 +26,8 @@ from .tasks import rows_task, task_templates
 from .templates import PromptBuilder
 
 
-def train(cfg: Config | None = None, *, model=None, tokenizer=None, data=None, rewards=(), console=None) -> dict:
+def train(cfg: Config | None = None, *, model=None, tokenizer=None, data=None, rewards=(), console=None,
+          overwrite: bool = False) -> dict:
     """Train as ``ogls-sd train`` does with ``cfg`` (default: :class:`Config` ``()``) and return the
     run's summary (also written to ``<train.output_dir>/summary.json``).
 
@@ -38,12 +39,13 @@ def train(cfg: Config | None = None, *, model=None, tokenizer=None, data=None, r
         rewards: reward functions, ``f(prompts, completions, **columns) -> list[float]`` or
             ``(f, weight)`` each; with ``reward.funcs`` the reward is the weighted sum of all.
         console: a ``rich.console.Console`` for the progress output.
+        overwrite: start afresh in a ``train.output_dir`` that holds another run (refused otherwise).
     """
     from .trainer import train as run_training  # the trainer (and rich) load when a run starts, not on import
 
     cfg = checked(cfg)
     task = data_task(data, cfg)
-    return run_training(cfg, console, model=model, tokenizer=tokenizer, task=task, rewards=list(rewards or ()))
+    return run_training(cfg, console, overwrite, model=model, tokenizer=tokenizer, task=task, rewards=list(rewards or ()))
 
 
 def evaluate(cfg: Config | None = None, *, checkpoint: str | None = None, model=None, tokenizer=None, data=None,

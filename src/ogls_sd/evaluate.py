@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 from .data.example import Example
@@ -87,6 +88,7 @@ def load_for_eval(cfg, checkpoint: str | None):
         model, tok, task, tpl, info = load_policy(cfg)
         return model, tok, task, tpl, info
     p = Path(checkpoint)
+    verify_run_checkpoint(p, checkpoint)
     if (p / "model").is_dir():
         p = p / "model"
     if not p.is_dir():
@@ -103,10 +105,35 @@ def load_for_eval(cfg, checkpoint: str | None):
         tok.padding_side = "left"
         info = {"checkpoint": str(p), "adapter": True, "base": how}
     else:
-        tok, model = load_tokenizer_and_model(str(p))
+        try:
+            tok, model = load_tokenizer_and_model(str(p))
+        except Exception as e:  # a truncated / damaged model file: name it
+            from .checkpoint import CheckpointError, describe_failure
+
+            raise CheckpointError(f"--checkpoint {checkpoint}: cannot load the model in {p} ({describe_failure(e)})") from e
         info = {"checkpoint": str(p), "adapter": False}
     task = get_task(cfg.data)
     return model, tok, task, task_templates(task), info
+
+
+def verify_run_checkpoint(path, given: str) -> None:
+    """``ogls-sd eval --checkpoint``: a run checkpoint (``step_N`` or its ``model/``) is verified
+    against its manifest exactly as a resume verifies it (a flipped byte, a truncated or missing
+    file is one line naming the file); a plain model directory is loaded as it is."""
+    from pathlib import Path
+
+    from .checkpoint import MANIFEST, CheckpointError, verify_checkpoint
+
+    p = Path(path)
+    ckpt = p.parent if p.name == "model" and not (p / "model").is_dir() else p
+    if not any((ckpt / f).is_file() for f in (MANIFEST, "state.json", "trainer_state.pt")):
+        return  # not a run checkpoint
+    try:
+        if not verify_checkpoint(ckpt):
+            print(f"warning: {ckpt} has no {MANIFEST} (written by an older version): its files cannot be verified",
+                  file=sys.stderr)
+    except CheckpointError as e:
+        raise CheckpointError(f"--checkpoint {given}: {e}") from None
 
 
 def lora_base(adapter_dir):

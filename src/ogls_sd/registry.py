@@ -38,9 +38,11 @@ class Registry(Generic[T]):
     def listing(names, name: object) -> str:
         """``'x' is not one of a, b, c (did you mean b?)``."""
         names = [str(n) for n in names]
-        close = difflib.get_close_matches(str(name), names, n=1)
+        shown = repr(name)
+        shown = shown if len(shown) <= 80 else f"{shown[:60]}... ({len(shown)} characters)"
+        close = difflib.get_close_matches(str(name)[:200], names, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
-        return f"{name!r} is not one of {', '.join(names)}{hint}"
+        return f"{shown} is not one of {', '.join(names)}{hint}"
 
     def __getitem__(self, name: str) -> T:
         try:

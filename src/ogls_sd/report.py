@@ -112,19 +112,49 @@ def warm_start_table(ws: dict[int, dict]) -> str:
     return "\n".join(lines)
 
 
+class ReportError(ValueError):
+    """A run file the report cannot read (one line naming the file)."""
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records of a ``metrics.jsonl``: JSON objects with an integer ``step``; a line that is
+    not one (cut by a kill, not UTF-8, not JSON) is skipped."""
+    recs = []
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise ReportError(f"{path}: cannot read ({e.strerror or e})") from None
+    for line in raw.splitlines():
+        try:
+            rec = json.loads(line.decode("utf-8"))
+        except ValueError:  # UnicodeDecodeError, JSONDecodeError: a run still writing its last line, or damage
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and not isinstance(rec["step"], bool):
+            recs.append(rec)
+    return recs
+
+
+def _read_mapping(path: Path, parse) -> dict:
+    """A run's small JSON / YAML file as a mapping ({} when absent); damage is one line naming it."""
+    if not path.is_file():
+        return {}
+    try:
+        value = parse(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise ReportError(f"{path}: unreadable ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ReportError(f"{path}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
 def load_run(d: str | Path) -> RunLog:
     d = Path(d)
-    recs = []
-    for line in open(d / "metrics.jsonl"):
-        line = line.strip()
-        if line:
-            try:
-                recs.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a run still writing its last line
-    cfg = yaml.safe_load((d / "config.yaml").read_text()) if (d / "config.yaml").is_file() else {}
-    summ = json.loads((d / "summary.json").read_text()) if (d / "summary.json").is_file() else {}
-    meta = json.loads((d / "run.json").read_text()) if (d / "run.json").is_file() else {}
+    recs = read_records(d / "metrics.jsonl")
+    cfg = _read_mapping(d / "config.yaml", yaml.safe_load)
+    summ = _read_mapping(d / "summary.json", json.loads)
+    meta = _read_mapping(d / "run.json", json.loads)
     method = meta.get("method") or _label(cfg or {})
     seed = int(meta.get("seed", (cfg or {}).get("train", {}).get("seed", 0)))
     return RunLog(d, method, seed, recs, summ, cfg or {})

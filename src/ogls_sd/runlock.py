@@ -170,3 +170,46 @@ def holding_run_lock(fn):
             return fn(cfg, *args, **kwargs)
 
     return wrapper
+
+
+# ------------------------------------------------------------------ a fresh run in a used directory
+RUN_FILES = ("config.yaml", "metrics.jsonl", "completions.jsonl", "summary.json", "checkpoints", "eval", "tb")
+
+
+class RunDirInUse(ValueError):
+    """A fresh run was asked for in a directory that holds another run's files (one line)."""
+
+
+def previous_run_files(output_dir: str | os.PathLike) -> list[str]:
+    """The files and directories of a run already in ``output_dir`` (names from :data:`RUN_FILES`)."""
+    d = Path(output_dir)
+    return [name for name in RUN_FILES if (d / name).exists()]
+
+
+def check_fresh_run_dir(output_dir: str | os.PathLike, overwrite: bool, restart_unsaved: bool = False) -> list[str]:
+    """A fresh run may start in ``output_dir`` only when it holds no other run, unless ``overwrite``
+    (``ogls-sd train --overwrite``): a fresh run would otherwise mix its metrics and checkpoints
+    with the old run's. ``restart_unsaved`` (``--resume latest`` found no checkpoint): a run that
+    was stopped before its first checkpoint and never finished may restart. Raises
+    :class:`RunDirInUse`; returns the files that :func:`clear_previous_run` will remove."""
+    found = previous_run_files(output_dir)
+    blocking = [n for n in found if n == "summary.json"] if restart_unsaved else found
+    if blocking and not overwrite:
+        raise RunDirInUse(
+            f"{output_dir} holds another run ({', '.join(found)}): a fresh run there would mix with it. Resume it "
+            "(--resume latest), choose another output directory (-o / train.output_dir), or pass --overwrite to "
+            "replace it")
+    return found
+
+
+def clear_previous_run(output_dir: str | os.PathLike, names: list[str]) -> None:
+    """Remove the previous run's files (``--overwrite``), once every check of the new run passed."""
+    import shutil
+
+    d = Path(output_dir)
+    for name in names:
+        p = d / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()

@@ -190,7 +190,8 @@ class Sharding:
         every rank writes its own shards under ``path``. Collective."""
         import torch.distributed.checkpoint as dcp
 
-        dcp.save(self._sharded_state(optimizer, teacher), checkpoint_id=str(path))
+        with dcp_errors(path, "writing the sharded optimizer / EMA state to"):
+            dcp.save(self._sharded_state(optimizer, teacher), checkpoint_id=str(path))
 
     def load_sharded(self, path, optimizer, teacher) -> None:
         """Inverse of :meth:`save_sharded`, in place. Collective."""
@@ -198,10 +199,39 @@ class Sharding:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
         st = self._sharded_state(optimizer, teacher)
-        dcp.load(st, checkpoint_id=str(path))
+        with dcp_errors(path, "reading the sharded optimizer / EMA state from"):
+            dcp.load(st, checkpoint_id=str(path))
         set_optimizer_state_dict(self.policy, optimizer, st["optimizer"])
         if "ema" in st:
             teacher.copy.load_state_dict(st["ema"])
+
+
+@contextlib.contextmanager
+def dcp_errors(path, action: str) -> Iterator[None]:
+    """``torch.distributed.checkpoint`` reports every rank's failure as one ``CheckpointException``,
+    a ``BaseException`` that ``except Exception`` never sees (each rank then printed hundreds of
+    lines): turn it into a one-line :class:`~ogls_sd.checkpoint.CheckpointError` naming ``path``
+    ("no space left on device" when a rank ran out of disk)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as e:
+        raise dcp_failure(path, action, e) from None
+
+
+def dcp_failure(path, action: str, e: BaseException) -> Exception:
+    """The one-line error for a failed sharded read or write (see :func:`dcp_errors`)."""
+    from .checkpoint import CheckpointError, describe_failure, write_failure
+
+    failures = getattr(e, "failures", None) or {}
+    inner = [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+    inner = [x for x in inner if isinstance(x, BaseException)] or [e]
+    ranks = ", ".join(map(str, sorted(failures))) or "?"
+    why = next((w for w in map(write_failure, inner) if w is not None), None)
+    if why is not None:
+        return CheckpointError(f"{action} {path}: {why} (process(es) {ranks})")
+    return CheckpointError(f"{action} {path} failed on process(es) {ranks} ({describe_failure(inner[0])})")
 
 
 def _lazy_init(model: nn.Module) -> None:

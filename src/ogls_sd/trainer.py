@@ -28,7 +28,7 @@ from .algorithms import Group, Rollout, StepBatch, build_algorithm, teacher_kind
 from .registry import ALGORITHMS
 from .checkpoint import (SHARDED, CheckpointError, check_resume_config, checkpoint_dirs, load_ema, load_model_weights,
                          load_trainer_state, rank_rng, read_state, resolve_resume, restoring, rng_state, save_checkpoint,
-                         set_rng_state, step_of, weights_fingerprint)
+                         saved_world_size, set_rng_state, step_of, weights_fingerprint)
 from .config import Config, ConfigError
 from .distributed import (barrier, gather_objects, globalize_plan, rank_slice, sum_across_ranks, sum_dicts, sum_gradients,
                           world)
@@ -36,7 +36,7 @@ from .evaluate import check_eval_prompts, check_prompt_fits, context_limit, eval
 from .markers import loop_fraction, marker_metrics
 from .models import load_policy
 from .rewards.functions import RewardError, RewardSet, RewardSpec, resolve
-from .runlock import holding_run_lock
+from .runlock import check_fresh_run_dir, clear_previous_run, holding_run_lock
 from .sharding import clip_grad_norm, is_sharded
 from .rollout import SamplingParams, build_backend
 from .teacher import Teacher
@@ -45,6 +45,18 @@ from .templates import PromptBuilder
 
 class TrainingHalted(RuntimeError):
     """The run stopped itself (e.g. too many non-finite steps) after saving a checkpoint."""
+
+
+class NonFiniteWeights(RuntimeError):
+    """An optimizer step left a weight non-finite (inf / NaN): the run stops before saving anything."""
+
+
+def weights_finite(params: list) -> bool:
+    """Every trainable weight is finite (FSDP2: each process checks its own shards, and the
+    answer is agreed across processes)."""
+    local = [p.detach().to_local() if is_sharded(p) else p.detach() for p in params]
+    ok = bool(torch.stack([torch.isfinite(t).all() for t in local]).all()) if local else True
+    return sum_across_ranks([0.0 if ok else 1.0])[0] == 0.0
 
 
 def _progress(console: Console) -> Progress:
@@ -109,8 +121,7 @@ class MetricsLog:
             self.f, self.tracker = None, None
             return
         if keep_until_step is not None and path.is_file():
-            kept = [ln for ln in path.read_text().splitlines()
-                    if ln.strip() and _parse_step(ln) is not None and _parse_step(ln) <= keep_until_step]
+            kept = [ln for ln in _text_lines(path) if _parse_step(ln) is not None and _parse_step(ln) <= keep_until_step]
             path.write_text("".join(ln + "\n" for ln in kept))
         elif keep_until_step is None and path.is_file():
             path.unlink()  # a fresh run in an existing directory starts a fresh log
@@ -120,7 +131,10 @@ class MetricsLog:
     def write(self, rec: dict) -> None:
         if not self.enabled:
             return
-        self.f.write(json.dumps(rec, sort_keys=True) + "\n")
+        try:
+            self.f.write(json.dumps(rec, sort_keys=True) + "\n")
+        except OSError as e:  # a full disk: name the file
+            raise OSError(e.errno, f"appending to {self.path}: {e.strerror or e}") from None
         if self.tracker is not None:
             self.tracker.log(rec, step=rec.get("step"))
 
@@ -130,6 +144,19 @@ class MetricsLog:
         self.f.close()
         if self.tracker is not None:
             self.tracker.close()
+
+
+def _text_lines(path: Path) -> list[str]:
+    """The UTF-8 lines of ``path``; a line that is not UTF-8 (damage) is dropped like a cut one."""
+    out = []
+    for raw in path.read_bytes().splitlines():
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if line.strip():
+            out.append(line)
+    return out
 
 
 def _parse_step(line: str) -> int | None:
@@ -449,6 +476,16 @@ def check_initial_weights(ckpt: Path, state: dict, init_weights: dict) -> None:
             "or start a new run in another train.output_dir")
 
 
+def check_world_size(ckpt: Path, saved: int | None, now: int) -> None:
+    """A run continues exactly only with the number of processes it was saved with: each process
+    samples its own share of a step's prompts from its own RNG stream."""
+    if saved is not None and saved != now:
+        raise CheckpointError(
+            f"--resume {ckpt}: the run was saved by {saved} process(es), this launch has {now}; each process samples its "
+            f"own share of a step's prompts from its own RNG stream, so another number would continue on another "
+            f"trajectory. Launch {saved} process(es), or start a new run (another train.output_dir)")
+
+
 def finished_summary(run: Path, start: int, cfg: Config) -> dict | None:
     """The run's ``summary.json`` when it already finished at ``train.steps == start``, else None."""
     if start != cfg.train.steps or not (run / "summary.json").is_file():
@@ -470,8 +507,12 @@ def reward_specs(cfg: Config, extra=()) -> list[RewardSpec]:
 
 
 @holding_run_lock  # one run per output directory (<output_dir>/.lock); before anything in it is touched
-def train(cfg: Config, console: Console | None = None, *, model=None, tokenizer=None, task=None, rewards=()) -> dict:
+def train(cfg: Config, console: Console | None = None, overwrite: bool = False, *, model=None, tokenizer=None, task=None,
+          rewards=()) -> dict:
     """Run training as configured; returns the summary (also written to ``summary.json``).
+
+    A fresh run in a directory that holds another run is refused unless ``overwrite`` (then the
+    old run's files are removed once every check of the new run has passed).
 
     The Python API (:mod:`ogls_sd.api`) passes what a config cannot hold: ``model`` / ``tokenizer``
     objects, the training data as a ``task``, and reward functions as callables (``rewards``: after
@@ -502,6 +543,7 @@ def train(cfg: Config, console: Console | None = None, *, model=None, tokenizer=
             console.print(f"the run already reached train.steps={cfg.train.steps} ({resume_from}): nothing to do",
                           markup=False, highlight=False)
             return finished
+    old_run = [] if resume_from is not None else check_fresh_run_dir(run, overwrite, restart_unsaved=bool(cfg.train.resume))
     set_seed(cfg.train.seed)
     # device=auto without a GPU is CPU: say so, or accelerate would not join the processes of
     # a multi-process CPU launch into one group (each would think it is rank 0).
@@ -524,9 +566,9 @@ def train(cfg: Config, console: Console | None = None, *, model=None, tokenizer=
     if fsdp and world()[1] < 2:
         raise ValueError("train.fsdp=true shards across processes: launch several (accelerate launch --config_file "
                          "configs/accelerate/fsdp.yaml, or torchrun --nproc_per_node N); with one process leave it off")
-    if accel.is_main_process:
-        cfg.save(run / "config.yaml")
-    else:  # data parallel: one rank reports (errors still raise on every rank)
+    if resume_from is not None:  # before anything is loaded: the recorded number of processes, if any
+        check_world_size(resume_from, resume_state.get("world_size"), world()[1])
+    if not accel.is_main_process:  # data parallel: one rank reports (errors still raise on every rank)
         console = Console(quiet=True)
 
     # ---- policy, teacher (θ₀ is taken before any checkpoint is loaded), algorithm, optimizer
@@ -574,6 +616,7 @@ def train(cfg: Config, console: Console | None = None, *, model=None, tokenizer=
     start = 0
     if resume_from is not None:
         state = load_trainer_state(resume_from)
+        check_world_size(resume_from, saved_world_size(state), world()[1])
         start = int(state["step"])
         if start != resume_state["step"]:
             raise CheckpointError(f"{resume_from}: trainer_state.pt is at step {start} but state.json at step "
@@ -595,7 +638,7 @@ def train(cfg: Config, console: Console | None = None, *, model=None, tokenizer=
             with restoring(resume_from / "teacher_ema.safetensors", "EMA teacher state"):
                 teacher.load_state_dict(ema)
         summary.update(resume_state.get("summary", {}))
-        console.print(f"resuming from {resume_from} (step {start})")
+        console.print(f"resuming from {resume_from} (step {start})", markup=False, highlight=False)
 
     # The model is not wrapped (no DDP): the algorithms call the backbone directly, and gradients
     # are summed across ranks explicitly after the micro-batch loop (distributed.py), or
@@ -609,6 +652,12 @@ def train(cfg: Config, console: Console | None = None, *, model=None, tokenizer=
     backend = build_backend(cfg.rollout, policy, prompts.pad_id, prompts.eos_id, cfg=cfg, is_main_process=accel.is_main_process)
     sampling = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
     heldout = task.examples(cfg.data.eval_size, seed=cfg.data.seed, split="test")
+    if cfg.eval.before_after or cfg.eval.every:  # before training, on every rank: the whole held-out set fits
+        check_eval_prompts(heldout, [prompts.student_ids(ex) for ex in heldout], cfg.eval.max_new_tokens, limit)
+    # every check passed: only now is the run directory written (a refused run changes nothing in it)
+    if is_main:
+        clear_previous_run(run, old_run)  # --overwrite (or a run stopped before its first checkpoint)
+        cfg.save(run / "config.yaml")
     from .tracking import open_tracker
 
     log = MetricsLog(run / "metrics.jsonl", open_tracker(cfg.train.report_to, run, cfg.to_dict(), name=run_name) if is_main else None,
@@ -631,9 +680,6 @@ def train(cfg: Config, console: Console | None = None, *, model=None, tokenizer=
         correct, n = sum_across_ranks([float(sum(res.correct)), float(len(share))])
         return correct / max(1.0, n)
 
-    if cfg.eval.before_after or cfg.eval.every:  # before training, on every rank: the whole held-out set fits
-        check_eval_prompts(heldout, [prompts.student_ids(ex) for ex in heldout], cfg.eval.max_new_tokens, limit)
-
     def checkpoint(step: int) -> Path:
         """Every rank calls it: the ranks' RNG states are gathered, and with FSDP2 the full weights
         (to rank 0) and the optimizer / EMA shards (every rank writes its own) too."""
@@ -646,7 +692,12 @@ def train(cfg: Config, console: Console | None = None, *, model=None, tokenizer=
             if is_main:
                 shutil.rmtree(sharded_dir, ignore_errors=True)
             barrier()
-            shard.save_sharded(sharded_dir, opt, teacher)
+            try:
+                shard.save_sharded(sharded_dir, opt, teacher)  # collective: fails on every process together
+            except CheckpointError:
+                if is_main:  # a full disk keeps nothing half-written
+                    shutil.rmtree(sharded_dir, ignore_errors=True)
+                raise
             barrier()
         failed: Exception | None = None
         if is_main:
@@ -654,7 +705,7 @@ def train(cfg: Config, console: Console | None = None, *, model=None, tokenizer=
                 final = save_checkpoint(
                     run, step, accel.unwrap_model(policy), tok, opt, sched, teacher, cfg.train.keep_last,
                     extra={"summary": {k: v for k, v in summary.items() if k.startswith("accuracy_") or k == "noop_steps"},
-                           "config": cfg.to_dict(), "init_weights": init_weights},
+                           "config": cfg.to_dict(), "init_weights": init_weights, "world_size": world_size},
                     state_dict=full_sd, sharded_dir=sharded_dir, rng_ranks=rngs)
             except Exception as e:  # the other ranks must not wait for a checkpoint that will not come
                 failed = e
@@ -710,6 +761,11 @@ def train(cfg: Config, console: Console | None = None, *, model=None, tokenizer=
                     res = optimize(cfg, algo, plan, accel, policy, params, opt, teacher, shard)
             except RewardError as e:  # only the rollouts' rewards raise it: nothing of this step was applied
                 halt(step, e)
+            if not weights_finite(params):  # e.g. a huge train.lr: never sample from, or save, such weights
+                raise NonFiniteWeights(
+                    f"step {step + 1}: the optimizer step made weights non-finite (inf/NaN; train.lr={cfg.train.lr}, "
+                    f"train.weight_decay={cfg.train.weight_decay}); stopped before saving anything (earlier checkpoints "
+                    "are intact). Lower train.lr or train.weight_decay")
             sched.step()
             if not res.skipped:
                 backend.sync_weights(policy)  # the rollout engine samples the next step from the new weights
@@ -781,5 +837,6 @@ def train(cfg: Config, console: Console | None = None, *, model=None, tokenizer=
         summary["pushed_to"] = push_checkpoint(ckpt, cfg.train.push_to_hub, private=cfg.train.hub_private)
         (run / "summary.json").write_text(json.dumps(summary, indent=1))
         console.print(f"pushed {ckpt / 'model'} to {summary['pushed_to']}", markup=False, highlight=False)
-    console.print(f"run directory: {run}  (summary.json, metrics.jsonl, config.yaml, checkpoints/)")
+    console.print(f"run directory: {run}  (summary.json, metrics.jsonl, config.yaml, checkpoints/)", markup=False,
+                  highlight=False)
     return summary

@@ -35,6 +35,7 @@ and loaded from there on later runs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -309,7 +310,7 @@ def warm_start(cfg: Config, task, task_templates: dict | None, progress=None):
     tok = char_tokenizer()
     path = Path(cfg.warmstart.cache_dir) / cache_key(cfg, getattr(task, "fingerprint", ""))
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32), tok, path
+        return load_cached(path), tok, path
     for d in clean_stale_temporaries(path.parent):
         _say(progress, f"warm start: removed a stale temporary left by a killed run: {d}")
 
@@ -331,6 +332,7 @@ def warm_start(cfg: Config, task, task_templates: dict | None, progress=None):
     _say(progress, describe(record))
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # one per process: concurrent builds never share it
     model.save_pretrained(tmp)
+    record["weights_sha256"] = _sha256(tmp / "model.safetensors")  # verified by every later use
     (tmp / "warmstart.json").write_text(json.dumps(record, indent=1))
     try:
         tmp.rename(path)
@@ -338,4 +340,36 @@ def warm_start(cfg: Config, task, task_templates: dict | None, progress=None):
         if not (path / "model.safetensors").is_file():
             raise
         shutil.rmtree(tmp, ignore_errors=True)
-    return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32), tok, path
+    return load_cached(path), tok, path
+
+
+class WarmStartCacheError(ValueError):
+    """A cached warm start that is damaged (one line naming the file)."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_cached(path: Path):
+    """The cached warm-started model at ``path``, its weights checked against the sha256 recorded
+    in ``warmstart.json`` (caches written before it was recorded load unchecked): a flipped byte
+    or a truncated file is one line naming the file, never a silently different θ₀."""
+    from transformers import LlamaForCausalLM
+
+    from .checkpoint import describe_failure
+
+    weights = Path(path) / "model.safetensors"
+    want = read_record(path).get("weights_sha256")
+    if want and _sha256(weights) != want:
+        raise WarmStartCacheError(f"{weights}: sha256 differs from the one in {Path(path) / 'warmstart.json'} (the "
+                                  f"cached warm start changed after it was written); delete {path} to rebuild it")
+    try:
+        return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except Exception as e:  # SafetensorError, JSON errors, ...: the cache is damaged
+        raise WarmStartCacheError(f"{weights}: cannot load the cached warm start ({describe_failure(e)}); delete "
+                                  f"{path} to rebuild it") from e

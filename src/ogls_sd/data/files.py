@@ -276,10 +276,22 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             except json.JSONDecodeError as e:
                 yield lineno, _RowError(None, f"malformed JSON ({e.msg} at column {e.colno})")
                 continue
+            except (ValueError, RecursionError) as e:  # a > 4300-digit integer, nesting too deep
+                yield lineno, _RowError(None, f"unreadable JSON ({_json_limit(e)})")
+                continue
             if not isinstance(obj, dict):
                 yield lineno, _RowError(None, f"not a JSON object (got {type(obj).__name__})")
                 continue
             yield lineno, obj
+
+
+def _json_limit(e: BaseException) -> str:
+    """What a JSON parser limit means, in a few words."""
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    if "digits" in str(e):
+        return "an integer with more than 4300 digits"
+    return " ".join(str(e).split())[:120]
 
 
 def _decode_file(path: Path) -> str:
@@ -296,6 +308,8 @@ def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(str(path), f"malformed JSON ({e.msg})", row=e.lineno, unit="line") from e
+    except (ValueError, RecursionError) as e:
+        raise DataError(str(path), f"unreadable JSON ({_json_limit(e)})") from None
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):  # {"data": [...]} wrapper
         obj = obj["data"]
     if not isinstance(obj, list):

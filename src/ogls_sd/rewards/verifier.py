@@ -29,7 +29,11 @@ Which answer is graded (boxes): the content of the **last non-empty outermost** 
 (reason ``"hedge"``); the inner box is never graded on its own. The box content is graded as a
 whole: if math-verify cannot parse all of it, it does not fall back to a sub-expression, so a
 two-answer hedge such as ``\\boxed{12 \\lor 13}`` or ``\\boxed{12 \\text{ or } 13}`` does not equal
-``13``. With no box, the rest of the line after the last ``####``, else the value after the last
+``13``. Several values offered at once are a hedge as well (:func:`is_hedge`): ``or`` / ``and``
+in the box (unless the gold answer has them), two different numbers related by ``=`` or
+``\\approx`` (``\\boxed{12 = 13}``; ``x = 13`` is one value), and the last box joined to the box
+before it on the same line (``\\boxed{3} or \\boxed{4}``, read by math-verify as the set {3, 4}).
+With no box, the rest of the line after the last ``####``, else the value after the last
 ``Answer:`` / ``answer is`` is graded.
 
 Result reasons (:attr:`VerifyResult.reason`):
@@ -38,7 +42,7 @@ Result reasons (:attr:`VerifyResult.reason`):
 ``"wrong"``        an answer was found and parsed, and it is not equivalent to the gold answer.
 ``"no_answer"``    no final answer could be extracted from the completion.
 ``"too_long"``     the extracted answer (or the gold answer) is longer than ``max_answer_chars``.
-``"hedge"``        the graded box contains another box.
+``"hedge"``        the graded answer offers several values (a box in the box, "or", ``12 = 13``, joined boxes).
 ``"too_complex"``  the pre-filter rejected the answer (too deeply nested, a huge number such as a
                    power tower or factorial, a huge exponent); math-verify was not run.
 ``"parse_error"``  math-verify could not parse the extracted answer (or the gold answer).
@@ -200,14 +204,21 @@ def extract_answer(text: str) -> str | None:
 
 
 def _last_outermost_box(text: str) -> str | None:
-    """Content of the last non-empty outermost complete ``\\boxed{...}`` / ``\\fbox{...}``, or None.
+    """Content of the last non-empty outermost complete ``\\boxed{...}`` / ``\\fbox{...}``, or None."""
+    boxes = _last_outermost_boxes(text, 1)
+    return text[boxes[0][1]:boxes[0][2]].strip() if boxes else None
+
+
+def _last_outermost_boxes(text: str, k: int) -> list[tuple[int, int, int]]:
+    """The last ``k`` non-empty outermost complete boxes, last first, as (token start, content
+    start, content end).
 
     One pass collects every complete box (in closing order); matched braces make the boxes
     laminar, so walking them backwards, a box that starts after the current outermost one is
     inside it. Outermost boxes are disjoint, so stripping their contents is linear in total.
     """
     if "\\boxed" not in text and "\\fbox" not in text:
-        return None
+        return []
     stack: list[tuple[int, int]] = []  # (token start, content start); (-1, -1): a plain "{"
     boxes: list[tuple[int, int, int]] = []  # (token start, content start, content end)
     for m in _BRACE_TOKENS.finditer(text):
@@ -224,14 +235,91 @@ def _last_outermost_box(text: str) -> str | None:
         else:
             stack.append((-1, -1))
     outer_start = len(text)
+    found: list[tuple[int, int, int]] = []
     for tok_start, start, stop in reversed(boxes):
         if tok_start > outer_start:
             continue  # nested in a later (outermost) box
         outer_start = tok_start
-        content = text[start:stop].strip()
-        if content:
-            return content
-    return None
+        if text[start:stop].strip():
+            found.append((tok_start, start, stop))
+            if len(found) == k:
+                break
+    return found
+
+
+# A hedge (never scores): answers joined by "or"/"and" inside the graded box, several values
+# related by = or ≈ in it, or a box joined to the previous box on the same line (math-verify
+# reads "\\boxed{3} or \\boxed{4}" as the set {3, 4}).
+_OR_WORDS = re.compile(r"(?<![A-Za-z])(?:or|\\lor|\\vee)(?![A-Za-z])", re.IGNORECASE)
+_AND_WORDS = re.compile(r"(?<![A-Za-z])(?:and|\\land|\\wedge)(?![A-Za-z])", re.IGNORECASE)
+_EQUALITIES = re.compile(r"\\(?:approx|simeq|equiv|sim|cong|doteq)(?![A-Za-z])|:=|=|\u2248")
+_JOINED_GAP = 24  # characters between two boxes on one line that math-verify still reads together
+
+
+_SIMPLE_FRACTION = re.compile(r"^([+-]?)\\[dt]?frac\{(\d{1,50})\}\{(\d{1,50})\}$|^([+-]?\d{1,50})/(\d{1,50})$")
+
+
+def _numeric_value(side: str) -> Fraction | None:
+    """A plain number or simple fraction (``12``, ``0.5``, ``\\frac{1}{2}``, ``3/4``), else None."""
+    n = normalize_answer(side)
+    num = _as_number(n)
+    if num is not None:
+        return num
+    m = _SIMPLE_FRACTION.match(n)
+    if m is None:
+        return None
+    if m.group(2) is not None:
+        den = int(m.group(3))
+        return Fraction(int(m.group(2)), den) * (-1 if m.group(1) == "-" else 1) if den else None
+    den = int(m.group(5))
+    return Fraction(int(m.group(4)), den) if den else None
+
+
+def _distinct_values(sides: list[str]) -> bool:
+    """Two of ``sides`` are numbers (or simple fractions) of different value."""
+    values = {v for v in map(_numeric_value, sides) if v is not None}
+    return len(values) > 1
+
+
+_TEXT_OPENER = re.compile(r"\\(?:text|textbf|mbox|mathrm)\{")
+
+
+def _one_value(parts: list[str]) -> bool:
+    """Every part of ``12 \\text{ or } 12``-style text is the same number (the same answer
+    twice, not a hedge)."""
+    values = set()
+    for part in parts:
+        s = _TEXT_OPENER.sub("", part).strip(" \t$")
+        while s.count("}") > s.count("{") and (s.startswith("}") or s.endswith("}")):
+            s = (s[1:] if s.startswith("}") else s[:-1]).strip(" \t$")
+        while s.count("{") > s.count("}") and (s.startswith("{") or s.endswith("{")):
+            s = (s[1:] if s.startswith("{") else s[:-1]).strip(" \t$")
+        v = _numeric_value(s)
+        if v is None:
+            return False
+        values.add(v)
+    return len(values) == 1
+
+
+def is_hedge(completion: str, extracted: str, gold: str) -> bool:
+    """Whether the graded answer hedges between several values (see the module docstring)."""
+    if _BOX_COMMAND.search(extracted):  # a box inside the graded box
+        return True
+    if _OR_WORDS.search(extracted) and not _OR_WORDS.search(gold) and not _one_value(_OR_WORDS.split(extracted)):
+        return True
+    if _AND_WORDS.search(extracted) and not (_AND_WORDS.search(gold) or "," in gold) \
+            and not _one_value(_AND_WORDS.split(extracted)):
+        return True
+    if not _EQUALITIES.search(gold) and _distinct_values(_EQUALITIES.split(extracted)):
+        return True
+    last_two = _last_outermost_boxes(completion, 2)
+    if len(last_two) == 2:
+        (tok, _, _), (_, p_start, p_stop) = last_two
+        gap = completion[p_stop + 1:tok]
+        prev = completion[p_start:p_stop].strip()
+        if len(gap) <= _JOINED_GAP and "\n" not in gap and normalize_answer(prev) != normalize_answer(extracted):
+            return True
+    return False
 
 
 # ------------------------------------------------------------------------------- normalization
@@ -549,11 +637,10 @@ class Verifier:
         start_timeout: float = 120.0,
         prefilter: bool = True,
     ) -> None:
-        if timeout <= 0:
-            raise ValueError("timeout must be > 0")
+        timeout = checked_timeout(timeout)
         if mode not in ("math", "exact"):
             raise ValueError(f"unknown mode {mode!r} (expected 'math' or 'exact')")
-        self.timeout = float(timeout)
+        self.timeout = timeout
         self.max_workers = max_workers or max(1, min(4, os.cpu_count() or 1))
         self.mode: Mode = mode
         self.max_answer_chars = int(max_answer_chars)
@@ -625,7 +712,7 @@ class Verifier:
         gold_s = "" if gold is None else str(gold)
         if len(gold_s) > self.max_answer_chars:
             return VerifyResult(False, "too_long", extracted), None
-        if _BOX_COMMAND.search(extracted):  # a box inside the graded box: a hedge, never scores
+        if is_hedge(completion, extracted, gold_s):  # several values offered: never scores
             return VerifyResult(False, "hedge", extracted), None
         pred_n, gold_n = normalize_answer(extracted), normalize_answer(gold_s)
         if not gold_n:
@@ -693,6 +780,22 @@ def get_default_verifier() -> Verifier:
         return _default
 
 
+MAX_TIMEOUT = 86400.0  # a day: a longer deadline is no deadline (and inf overflows the pipe waits)
+
+
+def checked_timeout(timeout: object) -> float:
+    """``timeout`` as seconds: a finite number in (0, MAX_TIMEOUT]; anything else is a ValueError
+    naming it (``inf`` used to overflow, ``0`` / ``-1`` to grade everything "timeout", ``nan``
+    to switch the deadline off)."""
+    try:
+        t = float(timeout)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"timeout: expected a number of seconds, got {timeout!r}") from None
+    if not 0 < t <= MAX_TIMEOUT:  # False for nan
+        raise ValueError(f"timeout: must be in (0, {MAX_TIMEOUT:g}] seconds, got {timeout!r}")
+    return t
+
+
 def verify(completion: str, gold: str, timeout: float = DEFAULT_TIMEOUT, mode: Mode = "math") -> VerifyResult:
     """Verify one completion against a gold answer with the shared default verifier.
 
@@ -701,7 +804,7 @@ def verify(completion: str, gold: str, timeout: float = DEFAULT_TIMEOUT, mode: M
     v = get_default_verifier()
     with v._lock:
         saved = v.timeout
-        v.timeout = float(timeout)
+        v.timeout = checked_timeout(timeout)
         try:
             return v.verify(completion, gold, mode=mode)
         finally:
@@ -715,7 +818,7 @@ def verify_batch(
     v = get_default_verifier()
     with v._lock:
         saved = v.timeout
-        v.timeout = float(timeout)
+        v.timeout = checked_timeout(timeout)
         try:
             return v.verify_batch(completions, golds, mode=mode)
         finally:

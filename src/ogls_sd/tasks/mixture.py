@@ -5,7 +5,8 @@ Entries are ``SOURCE=WEIGHT`` (the last ``=`` separates them; a source is anythi
 accepts except ``arith``: a file, a hub id, ``reasoning_gym:<task>``, ``champ``). Every source is a
 :class:`~ogls_sd.tasks.dataset.DatasetTask` loaded with the ``data.*`` column settings and split on
 its own (``data.eval_size`` per source, capped by ``data.eval_fraction_max``), so no problem is both
-trained on and held out. A step's ``n`` training prompts: each slot picks a source with probability
+trained on and held out; a problem that several sources hold is kept in the first of them only
+(:func:`without_earlier_problems`, counted in ``data_duplicates``). A step's ``n`` training prompts: each slot picks a source with probability
 proportional to its weight (a seeded draw, a function of the step's seed only, so a resumed run sees
 the same prompts), then takes the next example of that source's own seeded stream. The held-out set
 is the sources' held-out sets in order.
@@ -13,11 +14,38 @@ is the sources' held-out sets in order.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import os
 import random
 from dataclasses import dataclass
 
 from ..data.example import Example
+from ..data.files import normalise_problem
 from .dataset import DatasetTask
+
+
+def _source_key(src: str) -> str:
+    """What "the same source" means: a local path by its real path (``a.jsonl`` and
+    ``dir/../a.jsonl`` are one file), anything else by its name."""
+    return os.path.realpath(src) if os.path.exists(src) else src
+
+
+def without_earlier_problems(sources: list[DatasetTask]) -> list[DatasetTask]:
+    """Drop from each source the rows whose problem (normalised text) an earlier source already
+    has, and re-split it: a problem then lives in one source only, so it is never trained on in
+    one source and held out in another. The dropped rows are counted in ``duplicates``."""
+    seen: set[str] = set()
+    out = []
+    for s in sources:
+        keys = [normalise_problem(ex.problem) for ex in s.all_examples]
+        keep = [ex for ex, k in zip(s.all_examples, keys) if k not in seen]
+        seen.update(keys)
+        dropped = len(s.all_examples) - len(keep)
+        if dropped and not keep:
+            raise ValueError(f"data.mixture: every problem of {s.name} repeats one of an earlier source")
+        out.append(dataclasses.replace(s, all_examples=keep, duplicates=s.duplicates + dropped) if dropped else s)
+    return out
 
 
 def parse_mixture(entries: list[str]) -> list[tuple[str, float]]:
@@ -31,13 +59,16 @@ def parse_mixture(entries: list[str]) -> list[tuple[str, float]]:
             weight = float(w)
         except ValueError:
             raise ValueError(f"data.mixture: entry {e!r}: weight {w!r} is not a number") from None
-        if not weight > 0:
-            raise ValueError(f"data.mixture: entry {e!r}: weight must be > 0")
+        if not (weight > 0 and math.isfinite(weight)):
+            raise ValueError(f"data.mixture: entry {e!r}: weight must be > 0 and finite")
         if src.strip() == "arith":
             raise ValueError("data.mixture: 'arith' (the built-in generator) cannot be mixed; use data.task=arith alone")
         out.append((src.strip(), weight))
-    if len({s for s, _ in out}) != len(out):
-        raise ValueError("data.mixture: a source is listed twice")
+    keys = [_source_key(s) for s, _ in out]
+    for i, k in enumerate(keys):
+        if k in keys[:i]:
+            raise ValueError(f"data.mixture: {out[i][0]!r} is listed twice (the same source as "
+                             f"{out[keys.index(k)][0]!r})")
     return out
 
 
@@ -49,6 +80,7 @@ class MixtureTask:
     weights: list[float]
 
     def __post_init__(self) -> None:
+        self.sources = without_earlier_problems(self.sources)
         total = sum(self.weights)
         self.probs = [w / total for w in self.weights]
         self.name = "+".join(s.name for s in self.sources)
