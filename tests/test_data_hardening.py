@@ -62,7 +62,7 @@ def test_held_out_problem_longer_than_context_is_a_clear_error_before_training(t
 
 
 def test_evaluate_accuracy_checks_the_context(tok, tiny_model):
-    from ogls_sd.evaluate import evaluate_accuracy
+    from ogls_sd.accuracy import evaluate_accuracy
     from ogls_sd.templates import PromptBuilder
 
     pb = PromptBuilder(tok, Config().templates, None)

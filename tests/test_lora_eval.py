@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ogls_sd.evaluate import load_for_eval
+from ogls_sd.loading import load_for_eval
 from ogls_sd.tiny import char_tokenizer
 from ogls_sd.trainer import train
 
@@ -85,7 +85,7 @@ def test_lora_base_uses_the_runs_gguf_file_and_dtype(tmp_path, monkeypatch):
     (what failed before: the adapter was loaded without them)."""
     import ogls_sd.models as models
     from conftest import peaked_tiny_llama
-    from ogls_sd.evaluate import lora_base
+    from ogls_sd.loading import lora_base
 
     calls = []
 

@@ -186,7 +186,7 @@ def test_reading_mix_gives_the_student_share_to_the_context_format():
 
 @pytest.mark.parametrize("style", ["plain", "templated"])
 def test_each_format_budget_is_the_length_of_its_reference(style, monkeypatch):
-    import ogls_sd.evaluate as ev
+    import ogls_sd.accuracy as ev
     import ogls_sd.warmstart as ws
 
     cfg = Config.load(None, TINY_OVERRIDES + [f"data.arith_style={style}", "warmstart.check_size=50", "eval.max_new_tokens=32"])

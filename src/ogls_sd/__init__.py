@@ -9,8 +9,8 @@ The Python API (README, "Python API")::
     summary = train(cfg, data=rows, rewards=[my_reward, (other, 0.5)])
     result = evaluate(cfg, checkpoint=summary["checkpoint"])
 
-``ogls_sd.evaluate`` is the API function; the module of the same name stays importable as
-``from ogls_sd.evaluate import evaluate_accuracy``.
+``ogls_sd.evaluate`` is the API function (the accuracy code itself is :mod:`ogls_sd.accuracy`, model
+loading for evaluation :mod:`ogls_sd.loading`).
 """
 
 __version__ = "0.1.0"

@@ -19,7 +19,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from .config import Config, ConfigError
-from .evaluate import EvalResult, evaluate_accuracy, load_for_eval
+from .accuracy import EvalResult, evaluate_accuracy
+from .loading import load_for_eval
 from .models import load_policy
 from .rewards.functions import RewardSet
 from .tasks import rows_task, task_templates
@@ -56,7 +57,7 @@ def evaluate(cfg: Config | None = None, *, checkpoint: str | None = None, model=
 
     The model is ``model``/``tokenizer``, else ``checkpoint`` (a run checkpoint or model directory),
     else the configured one (``model.name``; the tiny model's warm start). ``data``: as in
-    :func:`train`. Returns an :class:`~ogls_sd.evaluate.EvalResult` (``accuracy``, ``n``,
+    :func:`train`. Returns an :class:`~ogls_sd.accuracy.EvalResult` (``accuracy``, ``n``,
     ``completions``, ``correct``, ``rewards``, ``mean_length``)."""
     from .trainer import reward_specs
 

@@ -264,7 +264,7 @@ def eval(
     if k < 1:
         _fail("--k must be >= 1")
     from .eval_harness import BenchmarkSpec, evaluate_benchmarks
-    from .evaluate import load_for_eval
+    from .loading import load_for_eval
 
     model, tok, task, tpl, info = load_for_eval(cfg, checkpoint)
     evaluate_benchmarks(cfg, model, tok, task, tpl, [BenchmarkSpec.parse(b) for b in benchmark], k, seed,

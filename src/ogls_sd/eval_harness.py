@@ -25,7 +25,7 @@ import torch
 from .config import Config
 from .data.example import Example
 from .eval_metrics import format_rate, maj_at_k, pass_at_k
-from .evaluate import check_eval_prompts, context_limit
+from .accuracy import check_eval_prompts, context_limit
 from .rollout import HFBackend, SamplingParams
 from .templates import PromptBuilder
 

@@ -32,7 +32,7 @@ from .checkpoint import (SHARDED, CheckpointError, check_resume_config, checkpoi
 from .config import Config, ConfigError
 from .distributed import (barrier, gather_objects, globalize_plan, rank_slice, sum_across_ranks, sum_dicts, sum_gradients,
                           world)
-from .evaluate import check_eval_prompts, check_prompt_fits, context_limit, evaluate_accuracy
+from .accuracy import check_eval_prompts, check_prompt_fits, context_limit, evaluate_accuracy
 from .markers import loop_fraction, marker_metrics
 from .models import load_policy
 from .rewards.functions import RewardError, RewardSet, RewardSpec, resolve

@@ -148,9 +148,9 @@ def format_accuracies(model, tok, prompts: PromptBuilder, task, examples: list[E
     student-style solution / a :meth:`wrong_attempt` as the earlier attempt (one fixed wrong attempt
     per problem, seeded). Each format's generation budget is :func:`format_budget` (the length of
     the reference it must reproduce). Each format is scored by
-    :func:`ogls_sd.evaluate.evaluate_accuracy` (same context check, same grading).
+    :func:`ogls_sd.accuracy.evaluate_accuracy` (same context check, same grading).
     """
-    from .evaluate import evaluate_accuracy
+    from .accuracy import evaluate_accuracy
 
     rng = random.Random(f"warmstart/check/{cfg.data.seed}")
     out = {}
