@@ -22,7 +22,8 @@ from ogls_sd.tasks.arith import ArithTask
 from ogls_sd.templates import PromptBuilder
 from ogls_sd.tiny import char_tokenizer
 from ogls_sd.warmstart import (FORMATS, _batch, cache_key, clean_stale_temporaries, describe, format_budget,
-                               read_record, sft_loss, sft_pairs, validation_examples, warm_start, warm_start_done)
+                               read_record, sft_loss, sft_pairs, validation_examples, warm_start, warm_start_done,
+                               warmstart_lr)
 
 from conftest import TINY_OVERRIDES
 
@@ -89,6 +90,16 @@ def test_stopping_rule_needs_the_student_band_and_context_correct():
     off = _ws(target_accuracy=0.25, student_max=0.5, context_target=0)
     assert warm_start_done({"student": 0.3}, off)  # context_target 0: the band alone decides
     assert not warm_start_done({"student": 0.6}, off)
+
+
+def test_learning_rate_warms_up_then_drops_in_the_reading_mix():
+    ws = _ws(lr=0.002, reading_lr_scale=0.25)
+    assert warmstart_lr(1, False, ws) == pytest.approx(0.002 / 20)
+    assert warmstart_lr(10, False, ws) == pytest.approx(0.001)
+    assert warmstart_lr(20, False, ws) == warmstart_lr(500, False, ws) == pytest.approx(0.002)
+    assert warmstart_lr(500, True, ws) == pytest.approx(0.0005)
+    with pytest.raises(ConfigError, match="warmstart.reading_lr_scale"):
+        _ws(reading_lr_scale=0)
 
 
 def test_band_must_be_ordered_and_mixes_must_fit():
@@ -256,7 +267,7 @@ def test_grouped_sft_loss_equals_the_one_batch_loss(tok):
 def test_cache_key_covers_the_new_knobs():
     base = cache_key(Config())
     for ov in ("warmstart.context_target=0.8", "warmstart.student_max=0.6", "warmstart.reading_student_fraction=0.2",
-               "warmstart.context_correct_share=0.7"):
+               "warmstart.context_correct_share=0.7", "warmstart.reading_lr_scale=0.5"):
         assert cache_key(Config.load(None, [ov])) != base, ov
 
 

@@ -119,6 +119,12 @@ def warm_start_done(acc: dict[str, float], ws) -> bool:
     return in_band and (ws.context_target <= 0 or acc["context_correct"] >= ws.context_target)
 
 
+def warmstart_lr(step: int, reading: bool, ws) -> float:
+    """Learning rate of SFT step ``step`` (1-based): ``ws.lr`` after 20 linear warm-up steps, times
+    ``ws.reading_lr_scale`` in the reading mix (consolidates what the student mix taught)."""
+    return ws.lr * min(1.0, step / 20) * (ws.reading_lr_scale if reading else 1.0)
+
+
 def checks_enabled(ws) -> bool:
     """Checks run when either target is set; with both 0 the warm start always runs ``ws.steps``."""
     return ws.target_accuracy > 0 or ws.context_target > 0
@@ -273,7 +279,6 @@ def _train(model, tok, prompts, task, cfg: Config, progress) -> tuple[int, list[
     val = validation_examples(task, cfg)
     rng = random.Random(f"warmstart/{cfg.train.seed}")
     opt = torch.optim.AdamW(model.parameters(), lr=ws.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))  # warm-up, then constant
     model.train()
     task_id = progress.add_task("warm start (SFT)", total=ws.steps, info="") if progress else None
     checks: list[dict] = []
@@ -281,6 +286,8 @@ def _train(model, tok, prompts, task, cfg: Config, progress) -> tuple[int, list[
     t0, c0 = time.time(), time.process_time()
     for step in range(1, ws.steps + 1):
         exs = task.examples(ws.batch_size, seed=cfg.data.seed * 100003 + step - 1 + 1_000_000, split="train")
+        for group in opt.param_groups:
+            group["lr"] = warmstart_lr(step, reading, ws)
         by_kind: dict[str, list] = {}
         for kind, p, t in sft_pairs(task, prompts, exs, cfg, rng, reading=reading):
             by_kind.setdefault(kind, []).append((p, t))
@@ -289,7 +296,6 @@ def _train(model, tok, prompts, task, cfg: Config, progress) -> tuple[int, list[
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        sched.step()
         if progress:
             progress.update(task_id, advance=1, description=f"warm start (SFT) loss {loss.item():.3f}")
         if checks_enabled(ws) and step % ws.check_every == 0 and step < ws.steps:
