@@ -34,10 +34,11 @@ def check_prompt_fits(example: Example, kind: str, n_tokens: int, max_new_tokens
 
 
 def check_eval_prompts(examples: list[Example], prompt_ids: list[list[int]], max_new_tokens: int,
-                       limit: int | None, where: str = "held-out example", kind: str = "student") -> None:
-    """:func:`check_prompt_fits` for evaluation prompts (``kind`` prompts, ``eval.max_new_tokens``)."""
+                       limit: int | None, where: str = "held-out example", kind: str = "student",
+                       setting: str = "eval.max_new_tokens") -> None:
+    """:func:`check_prompt_fits` for evaluation prompts (``kind`` prompts; ``setting`` names the limit)."""
     for ex, ids in zip(examples, prompt_ids):
-        check_prompt_fits(ex, kind, len(ids), max_new_tokens, limit, "eval.max_new_tokens", where)
+        check_prompt_fits(ex, kind, len(ids), max_new_tokens, limit, setting, where)
 
 
 @dataclass
@@ -53,16 +54,17 @@ class EvalResult:
 def evaluate_accuracy(model, tokenizer, prompts: PromptBuilder, task, examples: list[Example],
                       max_new_tokens: int, batch_size: int = 100, params: SamplingParams | None = None,
                       prompt_ids: list[list[int]] | None = None, kind: str = "student",
-                      rewards: RewardSet | None = None) -> EvalResult:
+                      rewards: RewardSet | None = None, where: str = "held-out example",
+                      setting: str = "eval.max_new_tokens") -> EvalResult:
     """Greedy (default) accuracy of ``model`` on ``examples``, from the student prompts or from
     ``prompt_ids`` (one per example; ``kind`` names them in errors, e.g. the warm start's privileged
     and context formats). Graded by ``rewards`` (the run's reward functions: correct = reward >
     ``reward.success_threshold``) or, without them, by ``task.reward`` > 0.5. A prompt that cannot
     fit the model's context with ``max_new_tokens`` is an error (:func:`check_prompt_fits`), before
-    anything is generated."""
+    anything is generated; its message names the example as ``where`` and the limit as ``setting``."""
     params = params or SamplingParams(max_new_tokens=max_new_tokens, greedy=True)
     ids = prompt_ids if prompt_ids is not None else [prompts.student_ids(ex) for ex in examples]
-    check_eval_prompts(examples, ids, params.max_new_tokens, context_limit(model), kind=kind)
+    check_eval_prompts(examples, ids, params.max_new_tokens, context_limit(model), where, kind, setting)
     backend = HFBackend(model, prompts.pad_id, prompts.eos_id, batch_size)
     comps = backend.generate(ids, params)
     texts = [tokenizer.decode(c.ids, skip_special_tokens=True) for c in comps]

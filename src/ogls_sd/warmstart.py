@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from .accuracy import evaluate_accuracy
 from .config import Config
 from .data.example import Example
 from .templates import PromptBuilder
@@ -156,8 +157,6 @@ def format_accuracies(model, tok, prompts: PromptBuilder, task, examples: list[E
     the reference it must reproduce). Each format is scored by
     :func:`ogls_sd.accuracy.evaluate_accuracy` (same context check, same grading).
     """
-    from .accuracy import evaluate_accuracy
-
     rng = random.Random(f"warmstart/check/{cfg.data.seed}")
     out = {}
     for fmt in formats:
@@ -172,7 +171,8 @@ def format_accuracies(model, tok, prompts: PromptBuilder, task, examples: list[E
                   for ex, a in zip(examples, attempts)]
         n = format_budget(task, prompts, examples, fmt)
         out[fmt] = evaluate_accuracy(model, tok, prompts, task, examples, n, cfg.eval.batch_size,
-                                     prompt_ids=ps, kind=TEMPLATE_OF[fmt]).accuracy
+                                     prompt_ids=ps, kind=TEMPLATE_OF[fmt], where="warm-start check example",
+                                     setting="the warm-start budget").accuracy
     return out
 
 
