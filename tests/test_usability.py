@@ -266,3 +266,14 @@ def test_library_progress_bars_are_quiet_by_default(tmp_path, monkeypatch):
     monkeypatch.setenv("OGLS_SD_LIBRARY_BARS", "1")
     CliRunner().invoke(app, ["eval", "--checkpoint", str(tmp_path / "missing")])
     assert hf_logging.is_progress_bar_enabled()
+
+
+def test_torch_threads_by_rule():
+    """train.threads=0: OMP_NUM_THREADS wins, else one thread for the tiny model, else torch's default."""
+    from ogls_sd.config import Config
+    from ogls_sd.trainer import torch_threads
+
+    tiny, named = Config(), Config.load(None, ["model.name=some/hub-model"])
+    assert torch_threads(tiny, {}) == 1 and torch_threads(named, {}) is None
+    assert torch_threads(tiny, {"OMP_NUM_THREADS": "4"}) is None  # torch reads it itself
+    assert torch_threads(Config.load(None, ["train.threads=3"]), {"OMP_NUM_THREADS": "4"}) == 3

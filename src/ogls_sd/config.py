@@ -397,7 +397,7 @@ class SFTConfig(_Section):
 class TrainConfig(_Section):
     _section = "train"
     _nonneg = ("weight_decay", "max_grad_norm", "warmup_steps", "save_every", "keep_last", "log_completions",
-               "log_completions_prompts", "seed")
+               "log_completions_prompts", "seed", "threads")
     _positive = ("steps", "prompts_per_step", "lr", "micro_batch_size", "max_nonfinite_steps")
     algorithm: str = opt("ogls_sd", "Training algorithm, one module of ogls_sd/algorithms/ each (docs/algorithms/): ogls_sd (method.md §3), opsd (§1), sft (NLL on reference solutions), rft (NLL on correct rollouts), grpo (RLVR), opsd_grpo (L_GRPO + hybrid.alpha * L_OPSD), and every other registered algorithm (listed below).", choices=ALGORITHMS)
     steps: int = opt(40, "Optimizer steps.")
@@ -422,6 +422,7 @@ class TrainConfig(_Section):
     reflection_markers: list = opt(None, "Reflection markers counted per completion (case-insensitive) as markers/reflection (method.md §6).", factory=lambda: ["wait", "hmm", "let me check", "actually", "alternatively", "verify"])
     push_to_hub: str = opt("", "Hugging Face hub repository (user/name) that receives the final checkpoint's model/ directory (weights or LoRA adapter, tokenizer, model card) after training; checked before any model is loaded (hub reachable, logged in: `huggingface-cli login` or HF_TOKEN). '' = off; `ogls-sd push CHECKPOINT REPO_ID` uploads any checkpoint later.")
     hub_private: bool = opt(True, "train.push_to_hub / ogls-sd push: create the repository private.")
+    threads: int = opt(0, "torch CPU threads of this process. 0 = by rule: OMP_NUM_THREADS when it is set, else 1 for the built-in tiny model (its small matrices gain nothing from more threads, and spin-waiting threads crawl on a busy CPU: 6 tiny steps took 27.2 s with torch's default against 11.9 s with one), else torch's default.")
     resume: str = opt("", "Resume: '' (start fresh), 'latest' (newest checkpoint in output_dir; fresh if none) or a checkpoint directory. Continues exactly: weights, optimizer, scheduler, EMA teacher, RNG states, data position. Checkpoints are verified against their sha256 manifest (latest falls back to the newest that verifies); a changed config field outside the allowed set (train.steps upward, saving, logging, eval, paths) or fewer train.steps than done is an error (docs/reliability.md).")
     max_nonfinite_steps: int = opt(5, "A step whose loss or gradient is not finite is skipped (counted as nonfinite/skipped); after this many in a row the run stops with a checkpoint.")
 

@@ -497,6 +497,16 @@ def finished_summary(run: Path, start: int, cfg: Config) -> dict | None:
     return summ if isinstance(summ, dict) and summ.get("steps") == start and "output_dir" in summ else None
 
 
+def torch_threads(cfg: Config, env) -> int | None:
+    """``train.threads``, or by rule when 0: OMP_NUM_THREADS when set (torch reads it itself: None),
+    1 for the built-in tiny model, else None (torch's default)."""
+    if cfg.train.threads:
+        return cfg.train.threads
+    if env.get("OMP_NUM_THREADS"):
+        return None
+    return 1 if cfg.model.name == "tiny" else None
+
+
 def reward_specs(cfg: Config, extra=()) -> list[RewardSpec]:
     """``reward.funcs`` and the Python API's ``rewards``, imported: a module that does not import is
     a :class:`ConfigError` naming the entry, before any data or model is loaded."""
@@ -544,6 +554,9 @@ def train(cfg: Config, console: Console | None = None, overwrite: bool = False, 
                           markup=False, highlight=False)
             return finished
     old_run = [] if resume_from is not None else check_fresh_run_dir(run, overwrite, restart_unsaved=bool(cfg.train.resume))
+    threads = torch_threads(cfg, os.environ)
+    if threads:
+        torch.set_num_threads(threads)
     set_seed(cfg.train.seed)
     # device=auto without a GPU is CPU: say so, or accelerate would not join the processes of
     # a multi-process CPU launch into one group (each would think it is rank 0).
