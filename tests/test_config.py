@@ -94,3 +94,12 @@ def test_loss_options_are_checked_when_the_config_loads(overrides, message):
     """The loss module's own rules (DivergenceSpec) run at config load, before any model loads."""
     with pytest.raises(ConfigError, match=message):
         Config.load(None, overrides)
+
+
+def test_a_mistyped_key_or_section_gets_a_did_you_mean():
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) train.lrr \(did you mean train.lr\?\)"):
+        Config.load(None, ["train.lrr=1"])
+    with pytest.raises(ConfigError, match=r"unknown section\(s\) trian; .*\(did you mean train\?\)"):
+        Config.load(None, ["trian.lr=1"])
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) train.zzzz$"):  # nothing close: no guess
+        Config.load(None, ["train.zzzz=1"])

@@ -493,7 +493,8 @@ class Config:
         sections = section_classes()
         unknown = set(d) - set(sections)
         if unknown:
-            raise ConfigError(f"{source}: unknown section(s) {', '.join(sorted(map(str, unknown)))}; known: {', '.join(sections)}")
+            raise ConfigError(f"{source}: unknown section(s) {', '.join(sorted(map(str, unknown)))}; known: {', '.join(sections)}"
+                              + _did_you_mean(unknown, sections))
         kwargs: dict = {"sections": {}}
         for name, sec_cls in sections.items():
             raw = d.get(name, {}) or {}
@@ -502,7 +503,8 @@ class Config:
             known = {sf.name: sf for sf in dataclasses.fields(sec_cls)}
             bad = set(raw) - set(known)
             if bad:
-                raise ConfigError(f"{source}: unknown key(s) {', '.join(f'{name}.{k}' for k in sorted(map(str, bad)))}")
+                raise ConfigError(f"{source}: unknown key(s) {', '.join(f'{name}.{k}' for k in sorted(map(str, bad)))}"
+                                  + _did_you_mean(bad, known, prefix=f"{name}."))
             vals = {k: _coerce(f"{name}.{k}", v, known[k], sec_cls) for k, v in raw.items()}
             try:
                 section = sec_cls(**vals)
@@ -579,6 +581,17 @@ class Config:
         if sections:
             d = {s: d[s] for s in sections}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _did_you_mean(bad, known, prefix: str = "") -> str:
+    """`` (did you mean train.lr?)`` for the first unknown name with a close known one, else ``""``."""
+    import difflib
+
+    for name in sorted(map(str, bad)):
+        close = difflib.get_close_matches(name[:200], list(known), n=1)
+        if close:
+            return f" (did you mean {prefix}{close[0]}?)"
+    return ""
 
 
 def section_classes() -> dict[str, type]:
