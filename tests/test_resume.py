@@ -58,3 +58,6 @@ def test_sigkill_mid_run_then_resume_is_exact(tmp_path):
         assert (a[k] == b[k]).all(), k
     assert _metrics(full) == _metrics(cut)
     assert [r["step"] for r in _metrics(cut)] == list(range(1, STEPS + 1))
+    # wall_seconds counts every segment: at least what the killed segment had recorded at its checkpoint
+    first_segment = json.loads((target / "state.json").read_text())["summary"]["wall_seconds"]
+    assert json.loads((cut / "summary.json").read_text())["wall_seconds"] >= first_segment > 0

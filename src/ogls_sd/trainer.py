@@ -626,6 +626,7 @@ def train(cfg: Config, console: Console | None = None, overwrite: bool = False, 
         summary["data_duplicates"] = task.duplicates
         console.print(f"[yellow]data:[/] dropped {task.duplicates} rows whose problem repeats an earlier row's "
                       "(the first is kept, so no problem is both trained on and held out)")
+    wall_before = 0.0  # wall seconds of the earlier segments of a resumed run
     start = 0
     if resume_from is not None:
         state = load_trainer_state(resume_from)
@@ -651,6 +652,7 @@ def train(cfg: Config, console: Console | None = None, overwrite: bool = False, 
             with restoring(resume_from / "teacher_ema.safetensors", "EMA teacher state"):
                 teacher.load_state_dict(ema)
         summary.update(resume_state.get("summary", {}))
+        wall_before = float(summary.pop("wall_seconds", 0.0) or 0.0)  # the segments before this one
         console.print(f"resuming from {resume_from} (step {start})", markup=False, highlight=False)
 
     # The model is not wrapped (no DDP): the algorithms call the backbone directly, and gradients
@@ -717,7 +719,8 @@ def train(cfg: Config, console: Console | None = None, overwrite: bool = False, 
             try:
                 final = save_checkpoint(
                     run, step, accel.unwrap_model(policy), tok, opt, sched, teacher, cfg.train.keep_last,
-                    extra={"summary": {k: v for k, v in summary.items() if k.startswith("accuracy_") or k == "noop_steps"},
+                    extra={"summary": {**{k: v for k, v in summary.items() if k.startswith("accuracy_") or k == "noop_steps"},
+                                       "wall_seconds": round(wall_before + time.time() - t_start, 1)},
                            "config": cfg.to_dict(), "init_weights": init_weights, "world_size": world_size},
                     state_dict=full_sd, sharded_dir=sharded_dir, rng_ranks=rngs)
             except Exception as e:  # the other ranks must not wait for a checkpoint that will not come
@@ -841,7 +844,7 @@ def train(cfg: Config, console: Console | None = None, overwrite: bool = False, 
         # greedy decoding: the eval.every measurement after the last step is the same number
         summary["accuracy_after"] = last_eval[1] if last_eval and last_eval[0] == cfg.train.steps else held_out_accuracy()
         console.print(f"held-out accuracy after training:  [bold]{summary['accuracy_after']:.3f}[/] (n={len(heldout)})")
-    summary["wall_seconds"] = round(time.time() - t_start, 1)
+    summary["wall_seconds"] = round(wall_before + time.time() - t_start, 1)  # every segment of a resumed run
     if is_main:
         (run / "summary.json").write_text(json.dumps(summary, indent=1))
     if cfg.train.push_to_hub and is_main:  # after summary.json: a failed upload loses nothing
