@@ -179,3 +179,17 @@ def test_single_run_report_plots_only_measured_points(tmp_path):
     assert md.startswith("# Run report: ogls_sd")
     acc = [k for k in lines if k.get("marker") == "o" and k.get("ms") == 5]
     assert acc and all(k["ls"] == "none" for k in acc)
+
+
+def test_a_killed_run_has_no_final_accuracy_from_step_0(tmp_path):
+    """No summary.json and only the step-0 evaluation: the final accuracy is unknown, not the start."""
+    from ogls_sd.report import run_stats
+
+    d = tmp_path / "killed"
+    d.mkdir()
+    (d / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval/accuracy": 0.4}) + "\n"
+                                     + json.dumps({"step": 1, "reward/mean": 0.5, "loss": 0.1}) + "\n")
+    st = run_stats(load_run(d), threshold=0.5)
+    assert st["accuracy_before"] == 0.4 and st["accuracy_final"] is None
+    (d / "metrics.jsonl").write_text((d / "metrics.jsonl").read_text() + json.dumps({"step": 2, "eval/accuracy": 0.55}) + "\n")
+    assert run_stats(load_run(d), threshold=0.5)["accuracy_final"] == 0.55

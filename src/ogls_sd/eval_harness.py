@@ -159,9 +159,10 @@ def _print_table(results: dict, k: int, console) -> None:
     from rich.table import Table
 
     t = Table(title=f"ogls-sd eval (k={k}, seed={results['seed']})")
-    for col in ("benchmark", "n", f"avg@{k}", "pass@1", f"pass@{k}", f"maj@{k}", "format", "mean len"):
+    passes = ["pass@1"] + ([f"pass@{k}"] if k > 1 else [])  # k = 1: one pass@1 column, not two equal ones
+    for col in ("benchmark", "n", f"avg@{k}", *passes, f"maj@{k}", "format", "mean len"):
         t.add_column(col, justify="right" if col != "benchmark" else "left")
     for name, r in results["benchmarks"].items():
-        t.add_row(name, str(r["n"]), f"{r[f'avg@{k}']:.3f}", f"{r['pass@1']:.3f}", f"{r[f'pass@{k}']:.3f}",
+        t.add_row(name, str(r["n"]), f"{r[f'avg@{k}']:.3f}", *(f"{r[p]:.3f}" for p in passes),
                   f"{r[f'maj@{k}']:.3f}", f"{r['format_rate']:.3f}", f"{r['mean_length']:.1f}")
     console.print(t)

@@ -189,7 +189,8 @@ def run_stats(run: RunLog, threshold: float) -> dict:
     return {
         "method": run.method, "seed": run.seed, "dir": str(run.dir),
         "accuracy_before": run.summary.get("accuracy_before", curve[0][1] if curve and curve[0][0] == 0 else None),
-        "accuracy_final": run.summary.get("accuracy_after", curve[-1][1] if curve else None),
+        # a run without summary.json (killed): its last measurement after step 0, never the step-0 value
+        "accuracy_final": run.summary.get("accuracy_after", after[-1] if after else None),
         "accuracy_best": max(after) if after else None,
         "auc": _auc(curve),
         "tokens_to_threshold": reach,
@@ -233,7 +234,7 @@ def _fmt(d: dict, digits: int = 3, pct: bool = False) -> str:
 
 def markdown_table(agg: dict) -> str:
     thr = agg["threshold"]
-    head = ["method", "seeds", "acc before (%)", "acc final (%)", "acc best (%)", "AUC (%)",
+    head = ["method", "seed list", "acc before (%)", "acc final (%)", "acc best (%)", "AUC (%)",
             f"rollout tokens to {100 * thr:.0f}%", "rollout tokens (total)", "template markers / completion (last 5 steps)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m, row in agg["methods"].items():
