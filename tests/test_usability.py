@@ -277,3 +277,26 @@ def test_torch_threads_by_rule():
     assert torch_threads(tiny, {}) == 1 and torch_threads(named, {}) is None
     assert torch_threads(tiny, {"OMP_NUM_THREADS": "4"}) is None  # torch reads it itself
     assert torch_threads(Config.load(None, ["train.threads=3"]), {"OMP_NUM_THREADS": "4"}) == 3
+
+
+def test_check_validates_config_data_and_context_without_training(tmp_path):
+    """ogls-sd check: resolved config, rewards, data split and the context rule, nothing written."""
+    import json as _json
+
+    from typer.testing import CliRunner
+
+    from ogls_sd.cli import app
+
+    ok = CliRunner().invoke(app, ["check", "--print", "train.steps=2", f"train.output_dir={tmp_path / 'run'}"])
+    assert ok.exit_code == 0, ok.output
+    assert "train:" in ok.output and "config: ok (train.algorithm=ogls_sd, 2 steps" in ok.output
+    assert "model: tiny, context 1024 tokens" in ok.output and not (tmp_path / "run").exists()
+    rows = [{"problem": f"What is {i}+{i}?", "answer": str(2 * i)} for i in range(30)]
+    rows[3]["problem"] = "x" * 3000  # longer than the tiny model's context
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    bad = CliRunner().invoke(app, ["check", f"data.task={data}", "data.eval_size=4"])
+    assert bad.exit_code != 0 and "exceeds the model's context of 1024 tokens" in bad.output
+    assert "d.jsonl:4" in bad.output  # the example is named (file:row)
+    cfg_only = CliRunner().invoke(app, ["check", "--no-model", f"data.task={data}", "data.eval_size=4"])
+    assert cfg_only.exit_code == 0 and "data: " in cfg_only.output and "model:" not in cfg_only.output

@@ -328,6 +328,31 @@ def report(
     print(f"report: {os.path.join(out, 'report.md')}")
 
 
+@app.command(cls=_RawEpilog, epilog=_fields_epilog(),
+             help="Resolve and validate a config without training: every key and value, the reward functions, the "
+                  "data (loaded and split as training splits it) and the model's context limit (its config and "
+                  "tokenizer only, no weights) against every held-out prompt and the prompts of the first training "
+                  "steps. Prints the resolved config with --print. Nothing is written.")
+@_guarded
+def check(
+    ctx: typer.Context,
+    overrides: List[str] = typer.Argument(None, help="section.key=value overrides, as for train"),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML config file (sections as below)."),
+    print_config: bool = typer.Option(False, "--print", help="Print the resolved config (YAML) first."),
+    model: bool = typer.Option(True, "--model/--no-model", help="Also check prompts against the model's context (loads its config and tokenizer)."),
+    debug: bool = _DEBUG,
+):
+    from .check import check as run_check
+
+    cfg = Config.load(config, list(overrides or []))
+    if cfg.reward.funcs:
+        _importable_cwd()
+    if print_config:
+        print(cfg.to_yaml(), end="")
+    for line in run_check(cfg, model=model):
+        print(line)
+
+
 @app.command(help="Upload a checkpoint's model/ (weights or LoRA adapter, tokenizer, model card) to the Hugging Face "
                   "hub (needs `huggingface-cli login` or HF_TOKEN). Optimizer state and shards stay local.")
 @_guarded

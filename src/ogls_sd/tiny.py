@@ -26,6 +26,9 @@ CHAT_TEMPLATE = (
 )
 
 
+TINY_CONTEXT = 1024  # the built-in tiny model's context (max_position_embeddings)
+
+
 def char_tokenizer() -> PreTrainedTokenizerFast:
     """One token per printable ASCII character (plus newline) and 8 special tokens."""
     chars = list(string.printable[:95]) + ["\n"]
@@ -42,7 +45,7 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_llama(vocab_size: int, hidden: int = 128, layers: int = 4, heads: int = 4, intermediate: int = 512,
-               max_positions: int = 1024, pad_token_id: int = 0, eos_token_id: int = 1) -> LlamaForCausalLM:
+               max_positions: int = TINY_CONTEXT, pad_token_id: int = 0, eos_token_id: int = 1) -> LlamaForCausalLM:
     """A small Llama with untied lm head (random init; seed torch first for reproducibility)."""
     cfg = LlamaConfig(
         vocab_size=vocab_size,
