@@ -71,3 +71,11 @@ def test_eval_benchmarks_during_training_write_harness_files_and_keep_training_r
     # the harness's sampling seed does not leak into training: the same rollouts and losses
     assert rows("a") == rows("b")
     assert with_eval["accuracy_after"] == without["accuracy_after"]
+
+
+def test_every_table_names_its_decoding_protocol():
+    from ogls_sd.eval_harness import protocol
+
+    assert protocol({"greedy": True, "temperature": 1.0}, 1) == "greedy, k=1"
+    assert protocol({"greedy": False, "temperature": 1.1, "top_p": 0.95, "top_k": 20}, 4) == "sampled T=1.1 top-p=0.95 top-k=20, k=4"
+    assert protocol({"greedy": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0}, 1) == "sampled T=1.0, k=1"

@@ -256,7 +256,7 @@ def eval(
     benchmark: List[str] = typer.Option(["task"], "--benchmark", "-b", help="'task' (the configured task's held-out set), a registry name (math500, aime24, aime25, hmmt_feb25, amc23, gsm8k, amo_bench, beyond_aime), NAME=PATH for a local copy, or a data file. Repeatable."),
     k: int = typer.Option(1, "--k", help="Samples per problem."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
-    greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding (k copies are identical)."),
+    greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding (k copies are identical), the protocol of training's held-out accuracy (eval/accuracy, accuracy_before/after); without it the samples use rollout.temperature / top_p / top_k. The table's title and results.json name the protocol."),
     output_dir: str = typer.Option("runs/eval", "--output-dir", "-o", help="Where results.json and generations go."),
     debug: bool = _DEBUG,
 ):

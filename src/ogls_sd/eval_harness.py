@@ -155,10 +155,20 @@ def evaluate_benchmarks(cfg: Config, model, tok, task, task_tpl, benchmarks: lis
     return results
 
 
+def protocol(sampling: dict, k: int) -> str:
+    """The decoding protocol in words, for every table: ``greedy`` or ``sampled T=1.0 top-p=0.95 top-k=20, k=4``
+    (training's held-out accuracy is greedy; ``ogls-sd eval`` samples unless --greedy)."""
+    if sampling.get("greedy"):
+        return f"greedy, k={k}"
+    extra = (f" top-p={sampling['top_p']}" if sampling.get("top_p", 1.0) < 1.0 else "") + \
+        (f" top-k={sampling['top_k']}" if sampling.get("top_k", 0) > 0 else "")
+    return f"sampled T={sampling.get('temperature')}{extra}, k={k}"
+
+
 def _print_table(results: dict, k: int, console) -> None:
     from rich.table import Table
 
-    t = Table(title=f"ogls-sd eval (k={k}, seed={results['seed']})")
+    t = Table(title=f"ogls-sd eval ({protocol(results['sampling'], k)}, seed={results['seed']})")
     passes = ["pass@1"] + ([f"pass@{k}"] if k > 1 else [])  # k = 1: one pass@1 column, not two equal ones
     for col in ("benchmark", "n", f"avg@{k}", *passes, f"maj@{k}", "format", "mean len"):
         t.add_column(col, justify="right" if col != "benchmark" else "left")
