@@ -214,11 +214,11 @@ def test_each_format_budget_is_the_length_of_its_reference(style, monkeypatch):
         assert ref_len > 2 * cfg.eval.max_new_tokens  # the old budget (2 x 32) cut these references short
     seen = {}
 
-    def fake_eval(model, tok, prompts, task, examples, n, batch_size, prompt_ids=None, kind="student"):
+    def fake_eval(model, tok, prompts, task, examples, n, batch_size, prompt_ids=None, kind="student", **where):
         seen.setdefault(kind, set()).add(n)
         return ev.EvalResult(0.0, len(examples), [], [], 0.0)
 
-    monkeypatch.setattr(ev, "evaluate_accuracy", fake_eval)
+    monkeypatch.setattr(ws, "evaluate_accuracy", fake_eval)  # the name the warm start calls
     ws.format_accuracies(None, None, prompts, task, val, cfg)
     assert seen == {"student": {plain_len}, "teacher": {ref_len}, "context": {plain_len}}
 

@@ -160,7 +160,8 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: (step_of(p), p.name))
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB blocks (checkpoint manifests, the warm-start cache)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -204,7 +205,7 @@ def write_manifest(ckpt: Path) -> None:
         if rel == MANIFEST:
             continue
         _fsync(p)
-        files[rel] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+        files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
     for d in sorted(q for q in ckpt.rglob("*") if q.is_dir()):
         _fsync(d)  # their entries
     mp = ckpt / MANIFEST
@@ -362,7 +363,7 @@ def verify_checkpoint(ckpt: Path) -> bool:
         size = p.stat().st_size
         if size != meta.get("size"):
             raise CheckpointError(f"{p}: {size} bytes, {MANIFEST} says {meta.get('size')} (truncated or overwritten)")
-        if _sha256(p) != meta.get("sha256"):
+        if sha256_file(p) != meta.get("sha256"):
             raise CheckpointError(f"{p}: sha256 differs from {MANIFEST} (the file changed after it was written)")
     return True
 

@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from .accuracy import evaluate_accuracy
+from .checkpoint import sha256_file
 from .config import Config
 from .data.example import Example
 from .templates import PromptBuilder
@@ -72,7 +73,6 @@ def cache_key(cfg: Config, data_fingerprint: str = "") -> str:
         keep["data"].pop("arith_style", None)
     if data_fingerprint:
         keep["data"]["rows"] = data_fingerprint
-    import hashlib
 
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -338,7 +338,7 @@ def warm_start(cfg: Config, task, task_templates: dict | None, progress=None):
     _say(progress, describe(record))
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # one per process: concurrent builds never share it
     model.save_pretrained(tmp)
-    record["weights_sha256"] = _sha256(tmp / "model.safetensors")  # verified by every later use
+    record["weights_sha256"] = sha256_file(tmp / "model.safetensors")  # verified by every later use
     (tmp / "warmstart.json").write_text(json.dumps(record, indent=1))
     try:
         tmp.rename(path)
@@ -353,14 +353,6 @@ class WarmStartCacheError(ValueError):
     """A cached warm start that is damaged (one line naming the file)."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_cached(path: Path):
     """The cached warm-started model at ``path``, its weights checked against the sha256 recorded
     in ``warmstart.json`` (caches written before it was recorded load unchecked): a flipped byte
@@ -371,7 +363,7 @@ def load_cached(path: Path):
 
     weights = Path(path) / "model.safetensors"
     want = read_record(path).get("weights_sha256")
-    if want and _sha256(weights) != want:
+    if want and sha256_file(weights) != want:
         raise WarmStartCacheError(f"{weights}: sha256 differs from the one in {Path(path) / 'warmstart.json'} (the "
                                   f"cached warm start changed after it was written); delete {path} to rebuild it")
     try:

@@ -57,6 +57,11 @@ class StepBatch:
         return sum(1 for r in self.rollouts if not r.ids)
 
 
+def chunks(items: list, size: int) -> list[list]:
+    """``items`` in consecutive pieces of at most ``size`` (the last may be shorter)."""
+    return [items[s : s + size] for s in range(0, len(items), size)]
+
+
 class StepPlan:
     """What the trainer and the distributed code read of the plan an algorithm makes for a step
     (every algorithm's plan class derives from it):

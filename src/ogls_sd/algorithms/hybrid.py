@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from .base import Algorithm, StepBatch, StepPlan, register_algorithm, student_hidden
+from .base import Algorithm, StepBatch, StepPlan, chunks, register_algorithm, student_hidden
 from .grpo import GRPO, GRPOPlan, build_grpo
 from .ogls_sd import DISTILL_NOOP_HINT, OGLSSD, Plan, build_ogls
 from .opsd import opsd_steering
@@ -34,7 +34,7 @@ class HybridPlan(StepPlan):
 
     def micro_batches(self, size: int) -> list[list[int]]:
         work = sorted(set(self.grpo.work) | set(self.opsd.targets) | set(self.opsd.tail))
-        return [work[s : s + size] for s in range(0, len(work), size)]
+        return chunks(work, size)
 
 
 class OPSDGRPO(Algorithm):

@@ -33,7 +33,7 @@ from ..losses import get_distill_loss, get_token_logprobs
 from ..modeling import SeqBatch, lm_head
 from ..templates import PromptBuilder, join_completion
 from ..teacher import Teacher
-from .base import (EMPTY_METRIC, Algorithm, StepBatch, StepPlan, distill_step_metrics, loss_dtype,
+from .base import (EMPTY_METRIC, Algorithm, StepBatch, StepPlan, chunks, distill_step_metrics, loss_dtype,
                    register_algorithm,
                    student_hidden)
 
@@ -66,7 +66,7 @@ class Plan(StepPlan):
 
     def micro_batches(self, size: int) -> list[list[int]]:
         work = sorted(set(self.targets) | set(self.tail))
-        return [work[s : s + size] for s in range(0, len(work), size)]
+        return chunks(work, size)
 
 
 class OGLSSD(Algorithm):

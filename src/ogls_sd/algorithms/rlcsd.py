@@ -27,7 +27,7 @@ from ..config import _Section, ConfigError, opt
 from ..losses import rlcsd as mod
 from ..modeling import SeqBatch, lm_head
 from ..templates import join_completion
-from .base import EMPTY_METRIC, StepBatch, StepPlan, loss_dtype, register_algorithm, student_hidden
+from .base import EMPTY_METRIC, StepBatch, StepPlan, chunks, loss_dtype, register_algorithm, student_hidden
 from .grpo import GRPO, group_advantages, ppo_clip_loss
 
 
@@ -78,7 +78,7 @@ class RLCSDPlan(StepPlan):
 
     def micro_batches(self, size: int) -> list[list[int]]:
         work = sorted(self.hints)
-        return [work[s : s + size] for s in range(0, len(work), size)]
+        return chunks(work, size)
 
 
 class RLCSD(GRPO):

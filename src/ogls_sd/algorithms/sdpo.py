@@ -29,7 +29,7 @@ from ..losses.sdpo import MODES, sdpo_loss
 from ..modeling import SeqBatch, lm_head
 from ..teacher import Teacher
 from ..templates import PromptBuilder, join_completion
-from .base import Algorithm, EMPTY_METRIC, StepBatch, StepPlan, loss_dtype, register_algorithm, student_hidden
+from .base import Algorithm, EMPTY_METRIC, StepBatch, StepPlan, chunks, loss_dtype, register_algorithm, student_hidden
 
 TRL_REPROMPT = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question.\n"
 TRL_SOLUTION = "\nCorrect solution:\n\n{successful_previous_attempt}\n\n"
@@ -94,7 +94,7 @@ class SDPOPlan(StepPlan):
 
     def micro_batches(self, size: int) -> list[list[int]]:
         work = sorted(self.teacher_prompts)
-        return [work[s : s + size] for s in range(0, len(work), size)]
+        return chunks(work, size)
 
 
 class SDPO(Algorithm):

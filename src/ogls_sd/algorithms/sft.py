@@ -22,7 +22,7 @@ from ..config import LossConfig, SFTConfig
 from ..losses import get_token_logprobs
 from ..modeling import SeqBatch, completion_hidden, lm_head
 from ..templates import PromptBuilder, join_completion
-from .base import Algorithm, EMPTY_METRIC, StepBatch, StepPlan, loss_dtype, register_algorithm, student_hidden
+from .base import Algorithm, EMPTY_METRIC, StepBatch, StepPlan, chunks, loss_dtype, register_algorithm, student_hidden
 
 
 @dataclass
@@ -37,7 +37,7 @@ class NLLPlan(StepPlan):
     GLOBAL_SUMS = ("norm",)  # summed over data-parallel ranks (distributed.globalize_plan)
 
     def micro_batches(self, size: int) -> list[list[int]]:
-        return [self.items[s : s + size] for s in range(0, len(self.items), size)]
+        return chunks(self.items, size)
 
 
 def _nll(token_logprobs, policy, h: Tensor, ids: list[int], norm: float) -> Tensor:
