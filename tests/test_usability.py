@@ -216,7 +216,7 @@ def test_missing_tracker_is_one_line_before_any_model_is_loaded(tmp_path, monkey
 def test_plain_step_lines_when_stdout_is_not_a_terminal(tmp_path):
     import re
 
-    res = _train(tmp_path, "train.steps=3", "eval.before_after=false")  # CliRunner: not a terminal
+    res = _train(tmp_path, "train.steps=3", "eval.before_after=false", "eval.every=0")  # CliRunner: not a terminal
     assert res.exit_code == 0, res.output
     lines = [ln for ln in res.output.splitlines() if ln.startswith("step ")]
     assert len(lines) == 3, res.output
@@ -225,6 +225,17 @@ def test_plain_step_lines_when_stdout_is_not_a_terminal(tmp_path):
                             r"eta \d+:\d\d:\d\d", ln), ln
     assert "━" not in res.output  # no bar at all: the warm start too reports in plain lines
     assert "warm start (SFT): up to 2 steps" in res.output
+
+
+def test_eval_every_accuracy_reaches_the_log(tmp_path):
+    """The eval.every measurement is printed on its step's line, not only written to metrics.jsonl."""
+    import re
+
+    res = _train(tmp_path, "train.steps=2", "eval.before_after=false", "eval.every=2")
+    assert res.exit_code == 0, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("step ")]
+    assert len(lines) == 2 and "held-out acc" not in lines[0], res.output
+    assert re.search(r"  held-out acc \d\.\d{3}  eta ", lines[1]), lines[1]
 
 
 def test_log_completions_writes_prompts_rollouts_rewards_and_pools(tiny_cfg, tmp_path):

@@ -90,7 +90,8 @@ class PlainProgress:
 class StepLines:
     """The training progress when stdout is not a terminal (a log file, CI, ``nohup``): one plain
     line per step instead of a redrawn bar, e.g.
-    ``step 3/40  reward 0.125  loss 0.0123  kl 0.0040  tok/s 812  eta 0:01:23``."""
+    ``step 3/40  reward 0.125  loss 0.0123  kl 0.0040  tok/s 812  eta 0:01:23`` (and ``held-out acc
+    0.640`` on the steps of an ``eval.every`` measurement)."""
 
     def __init__(self, console: Console, total: int, start: int):
         self.console, self.total, self.start, self.t0 = console, total, start, time.time()
@@ -106,6 +107,8 @@ class StepLines:
             parts.append(f"kl {rec['kl/token']:.4f}")
         if "throughput/rollout_tok_s" in rec:
             parts.append(f"tok/s {rec['throughput/rollout_tok_s']:.0f}")
+        if "eval/accuracy" in rec:  # the eval.every measurement reaches the log, not only metrics.jsonl
+            parts.append(f"held-out acc {rec['eval/accuracy']:.3f}")
         parts.append(f"eta {_clock(eta)}")
         self.console.print("  ".join(parts), markup=False, highlight=False, soft_wrap=True)
 
@@ -532,7 +535,9 @@ def train(cfg: Config, console: Console | None = None, overwrite: bool = False, 
 
     from .tracking import check_tracker
 
-    console = console or Console()
+    if console is None:  # off a terminal (a log file, nohup) long lines stay whole instead of wrapping at 80 columns
+        console = Console()
+        console.soft_wrap = not console.is_terminal
     specs = reward_specs(cfg, rewards)  # the user's reward modules import, or one line before anything loads
     check_tracker(cfg.train.report_to)  # a missing optional tracker: one line, before any model is loaded
     if cfg.train.push_to_hub:  # the hub, likewise: never train for hours and then fail to upload
@@ -813,7 +818,8 @@ def train(cfg: Config, console: Console | None = None, overwrite: bool = False, 
                     log.tracker.text("completions", completions_markdown(crec), step + 1)
             if plain is None:
                 progress.update(bar, advance=1, info=f"reward {rec.get('reward/mean', 0.0):.3f}  loss {rec['loss']:.4f}"
-                                + (f"  kl {rec['kl/token']:.3f}" if "kl/token" in rec else ""))
+                                + (f"  kl {rec['kl/token']:.3f}" if "kl/token" in rec else "")
+                                + (f"  held-out acc {last_eval[1]:.3f} (step {last_eval[0]})" if last_eval else ""))
             else:
                 plain.step(rec)
 
