@@ -8,26 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from ogls_sd.cli import app
 from ogls_sd.config import Config, ConfigError
 
 from conftest import TINY_OVERRIDES
+from test_cli_errors import FAST, _plain_env, _train_args, runner  # noqa: F401  (_plain_env: an autouse fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-runner = CliRunner()
-FAST = ["eval.before_after=false", "train.report_to=none"]
-
-
-@pytest.fixture(autouse=True)
-def _plain_env(monkeypatch):
-    monkeypatch.delenv("OGLS_SD_DEBUG", raising=False)
-    monkeypatch.setenv("COLUMNS", "80")  # a wrapped message would show up as a second line
-
-
-def _train_args(out: Path, ws: Path, *extra: str) -> list[str]:
-    return ["train", *TINY_OVERRIDES, f"warmstart.cache_dir={ws}", *FAST, "-o", str(out), *extra]
 
 
 def _fails(res, code: int, *needles: str) -> str:
