@@ -157,11 +157,10 @@ def test_switches_to_the_reading_mix_and_stops_when_both_hold(tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("script", [
-    [{"student": 0.4, "context_correct": 0.85}],  # context never gets there
     [{"student": 0.7, "context_correct": 1.0}],  # student overshoots its band
     [{"student": 0.1, "context_correct": 1.0}],  # student never gets there
 ])
-def test_runs_to_the_cap_unless_both_conditions_hold(tmp_path, monkeypatch, script):
+def test_runs_to_the_cap_without_an_in_band_check(tmp_path, monkeypatch, script):
     _scripted_checks(monkeypatch, script)
     cfg = _cfg(tmp_path, "warmstart.steps=7", "warmstart.check_every=2", "warmstart.target_accuracy=0.3",
                "warmstart.student_max=0.5", "warmstart.context_target=0.9")
@@ -169,6 +168,34 @@ def test_runs_to_the_cap_unless_both_conditions_hold(tmp_path, monkeypatch, scri
     _, _, path = warm_start(cfg, task, task_templates(task))
     rec = read_record(path)
     assert rec["steps"] == 7 and rec["stopped"] == "cap" and [c["step"] for c in rec["checks"]] == [2, 4, 6]
+
+
+def test_at_the_cap_returns_the_in_band_check_that_read_context_best(tmp_path, monkeypatch):
+    """No check meets both conditions: the weights of the in-band check with the highest
+    context_correct come back (step 4 here, not the overshooting step 6 nor the last step 7)."""
+    import ogls_sd.warmstart as ws
+
+    _scripted_checks(monkeypatch, [{"student": 0.35, "context_correct": 0.80},
+                                   {"student": 0.45, "context_correct": 0.88},
+                                   {"student": 0.7, "context_correct": 0.99},
+                                   {"student": 0.4, "context_correct": 0.85}])
+    snapshots = {}
+    real_check = ws._check
+    def spy(model, *a, **k):
+        acc = real_check(model, *a, **k)
+        snapshots[len(snapshots) + 1] = {n: t.clone() for n, t in model.state_dict().items()}
+        return acc
+    monkeypatch.setattr(ws, "_check", spy)
+    cfg = _cfg(tmp_path, "warmstart.steps=9", "warmstart.check_every=2", "warmstart.target_accuracy=0.3",
+               "warmstart.student_max=0.5", "warmstart.context_target=0.9")
+    task = get_task(cfg.data)
+    model, _, path = warm_start(cfg, task, task_templates(task))
+    rec = read_record(path)
+    assert rec["stopped"] == "best_in_band" and rec["steps"] == 4
+    assert [c["step"] for c in rec["checks"]] == [2, 4, 6, 8]
+    got = model.state_dict()
+    assert all(torch.equal(got[n], t) for n, t in snapshots[2].items())  # the check at step 4
+    assert not all(torch.equal(got[n], t) for n, t in snapshots[4].items())  # not the later in-band one
 
 
 def test_reading_mix_gives_the_student_share_to_the_context_format():

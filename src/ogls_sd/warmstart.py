@@ -23,7 +23,10 @@ Checks run every ``warmstart.check_every`` steps on ``warmstart.check_size`` val
 the student format always, ``context_correct`` once the student has reached its target. Training
 stops at the first check where both hold (:func:`warm_start_done`): the student is in its band
 ``[target_accuracy, student_max]`` and ``context_correct >= context_target``; at the latest after
-``warmstart.steps``. At the end the greedy accuracy of every format is measured on the same
+``warmstart.steps``. A warm start that reaches the cap without such a check returns the weights of
+the in-band check with the highest ``context_correct`` (``stopped = best_in_band``; weights kept
+in memory at each new best), so the student stays in its band; only with no in-band check at all
+does the model of the last step stand (``stopped = cap``). At the end the greedy accuracy of every format is measured on the same
 validation problems (:func:`format_accuracies`: student, privileged, context with a correct attempt,
 context with a wrong attempt), each with a token budget derived from the reference it must
 reproduce (:func:`format_budget`), printed, and stored in ``warmstart.json`` next to the weights
@@ -53,8 +56,8 @@ from .data.example import Example
 from .templates import PromptBuilder
 from .tiny import char_tokenizer, tiny_llama
 
-CACHE_VERSION = 3  # 2: stops on an accuracy target, records per-format accuracies, varied wrong attempts;
-# 3: student band and context_correct target, reading mix, per-format budgets
+CACHE_VERSION = 4  # 2: stops on an accuracy target, records per-format accuracies, varied wrong attempts;
+# 3: student band and context_correct target, reading mix, per-format budgets; 4: best in-band check at the cap
 
 
 def cache_key(cfg: Config, data_fingerprint: str = "") -> str:
@@ -113,11 +116,15 @@ def student_reached(acc: dict[str, float], ws) -> bool:
     return acc["student"] >= ws.target_accuracy
 
 
+def in_band(acc: dict[str, float], ws) -> bool:
+    """Whether a check's student accuracy is in its band ``[target_accuracy, student_max]``."""
+    return ws.target_accuracy <= acc["student"] <= ws.student_max
+
+
 def warm_start_done(acc: dict[str, float], ws) -> bool:
     """The stopping rule: the student is in its band ``[target_accuracy, student_max]`` and, when
     ``ws.context_target > 0``, ``context_correct`` (which must then be in ``acc``) reaches it."""
-    in_band = ws.target_accuracy <= acc["student"] <= ws.student_max
-    return in_band and (ws.context_target <= 0 or acc["context_correct"] >= ws.context_target)
+    return in_band(acc, ws) and (ws.context_target <= 0 or acc["context_correct"] >= ws.context_target)
 
 
 def warmstart_lr(step: int, reading: bool, ws) -> float:
@@ -283,6 +290,7 @@ def _train(model, tok, prompts, task, cfg: Config, progress) -> tuple[int, list[
     task_id = progress.add_task("warm start (SFT)", total=ws.steps, info="") if progress else None
     checks: list[dict] = []
     reading = False
+    best = None  # (step, context_correct, weights) of the best in-band check, the fallback at the cap
     t0, c0 = time.time(), time.process_time()
     for step in range(1, ws.steps + 1):
         exs = task.examples(ws.batch_size, seed=cfg.data.seed * 100003 + step - 1 + 1_000_000, split="train")
@@ -305,7 +313,12 @@ def _train(model, tok, prompts, task, cfg: Config, progress) -> tuple[int, list[
             _say(progress, _describe_check(step, checks[-1], ws))
             if warm_start_done(acc, ws):
                 return step, checks, "target"
+            if in_band(acc, ws) and (best is None or acc["context_correct"] > best[1]):
+                best = (step, acc["context_correct"], {k: v.detach().clone() for k, v in model.state_dict().items()})
             reading = student_reached(acc, ws)
+    if best is not None:  # no check met both conditions: the in-band check that read context best
+        model.load_state_dict(best[2])
+        return best[0], checks, "best_in_band"
     return ws.steps, checks, "cap"
 
 
