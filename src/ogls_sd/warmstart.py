@@ -81,9 +81,9 @@ def cache_key(cfg: Config, data_fingerprint: str = "") -> str:
 
 
 def plain_reference(task, ex: Example) -> str:
-    """``ex``'s solution in the student's own style (the task's ``plain_reference`` hook, if any)."""
-    hook = getattr(task, "plain_reference", None)
-    return hook(ex) if hook is not None else ex.reference
+    """``ex``'s solution in the student's own style (:meth:`~ogls_sd.tasks.base.Task.plain_reference`;
+    the reference itself unless the task writes its references in another style)."""
+    return task.plain_reference(ex)
 
 
 def sft_pairs(task, prompts: PromptBuilder, examples: list[Example], cfg: Config, rng: random.Random,
