@@ -284,7 +284,7 @@ class RolloutConfig(_Section):
     _positive = ("num_generations", "max_new_tokens", "temperature", "batch_size", "vllm_timeout_s", "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size")
     _nonneg = ("vllm_max_model_len", "top_k")
     _unit = ("top_p", "vllm_gpu_memory_utilization")
-    backend: str = opt("hf", "Generation backend, one module of ogls_sd/rollout/ each (docs/performance.md): hf = transformers generate with the training model (CPU or GPU); vllm = vLLM engine (GPU only; see rollout.vllm_*); and any other registered name. Every backend takes prompt token ids and returns the sampled token ids.", choices=BACKENDS)
+    backend: str = opt("hf", "Generation backend, one module of ogls_sd/rollout/ each (README, 'Scaling out'): hf = transformers generate with the training model (CPU or GPU); vllm = vLLM engine (GPU only; see rollout.vllm_*); and any other registered name. Every backend takes prompt token ids and returns the sampled token ids.", choices=BACKENDS)
     num_generations: int = opt(8, "Rollouts per prompt (G).")
     max_new_tokens: int = opt(64, "Generation limit per rollout.")
     temperature: float = opt(1.0, "Sampling temperature.")
