@@ -327,7 +327,7 @@ def warm_start(cfg: Config, task, task_templates: dict | None, progress=None):
     from transformers import LlamaForCausalLM
 
     tok = char_tokenizer()
-    path = Path(cfg.warmstart.cache_dir) / cache_key(cfg, getattr(task, "fingerprint", ""))
+    path = Path(cfg.warmstart.cache_dir) / cache_key(cfg, task.fingerprint)
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         return load_cached(path), tok, path
     for d in clean_stale_temporaries(path.parent):

@@ -115,7 +115,7 @@ def register_task(name: str, summary: str, *, argument: str = "", mixable: bool 
 def task_spec(source: str) -> tuple[TaskSpec, str] | None:
     """``(spec, argument)`` of the registered task ``source`` names, or None (a file or hub id)."""
     head, sep, arg = str(source).partition(":")
-    spec = TASKS._items.get(head) if isinstance(source, str) else None
+    spec = TASKS[head] if isinstance(source, str) and head in TASKS else None
     if spec is None or bool(sep) != bool(spec.argument):
         return None
     return spec, arg
@@ -131,8 +131,9 @@ def source_error(source: str, key: str = "data.task") -> str | None:
     found = task_spec(source)
     if found is not None:
         spec, arg = found
-        return f"{key}: {spec.name}: needs {spec.shown} (e.g. {spec.name}:{_example(spec)})" if spec.argument and not arg \
-            else None
+        if spec.argument and not arg:
+            return f"{key}: {spec.name}: needs {spec.shown} (e.g. {spec.name}:{_example(spec)})"
+        return None
     if os.path.exists(source) or "/" in source or "." in source:
         return None
     head = source.partition(":")[0]
