@@ -43,12 +43,14 @@ class EchoBackend:
 def echo(monkeypatch):
     """Register the ``echo`` backend for one test (the registry is restored afterwards)."""
     monkeypatch.setattr(BACKENDS, "_items", dict(BACKENDS._items))
+    built: list[EchoBackend] = []
 
     @register_backend("echo", "answers every prompt with the same ids")
     def build_echo(rollout, model, pad_id, eos_id, **_):
-        return EchoBackend([model.answer_id, eos_id], rollout.batch_size)
+        built.append(EchoBackend([getattr(model, "answer_id", 7), eos_id], rollout.batch_size))
+        return built[-1]
 
-    return build_echo
+    return built
 
 
 class Model:  # what the echo backend reads of a "model"
@@ -191,3 +193,25 @@ def test_arith_task_supplies_its_templates_and_plain_reference():
     assert task_templates(task) is task.templates() and task.templates()["student"] == "{problem}"
     assert plain_reference(task, ex) == task.solution([int(x) for x in ex.problem.split("+")]) != ex.reference
     assert task.rewards([ex.reference, "A:0"], [ex.answer, ex.answer]) == [1.0, 0.0]
+
+
+def test_eval_harness_and_api_generate_with_eval_backend(tmp_path, tok, tiny_model, echo, monkeypatch):
+    import json
+
+    import ogls_sd
+    from ogls_sd.eval_harness import BenchmarkSpec, evaluate_benchmarks
+
+    monkeypatch.setattr(HFBackend, "generate", lambda *a, **k: pytest.fail("the hf backend generated"))
+    cfg = Config.load(None, ["eval.backend=echo", "data.eval_size=3", "eval.batch_size=2"])
+    task = ArithTask()
+    res = evaluate_benchmarks(cfg, tiny_model, tok, task, task.templates(), [BenchmarkSpec.parse("task")], 2, 0,
+                              tmp_path / "eval", {"name": "tiny"})
+    assert res["backend"] == "echo" and json.loads((tmp_path / "eval" / "results.json").read_text())["backend"] == "echo"
+    assert len(echo) == 1 and echo[0].closed and echo[0].batch_size == 2  # eval.batch_size; closed afterwards
+    (prompts, _), = echo[0].calls
+    assert len(prompts) == 6  # 3 problems x k=2
+    reply = tok.decode([7], skip_special_tokens=True)
+    gens = [json.loads(x) for x in (tmp_path / "eval" / "generations_arith.jsonl").read_text().splitlines()]
+    assert len(gens) == 6 and {g["completion"] for g in gens} == {reply}
+    result = ogls_sd.evaluate(cfg, model=tiny_model, tokenizer=tok)
+    assert len(echo) == 2 and echo[1].closed and result.completions == [reply] * 3 and result.n == 3
