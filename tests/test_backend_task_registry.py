@@ -156,6 +156,7 @@ def test_a_registered_task_is_a_data_task_with_defaults(countdown):
     assert plain_reference(task, ex) == ex.reference and task_templates(task) is None
     assert (task.skipped, task.duplicates, task.fingerprint, task.template_marker) == (0, 0, "", None)
     assert task.describe() == "data: built-in task countdown" and task.extract("so \\boxed{12}") == "12"
+    assert task.split_sizes is None and ArithTask().split_sizes is None
     with pytest.raises(NotImplementedError, match="task countdown writes no wrong attempts"):
         task.wrong_attempt(ex, random.Random(0))
     with pytest.raises(ConfigError, match=r"data.mixture: 'countdown' \(the built-in generator\) cannot be mixed"):
@@ -185,6 +186,7 @@ def test_check_reports_the_task_line(tmp_path, countdown):
     p.write_text("".join(f'{{"problem": "{i}+1", "answer": "{i + 1}"}}\n' for i in range(10)))
     lines = check(Config.load(None, [f"data.task={p}", "data.eval_size=2"]), model=False)
     assert "data: 10 rows -> 8 training, 2 held out" in lines  # once, not 'data: data: ...'
+    assert get_task(Config.load(None, [f"data.task={p}", "data.eval_size=2"]).data).split_sizes == (8, 2)
 
 
 def test_arith_task_supplies_its_templates_and_plain_reference():

@@ -79,6 +79,11 @@ class Task(abc.ABC):
         """The task's own compact templates (``templates.task_defaults``), or None."""
         return None
 
+    @property
+    def split_sizes(self) -> tuple[int, int] | None:
+        """``(training, held out)`` row counts of a data set; None for a generator (no fixed rows)."""
+        return None
+
     def describe(self) -> str:
         """One line for ``ogls-sd check``: what data the task serves."""
         return f"data: built-in task {self.name}"
