@@ -15,9 +15,10 @@ loading for evaluation :mod:`ogls_sd.loading`).
 
 __version__ = "0.1.0"
 
-# Every algorithm module registers itself (ogls_sd.registry) when the package is first imported, so
-# a config is validated against the full table whichever module a caller imports first.
-from . import algorithms  # noqa: E402,F401
+# Every algorithm, rollout backend and task module registers itself (ogls_sd.registry) when the
+# package is first imported, so a config is validated against the full tables whichever module a
+# caller imports first.
+from . import algorithms, rollout, tasks  # noqa: E402,F401
 from .api import evaluate, train  # noqa: E402
 from .config import Config, ConfigError  # noqa: E402
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from .data.example import Example
 from .rewards.functions import RewardSet
-from .rollout.contract import PromptTooLong, SamplingParams
+from .rollout.contract import PromptTooLong, RolloutBackend, SamplingParams
 from .rollout.hf import HFBackend
 from .templates import PromptBuilder
 
@@ -55,17 +55,21 @@ def evaluate_accuracy(model, tokenizer, prompts: PromptBuilder, task, examples: 
                       max_new_tokens: int, batch_size: int = 100, params: SamplingParams | None = None,
                       prompt_ids: list[list[int]] | None = None, kind: str = "student",
                       rewards: RewardSet | None = None, where: str = "held-out example",
-                      setting: str = "eval.max_new_tokens") -> EvalResult:
+                      setting: str = "eval.max_new_tokens", backend: RolloutBackend | None = None) -> EvalResult:
     """Greedy (default) accuracy of ``model`` on ``examples``, from the student prompts or from
     ``prompt_ids`` (one per example; ``kind`` names them in errors, e.g. the warm start's privileged
     and context formats). Graded by ``rewards`` (the run's reward functions: correct = reward >
     ``reward.success_threshold``) or, without them, by ``task.reward`` > 0.5. A prompt that cannot
     fit the model's context with ``max_new_tokens`` is an error (:func:`check_prompt_fits`), before
-    anything is generated; its message names the example as ``where`` and the limit as ``setting``."""
+    anything is generated; its message names the example as ``where`` and the limit as ``setting``.
+
+    ``backend`` generates (any rollout backend holding ``model``'s weights, e.g. the one
+    :func:`ogls_sd.rollout.build_eval_backend` builds for ``eval.backend``); the default is
+    :class:`~ogls_sd.rollout.hf.HFBackend` on ``model`` with ``batch_size``."""
     params = params or SamplingParams(max_new_tokens=max_new_tokens, greedy=True)
     ids = prompt_ids if prompt_ids is not None else [prompts.student_ids(ex) for ex in examples]
     check_eval_prompts(examples, ids, params.max_new_tokens, context_limit(model), where, kind, setting)
-    backend = HFBackend(model, prompts.pad_id, prompts.eos_id, batch_size)
+    backend = backend if backend is not None else HFBackend(model, prompts.pad_id, prompts.eos_id, batch_size)
     comps = backend.generate(ids, params)
     texts = [tokenizer.decode(c.ids, skip_special_tokens=True) for c in comps]
     scores = None

@@ -41,7 +41,7 @@ def check(cfg: Config, model: bool = True) -> list[str]:
              "rewards: " + (", ".join(f"{s.label}={s.weight:g}" for s in specs) if specs else "the task's verifier")
              + f" (correct: reward > {cfg.reward.success_threshold:g})"]
     task = get_task(cfg.data)
-    lines.append("data: " + (task.split_line() if hasattr(task, "split_line") else f"built-in task {cfg.data.task}"))
+    lines.append(task.describe())
     if not model:
         return lines
     tok, limit = tokenizer_and_context(cfg)

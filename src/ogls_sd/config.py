@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from .losses.divergence import CLIPS, DIVERGENCES, DivergenceSpec
-from .registry import ALGORITHMS, REWARDS, SECTIONS, Registry
+from .registry import ALGORITHMS, BACKENDS, REWARDS, SECTIONS, Registry
 from .rewards.functions import RewardError, parse_entry
 
 
@@ -174,7 +174,7 @@ class DataConfig(_Section):
     _positive = ("arith_digits", "arith_terms", "eval_size", "max_chars", "size")
     _nonneg = ("seed",)
     _unit = ("eval_fraction_max",)
-    task: str = opt("arith", "Training data: 'arith' (built-in generator), 'reasoning_gym:<task>' (e.g. reasoning_gym:gsm_symbolic), 'champ', a local file (.jsonl/.json/.parquet/.csv) or a Hugging Face dataset id.")
+    task: str = opt("arith", "Training data: a registered task (one module of ogls_sd/tasks/ each: arith = built-in generator, champ, reasoning_gym:<task> e.g. reasoning_gym:gsm_symbolic, and any other registered name; a misspelt one is refused with the closest name), else a local file (.jsonl/.json/.parquet/.csv) or a Hugging Face dataset id.")
     mixture: list = opt(None, "Several training sources with sampling weights, SOURCE=WEIGHT entries (comma-separated on the command line), e.g. data/a.jsonl=0.7,reasoning_gym:gsm_symbolic=0.3. A source is anything data.task accepts except arith; each is loaded with the data.* column settings and holds out its own data.eval_size (capped by data.eval_fraction_max); every training prompt comes from a source drawn with probability proportional to its weight; the held-out sets are concatenated. When set, it replaces data.task.", factory=list)
     problem_column: str = opt("problem", "File/hub data: column holding the problem.")
     reference_column: str = opt("solution", "File/hub data: column holding the worked reference solution ('' for none).")
@@ -193,6 +193,11 @@ class DataConfig(_Section):
     seed: int = opt(0, "Seed of the data generator (held-out problems use a disjoint stream).")
 
     def validate(self) -> None:
+        from .tasks.base import source_error
+
+        bad = source_error(self.task)
+        if bad:
+            raise ConfigError(bad)
         if self.mixture:
             from .tasks.mixture import parse_mixture
 
@@ -279,7 +284,7 @@ class RolloutConfig(_Section):
     _positive = ("num_generations", "max_new_tokens", "temperature", "batch_size", "vllm_timeout_s", "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size")
     _nonneg = ("vllm_max_model_len", "top_k")
     _unit = ("top_p", "vllm_gpu_memory_utilization")
-    backend: str = opt("hf", "Generation backend: hf (transformers generate with the training model; CPU or GPU) or vllm (vLLM engine, GPU only; see rollout.vllm_*). Both take prompt token ids and return the sampled token ids.", choices=("hf", "vllm"))
+    backend: str = opt("hf", "Generation backend, one module of ogls_sd/rollout/ each (README, 'Scaling out'): hf = transformers generate with the training model (CPU or GPU); vllm = vLLM engine (GPU only; see rollout.vllm_*); and any other registered name. Every backend takes prompt token ids and returns the sampled token ids.", choices=BACKENDS)
     num_generations: int = opt(8, "Rollouts per prompt (G).")
     max_new_tokens: int = opt(64, "Generation limit per rollout.")
     temperature: float = opt(1.0, "Sampling temperature.")
@@ -439,6 +444,7 @@ class EvalConfig(_Section):
     seed: int = opt(0, "eval.benchmarks: sampling seed (the training RNG is left untouched).")
     max_new_tokens: int = opt(64, "Generation limit during evaluation.")
     batch_size: int = opt(100, "Problems per generate() call during evaluation.")
+    backend: str = opt("hf", "Generation backend of `ogls-sd eval`, ogls_sd.evaluate and eval.benchmarks (a registered rollout backend, as rollout.backend, built with the rollout.* settings and eval.batch_size), e.g. vllm to serve a long evaluation faster; hf = transformers generate with the model. The held-out accuracy of training (eval.every, eval.before_after) and of the warm start generates with hf.", choices=BACKENDS)
 
 
 @dataclass

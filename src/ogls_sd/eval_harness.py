@@ -26,7 +26,8 @@ from .config import Config
 from .data.example import Example
 from .eval_metrics import format_rate, maj_at_k, pass_at_k
 from .accuracy import check_eval_prompts, context_limit
-from .rollout import HFBackend, SamplingParams
+from .rollout import SamplingParams, build_eval_backend
+from .tasks.base import Task
 from .templates import PromptBuilder
 
 
@@ -54,8 +55,8 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def load_eval_examples(spec: BenchmarkSpec, cfg: Config, task) -> tuple[str, list[Example], object]:
-    """``(label, examples, grader)``; the grader has ``extract(text)`` and ``reward(text, answer)``."""
+def load_eval_examples(spec: BenchmarkSpec, cfg: Config, task: Task) -> tuple[str, list[Example], Task]:
+    """``(label, examples, grader)``; the grader is a task (its ``extract``, ``rewards``)."""
     from .data.benchmarks import get_benchmark, load_benchmark
     from .data.files import require_examples
     from .tasks.dataset import DatasetTask
@@ -81,12 +82,8 @@ def load_eval_examples(spec: BenchmarkSpec, cfg: Config, task) -> tuple[str, lis
     raise ValueError(f"--benchmark {spec.name!r}: not 'task', a known benchmark, or an existing file")
 
 
-def _extract(grader, text: str) -> str | None:
-    if hasattr(grader, "extract"):
-        return grader.extract(text)
-    from .rewards.verifier import extract_answer
-
-    return extract_answer(text)
+def _extract(grader: Task, text: str) -> str | None:
+    return grader.extract(text)
 
 
 def evaluate_benchmarks(cfg: Config, model, tok, task, task_tpl, benchmarks: list[BenchmarkSpec], k: int,
@@ -96,7 +93,17 @@ def evaluate_benchmarks(cfg: Config, model, tok, task, task_tpl, benchmarks: lis
     prompts = PromptBuilder(tok, cfg.templates, task_tpl)
     params = SamplingParams(cfg.eval.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k,
                             greedy=greedy)
-    backend = HFBackend(model, prompts.pad_id, prompts.eos_id, cfg.eval.batch_size)
+    backend = build_eval_backend(cfg, model, prompts.pad_id, prompts.eos_id)  # eval.backend (default hf)
+    try:
+        return _run_benchmarks(cfg, model, tok, task, task_tpl, benchmarks, k, seed, out_dir, model_info, prompts,
+                               params, backend, console)
+    finally:
+        backend.close()
+
+
+def _run_benchmarks(cfg: Config, model, tok, task, task_tpl, benchmarks: list[BenchmarkSpec], k: int, seed: int,
+                    out_dir: Path, model_info: dict, prompts: PromptBuilder, params: SamplingParams, backend,
+                    console) -> dict:
     results: dict = {
         "model": model_info,
         "templates": prompts.templates | {"system": cfg.templates.system},
@@ -105,6 +112,7 @@ def evaluate_benchmarks(cfg: Config, model, tok, task, task_tpl, benchmarks: lis
         "k": k,
         "max_new_tokens": cfg.eval.max_new_tokens,
         "seed": seed,
+        "backend": cfg.eval.backend,
         "verifier": "task grader (arith: integer after last 'A:')" if task_tpl else
                     "ogls_sd.rewards.verifier: last \\boxed{} / #### / Answer:, pre-filter, math-verify in worker processes with a time limit",
         "versions": _versions(),
@@ -120,10 +128,7 @@ def evaluate_benchmarks(cfg: Config, model, tok, task, task_tpl, benchmarks: lis
         texts = [tok.decode(c.ids, skip_special_tokens=True) for c in comps]
         answers = [_extract(grader, t) for t in texts]
         golds = [ex.answer for ex in examples for _ in range(k)]
-        if hasattr(grader, "rewards"):
-            correct = [r > 0.5 for r in grader.rewards(texts, golds)]
-        else:
-            correct = [grader.reward(t, g) > 0.5 for t, g in zip(texts, golds)]
+        correct = [r > 0.5 for r in grader.rewards(texts, golds)]
         per_pass1, per_passk, per_maj = [], [], []
         with open(out_dir / f"generations_{label.replace('/', '_')}.jsonl", "w") as f:
             for i, ex in enumerate(examples):

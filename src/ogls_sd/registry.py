@@ -1,7 +1,9 @@
 """Registries: the one place each extension point is looked up by name.
 
 An algorithm (``algorithms/``), and the config section it brings, registers itself here when its
-module is imported; so does a built-in reward function (``rewards/functions.py``, ``reward.funcs``); config validation, the trainer, ``compare`` and the CLI help read these tables
+module is imported; so does a built-in reward function (``rewards/functions.py``, ``reward.funcs``),
+a rollout backend (``rollout/``, ``rollout.backend``) and a named task (``tasks/``, ``data.task``);
+config validation, the trainer, ``compare`` and the CLI help read these tables
 and name no algorithm themselves. This module imports nothing from the package, so every other
 module may read it (imports point one way: ``config`` → ``registry`` ← ``algorithms``).
 """
@@ -72,3 +74,7 @@ ALGORITHMS: Registry = Registry("train.algorithm")
 SECTIONS: Registry = Registry("config section")
 # reward.funcs entries without a module (verifier, reasoning_gym) -> BuiltinReward (rewards/functions.py)
 REWARDS: Registry = Registry("reward function")
+# rollout.backend (and eval.backend) -> BackendSpec (rollout/contract.py): one module of rollout/ each
+BACKENDS: Registry = Registry("rollout.backend")
+# data.task names (arith, champ, the family reasoning_gym:<task>) -> TaskSpec (tasks/base.py): one module of tasks/ each
+TASKS: Registry = Registry("data.task")

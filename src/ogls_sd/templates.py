@@ -4,8 +4,10 @@ Invariants guaranteed here (tested in ``tests/test_templates.py``):
 
 * prompts are rendered through the tokenizer's chat template once and encoded once; a completion
   is never decoded and re-encoded: contexts that contain an earlier rollout splice its ids in;
-* the sequence a teacher scores is ``teacher_prompt_ids + completion_ids`` and
-  :func:`join_completion` asserts that its completion slice is the student's ids, token for token.
+* the sequence a teacher scores is ``teacher_prompt_ids + completion_ids``, built by
+  :func:`join_completion` from ids; :func:`check_completion_slice` asserts that a sequence's
+  completion slice is the student's sampled ids, token for token (a sequence re-tokenised from
+  text fails it where the tokenizer merges across the prompt/completion boundary).
 """
 
 from __future__ import annotations
@@ -18,12 +20,42 @@ from .data.example import Example
 _SPLICE = "\u0000ATTEMPT\u0000"
 
 
+class CompletionSliceError(AssertionError):
+    """A scored sequence whose completion slice is not the sampled completion ids, token for token."""
+
+
+def check_completion_slice(seq: list[int], start: int, completion_ids: list[int], what: str = "sequence") -> None:
+    """The alignment invariant (method.md §1, Templates): ``seq[start:]`` is ``completion_ids``
+    token for token - the exact ids the student sampled, nothing merged, dropped or appended.
+
+    A sequence rebuilt from text (prompt and completion decoded, joined and re-tokenised) breaks it
+    when the tokenizer merges across the prompt/completion boundary: the first completion tokens then
+    belong to a token that starts in the prompt. Raises :class:`CompletionSliceError`, one line
+    naming the first completion position that differs and the ids there."""
+    got, want = list(seq[start:]), list(completion_ids)
+    if got == want:
+        return
+    at = next((i for i, (g, w) in enumerate(zip(got, want)) if g != w), min(len(got), len(want)))
+    raise CompletionSliceError(
+        f"{what}: the completion slice (from position {start}) is not the sampled completion ids: at completion "
+        f"token {at} it holds {got[at:at + 3]} where the completion has {want[at:at + 3]} ({len(got)} tokens vs "
+        f"{len(want)}), as when a sequence is re-tokenised from text and the tokenizer merges across the "
+        "prompt/completion boundary; build it from ids with join_completion (method.md §1)")
+
+
 def join_completion(prompt_ids: list[int], completion_ids: list[int]) -> tuple[list[int], int]:
-    """Return ``(prompt_ids + completion_ids, start)``; asserts the completion slice is intact."""
-    seq = list(prompt_ids) + list(completion_ids)
+    """``(prompt_ids + completion_ids, start)``: the sequence a model scores for a completion (the
+    teacher's or the student's prompt, then the exact sampled ids) and where the completion starts.
+
+    Both must be token ids (a ``str`` is refused: text would be re-tokenised, see
+    :func:`check_completion_slice`); the joined sequence is checked with :func:`check_completion_slice`."""
+    for name, ids in (("prompt", prompt_ids), ("completion", completion_ids)):
+        if isinstance(ids, (str, bytes)):
+            raise TypeError(f"join_completion: the {name} must be token ids, not text ({type(ids).__name__}); "
+                            "decoding and re-encoding would break the completion slice (method.md §1)")
+    seq = [*prompt_ids, *completion_ids]
     start = len(prompt_ids)
-    if seq[start:] != list(completion_ids):  # pragma: no cover - guards future refactors
-        raise AssertionError("teacher/student completion slices differ")
+    check_completion_slice(seq, start, completion_ids, "join_completion")
     return seq, start
 
 

@@ -81,9 +81,9 @@ def cache_key(cfg: Config, data_fingerprint: str = "") -> str:
 
 
 def plain_reference(task, ex: Example) -> str:
-    """``ex``'s solution in the student's own style (the task's ``plain_reference`` hook, if any)."""
-    hook = getattr(task, "plain_reference", None)
-    return hook(ex) if hook is not None else ex.reference
+    """``ex``'s solution in the student's own style (:meth:`~ogls_sd.tasks.base.Task.plain_reference`;
+    the reference itself unless the task writes its references in another style)."""
+    return task.plain_reference(ex)
 
 
 def sft_pairs(task, prompts: PromptBuilder, examples: list[Example], cfg: Config, rng: random.Random,
@@ -327,7 +327,7 @@ def warm_start(cfg: Config, task, task_templates: dict | None, progress=None):
     from transformers import LlamaForCausalLM
 
     tok = char_tokenizer()
-    path = Path(cfg.warmstart.cache_dir) / cache_key(cfg, getattr(task, "fingerprint", ""))
+    path = Path(cfg.warmstart.cache_dir) / cache_key(cfg, task.fingerprint)
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         return load_cached(path), tok, path
     for d in clean_stale_temporaries(path.parent):

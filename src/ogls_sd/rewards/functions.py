@@ -221,9 +221,7 @@ def _short(v: object) -> str:
                              "for other tasks; the default")
 def task_verifier(task) -> RewardFn:
     def verifier(prompts, completions, answer, **_):
-        if hasattr(task, "rewards"):
-            return task.rewards(list(completions), list(answer))
-        return [task.reward(c, a) for c, a in zip(completions, answer)]
+        return task.rewards(list(completions), list(answer))  # Task.rewards: a batch (default: reward of each)
 
     return verifier
 

@@ -7,14 +7,19 @@ containing padding; ``Completion.logprobs`` (when the backend reports them, e.g.
 sampling log-probability of each of those tokens. ``sync_weights(model)`` is called after every
 optimizer step (a no-op for the HF backend, which generates with the training model itself);
 ``close()`` releases the engine.
+
+A backend module registers its builder with :func:`register_backend`; ``rollout.backend`` (and
+``eval.backend``) are looked up in :data:`ogls_sd.registry.BACKENDS`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 from torch import nn
+
+from ..registry import BACKENDS
 
 
 @dataclass(frozen=True)
@@ -67,3 +72,25 @@ class RolloutBackend(Protocol):
     def sync_weights(self, model: nn.Module | None = None) -> None: ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """A registered rollout backend: ``rollout.backend=name`` builds it with ``build``."""
+
+    name: str
+    summary: str
+    build: Callable  # (rollout_cfg, model, pad_id, eos_id, *, cfg, is_main_process, engine) -> RolloutBackend
+
+
+def register_backend(name: str, summary: str):
+    """Decorator of ``build(rollout, model, pad_id, eos_id, *, cfg, is_main_process, engine) ->
+    RolloutBackend``: registers ``rollout.backend=name``. ``rollout`` is the ``rollout`` config
+    section (``batch_size`` is ``eval.batch_size`` when the backend serves an evaluation), ``cfg``
+    the whole run config (None in some tests), ``engine`` an engine injected by tests (or None)."""
+
+    def wrap(build: Callable) -> Callable:
+        BACKENDS.register(name, BackendSpec(name, summary, build))
+        return build
+
+    return wrap

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .contract import Completion, SamplingParams
+from .contract import Completion, SamplingParams, register_backend
 
 
 class HFBackend:
@@ -56,3 +56,8 @@ class HFBackend:
         finally:
             model.train(was_training)
         return out
+
+
+@register_backend("hf", "transformers generate with the training model itself (CPU or GPU)")
+def build_hf(rollout, model: nn.Module, pad_id: int, eos_id: int, **_) -> HFBackend:
+    return HFBackend(model, pad_id, eos_id, rollout.batch_size)

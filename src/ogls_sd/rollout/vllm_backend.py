@@ -50,7 +50,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from .contract import Completion, RolloutTimeout, SamplingParams, check_prompt_lengths
+from .contract import Completion, RolloutTimeout, SamplingParams, check_prompt_lengths, register_backend
 
 # ----------------------------------------------------------------------------- requests
 
@@ -788,3 +788,10 @@ def make_colocate_engine(rollout: Any, model: nn.Module, cfg: Any, export_dir: P
         r = cfg.model.lora_r if cfg is not None else 64
         kw.update(enable_lora=True, max_loras=1, max_lora_rank=next((x for x in _LORA_RANKS if x >= r), r))
     return ColocateEngine(LLM(**kw), sleep=rollout.vllm_sleep)
+
+
+@register_backend("vllm", "a vLLM engine, colocated on the training GPU or a server (GPU only; rollout.vllm_*)")
+def build_vllm(rollout, model: nn.Module, pad_id: int, eos_id: int, *, cfg: Any = None, is_main_process: bool = True,
+               engine: Any = None) -> VLLMBackend:
+    return VLLMBackend.from_config(rollout, model, pad_id, eos_id, cfg=cfg, is_main_process=is_main_process,
+                                   engine=engine)

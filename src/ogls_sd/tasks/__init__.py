@@ -1,38 +1,49 @@
-"""Tasks: seeded problem generators with a reward (``reward(completion, answer) -> float``)."""
+"""Tasks: seeded problem generators and data sets, each grading completions (:class:`~.base.Task`).
+
+Every module of this package that defines a named task registers it with
+:func:`~.base.register_task` (``arith``, ``champ``, ``reasoning_gym:<task>``); importing the
+package imports them all, and ``data.task`` (validated against :data:`ogls_sd.registry.TASKS`, with
+a did-you-mean) is looked up there. Any other ``data.task`` is a data file or a hub id, read as a
+:class:`~.dataset.DatasetTask` with the ``data.*`` column settings. Adding a task is one module here.
+"""
 
 from __future__ import annotations
 
-from .arith import TEMPLATES as ARITH_TEMPLATES
-from .arith import ArithTask
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+from .arith import TEMPLATES as ARITH_TEMPLATES  # noqa: E402  (re-exported names)
+from .arith import ArithTask  # noqa: E402
+from .base import Task, TaskSpec, register_task, source_error, task_spec  # noqa: E402
+from .dataset import DatasetTask, split_task  # noqa: E402
 
 
-def get_task(data_cfg):
+def get_task(data_cfg) -> Task:
     """The task named by ``data.task`` (see its help text), or the mixture ``data.mixture``."""
     if getattr(data_cfg, "mixture", None):
         from .mixture import MixtureTask, parse_mixture
 
         pairs = parse_mixture(data_cfg.mixture)
         return MixtureTask([load_source(src, data_cfg) for src, _ in pairs], [w for _, w in pairs])
-    if data_cfg.task == "arith":
-        return ArithTask(digits=data_cfg.arith_digits, terms=data_cfg.arith_terms,
-                         style=getattr(data_cfg, "arith_style", "plain"))
     return load_source(data_cfg.task, data_cfg)
 
 
-def load_source(t: str, data_cfg):
-    """One data set (``reasoning_gym:<task>``, ``champ``, a file or a hub id) as a
-    :class:`~ogls_sd.tasks.dataset.DatasetTask`, with the ``data.*`` column settings."""
+def load_source(t: str, data_cfg) -> Task:
+    """The registered task ``t`` names (built by its module), or else the data file / hub id ``t``
+    as a :class:`~ogls_sd.tasks.dataset.DatasetTask`, with the ``data.*`` column settings."""
     from ..data import files
 
-    if t.startswith("reasoning_gym:"):
-        res = files.load_reasoning_gym(t.split(":", 1)[1], size=data_cfg.size, seed=data_cfg.seed)
-    elif t == "champ":
-        res = files.load_champ()
-    else:
-        columns, transforms = column_settings(data_cfg)
-        res = files.load_examples(t, columns=columns, split=data_cfg.split, policy=data_cfg.policy,
-                                  max_chars=data_cfg.max_chars, config=data_cfg.hub_config or None,
-                                  transforms=transforms)
+    found = task_spec(t)
+    if found is not None:
+        spec, argument = found
+        return spec.build(data_cfg, argument)
+    columns, transforms = column_settings(data_cfg)
+    res = files.load_examples(t, columns=columns, split=data_cfg.split, policy=data_cfg.policy,
+                              max_chars=data_cfg.max_chars, config=data_cfg.hub_config or None,
+                              transforms=transforms)
     return split_task(res, t, data_cfg)
 
 
@@ -66,16 +77,6 @@ def column_settings(data_cfg) -> tuple[dict, dict | None]:
     return columns, transforms
 
 
-def split_task(res, source: str, data_cfg):
-    """The loaded examples as a task with its held-out split (``data.eval_size``, ``data.eval_fraction_max``)."""
-    from ..data import files
-    from .dataset import DatasetTask
-
-    files.require_examples(res, source)  # none usable: say how many rows were skipped and why
-    return DatasetTask(res.examples, test_size=data_cfg.eval_size, max_test_fraction=data_cfg.eval_fraction_max,
-                       name=source, skipped=res.skipped, duplicates=res.duplicates)
-
-
 def answer_extractor(spec: str):
     """``data.answer_from`` as a function reference text -> answer: ``reference_boxed`` (the last
     non-empty outermost ``\\boxed{}``) or ``module:function`` (imported; the user's own code)."""
@@ -92,9 +93,11 @@ def answer_extractor(spec: str):
         raise ValueError(f"data.answer_from={spec}: cannot import {fn} from {mod} ({e})") from None
 
 
-def task_templates(task) -> dict | None:
-    return ARITH_TEMPLATES if isinstance(task, ArithTask) else None
+def task_templates(task: Task) -> dict | None:
+    """The task's own templates (:meth:`Task.templates`), or None."""
+    return task.templates()
 
 
-__all__ = ["ArithTask", "answer_extractor", "column_settings", "get_task", "load_source", "rows_task", "split_task",
+__all__ = ["ARITH_TEMPLATES", "ArithTask", "DatasetTask", "Task", "TaskSpec", "answer_extractor", "column_settings",
+           "get_task", "load_source", "register_task", "rows_task", "source_error", "split_task", "task_spec",
            "task_templates"]

@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass
 
 from ..data.example import Example
+from .base import Task, register_task
 
 STYLES = ("plain", "templated")
 TEMPLATE_MARKER = "chk:"  # the check segment of templated references; counted as markers/template
@@ -65,7 +66,7 @@ def templated_solution(plain: str) -> str:
 
 
 @dataclass
-class ArithTask:
+class ArithTask(Task):
     """Seeded generator of addition problems with worked solutions.
 
     Args:
@@ -125,6 +126,10 @@ class ArithTask:
         ref = templated_solution(plain) if self.style == "templated" else plain
         return ArithExample(problem=problem, reference=ref, answer=str(sum(operands)), id=idx, plain_reference=plain)
 
+    def templates(self) -> dict:
+        """The compact templates of the char-level model (:data:`TEMPLATES`)."""
+        return TEMPLATES
+
     def plain_reference(self, ex: Example) -> str:
         """The solution of ``ex`` in the student's own (plain) style, whatever ``style`` is."""
         p = getattr(ex, "plain_reference", "")
@@ -183,3 +188,8 @@ class ArithTask:
         """1.0 when the integer after the last ``A:`` equals the answer, else 0.0."""
         got = self.extract(completion)
         return 1.0 if got is not None and got == str(int(answer)) else 0.0
+
+
+@register_task("arith", "built-in generator of column additions with a worked solution (data.arith_*)", mixable=False)
+def build_arith(data_cfg, argument: str) -> ArithTask:
+    return ArithTask(digits=data_cfg.arith_digits, terms=data_cfg.arith_terms, style=getattr(data_cfg, "arith_style", "plain"))

@@ -9,12 +9,14 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from ..data import files
 from ..data.example import Example
 from ..rewards.verifier import Verifier, get_default_verifier
+from .base import Task
 
 
 @dataclass
-class DatasetTask:
+class DatasetTask(Task):
     """Examples split once into train / test by a seeded permutation.
 
     Args:
@@ -55,6 +57,9 @@ class DatasetTask:
         n_train, n_test = self.split_sizes
         return f"data: {len(self.all_examples)} rows -> {n_train} training, {n_test} held out"
 
+    def describe(self) -> str:
+        return self.split_line()
+
     def examples(self, n: int, seed: int, split: str = "train") -> list[Example]:
         """``n`` examples. ``test``: the first ``n`` held-out ones (fixed). ``train``: a seeded
         sample without replacement within a call (cycling when ``n`` exceeds the pool)."""
@@ -80,3 +85,10 @@ class DatasetTask:
         """A wrong attempt for the warm start of the tiny model: another problem's reference."""
         pool = [e for e in self.all_examples if e.answer != ex.answer and e.reference]
         return rng.choice(pool).reference if pool else ""
+
+
+def split_task(res, source: str, data_cfg) -> DatasetTask:
+    """The loaded examples as a task with its held-out split (``data.eval_size``, ``data.eval_fraction_max``)."""
+    files.require_examples(res, source)  # none usable: say how many rows were skipped and why
+    return DatasetTask(res.examples, test_size=data_cfg.eval_size, max_test_fraction=data_cfg.eval_fraction_max,
+                       name=source, skipped=res.skipped, duplicates=res.duplicates)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from ..data.example import Example
 from ..data.files import normalise_problem
+from .base import Task, source_error, task_spec
 from .dataset import DatasetTask
 
 
@@ -61,8 +62,13 @@ def parse_mixture(entries: list[str]) -> list[tuple[str, float]]:
             raise ValueError(f"data.mixture: entry {e!r}: weight {w!r} is not a number") from None
         if not (weight > 0 and math.isfinite(weight)):
             raise ValueError(f"data.mixture: entry {e!r}: weight must be > 0 and finite")
-        if src.strip() == "arith":
-            raise ValueError("data.mixture: 'arith' (the built-in generator) cannot be mixed; use data.task=arith alone")
+        found = task_spec(src.strip())
+        if found is not None and not found[0].mixable:
+            name = found[0].name
+            raise ValueError(f"data.mixture: {name!r} (the built-in generator) cannot be mixed; use data.task={name} alone")
+        bad = source_error(src.strip(), key=f"data.mixture: entry {e!r}")
+        if bad:
+            raise ValueError(bad)
         out.append((src.strip(), weight))
     keys = [_source_key(s) for s, _ in out]
     for i, k in enumerate(keys):
@@ -73,7 +79,7 @@ def parse_mixture(entries: list[str]) -> list[tuple[str, float]]:
 
 
 @dataclass
-class MixtureTask:
+class MixtureTask(Task):
     """Several :class:`DatasetTask` sources with sampling weights (see the module docstring)."""
 
     sources: list[DatasetTask]
@@ -97,6 +103,9 @@ class MixtureTask:
         parts = [f"{s.name} ({p:.0%}): {len(s.all_examples)} rows -> {s.split_sizes[0]} training, {s.split_sizes[1]} held out"
                  for s, p in zip(self.sources, self.probs)]
         return "data mixture: " + "; ".join(parts)
+
+    def describe(self) -> str:
+        return self.split_line()
 
     def examples(self, n: int, seed: int, split: str = "train") -> list[Example]:
         if split == "test":
