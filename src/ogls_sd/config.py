@@ -3,6 +3,10 @@
 Every field carries its help text in ``metadata["help"]`` (shown by ``ogls-sd train --help``) and,
 for enumerations, its allowed values in ``metadata["choices"]``. Validation happens in
 ``__post_init__`` and raises :class:`ConfigError` naming the offending key.
+
+TRL's ``GRPOConfig`` / ``SDPOConfig`` names are accepted where they mean the same as one of our keys
+(each section's ``_trl`` table, :func:`trl_aliases`): as top-level YAML keys or ``NAME=value``
+overrides, resolved when that source is read (:func:`resolve_trl_names`; docs/trl_names.md).
 """
 
 from __future__ import annotations
