@@ -69,6 +69,8 @@ def test_aliases_in_a_yaml_file_and_the_precedence_of_overrides(tmp_path):
     with pytest.raises(ConfigError, match=r"learning_rate .* and train\.lr both given"):
         Config.from_dict({"learning_rate": 1e-5, "train": {"lr": 1e-4}})
     assert Config.from_dict({"learning_rate": 1e-5}).train.lr == 1e-5
+    f.write_text("learning_rate: 3.0e-6\ntrain:\nrollout:\n")  # empty sections are empty mappings
+    assert Config.load(f, ["num_generations=3"]).train.lr == 3e-6
 
 
 def test_names_whose_meaning_differs_are_refused_with_what_to_set():

@@ -577,7 +577,8 @@ class Config:
                 raise ConfigError(f"{p}: top level must be a mapping of sections")
         d = resolve_trl_names(d, source)  # each source on its own: an override's TRL name wins over the file's key
         for sec, vals in _parse_overrides(overrides or []).items():
-            d.setdefault(sec, {})
+            if d.get(sec) is None:  # absent, or an empty `section:` in the file
+                d[sec] = {}
             if not isinstance(d[sec], dict):
                 raise ConfigError(f"override {sec}.{next(iter(vals))}: section '{sec}' is not a mapping")
             d[sec].update(vals)
@@ -692,7 +693,7 @@ def resolve_trl_names(d: dict, source: str) -> dict:
     naming both; a TRL name whose meaning differs here is an error saying what to set instead."""
     aliases = trl_aliases()
     sections = section_classes()
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items() if not (k in aliases and k not in sections)}
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items() if k not in aliases}
     for name, value in d.items():
         if name in sections:
             continue
@@ -701,7 +702,9 @@ def resolve_trl_names(d: dict, source: str) -> dict:
         if name not in aliases:
             continue
         sec, key = aliases[name].split(".")
-        target = out.setdefault(sec, {})
+        if out.get(sec) is None:  # absent, or an empty `section:`
+            out[sec] = {}
+        target = out[sec]
         if not isinstance(target, dict):
             raise ConfigError(f"{source}: section '{sec}' must be a mapping")
         if key in target:
@@ -710,7 +713,7 @@ def resolve_trl_names(d: dict, source: str) -> dict:
     return out
 
 
-def _trl_hint(name: str, prefix: str = "") -> str:
+def _trl_hint(name: str) -> str:
     """`` (TRL's learning_rate is train.lr)`` when ``name`` (an unknown key) is a TRL name, else ``""``."""
     ours = trl_aliases().get(name)
     if ours:
