@@ -150,3 +150,19 @@ def test_relative_links_and_section_references_lead_somewhere(md):
         if not (ROOT / path).is_file():
             bad.append(f"`{path}`: no such file")
     assert bad == [], "\n".join(bad)
+
+
+def test_compare_on_a_terminal_draws_its_bars_and_table(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from ogls_sd.compare import run_compare
+
+    buf = io.StringIO()
+    extra = [*TINY_OVERRIDES, f"warmstart.cache_dir={tmp_path / 'ws'}", "train.report_to=none"]
+    run_compare(tmp_path / "out", ["opsd"], [0], style="plain", steps=1, eval_every=1, extra=extra,
+                console=Console(file=buf, force_terminal=True, width=120))
+    text = buf.getvalue()
+    assert "all runs" in text and "━" in text and "opsd" in text and "[1/1]" not in text
+    assert json.loads((tmp_path / "out" / "compare.json").read_text())["status"] == {"opsd/seed0": "done"}
