@@ -281,6 +281,10 @@ def test_resume_latest_restarts_a_run_stopped_before_its_first_checkpoint(tmp_pa
     assert res.exit_code == 0, res.output
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1] and recs[0]["loss"] != 9
+    # never silently: one warning line says that nothing was resumed
+    said = [ln for ln in res.output.splitlines() if "no checkpoint in" in ln]
+    assert len(said) == 1 and said[0].startswith("warning: --resume latest:") and "starting from step 0" in said[0], \
+        res.output
 
 
 def test_refused_resume_writes_nothing_not_even_config_yaml_cli(tmp_path, two_step_run):

@@ -320,12 +320,12 @@ def test_training_on_reasoning_gym_is_scored_by_its_scorer(tiny_cfg, tmp_path):
     import reasoning_gym
 
     summary = ogls_sd.trainer.train(tiny_cfg("data.task=reasoning_gym:basic_arithmetic", "data.size=20",
-                                             "reward.funcs=reasoning_gym", "train.steps=1", "eval.every=0",
+                                             "reward.funcs=reasoning_gym", "train.steps=2", "eval.every=0",
                                              "eval.before_after=false", *LOG_ALL))
     assert summary["reward_funcs"] == ["reward.funcs[0] reasoning_gym=1"]
     ds = reasoning_gym.create_dataset("basic_arithmetic", size=20, seed=0)
     logged = _rollouts(tmp_path / "run")
-    assert len(logged) == 8
+    assert len(logged) == 16  # 2 steps x 2 prompts x 4 rollouts
     for g, r in logged:
         entry = next(e for e in ds if e["question"] in g["prompt"])
         assert r["reward"] == ds.score_answer(_last_box(r["text"]), entry)
@@ -361,11 +361,12 @@ def test_python_api_trains_on_a_dataset_with_callables_and_evaluates(tmp_path, t
     import datasets
 
     mod = __import__(user_module)
-    cfg = tiny_cfg("train.steps=1", "eval.every=0", *LOG_ALL)
+    cfg = tiny_cfg("train.steps=2", "eval.every=0", *LOG_ALL)
     rewards = [mod.ends_with_answer, (mod.shelf_bonus, 0.25)]
     summary = train(cfg, data=datasets.Dataset.from_list(ROWS), rewards=rewards)
-    assert summary["data_split"] == {"train": 10, "held_out": 2} and summary["steps"] == 1
+    assert summary["data_split"] == {"train": 10, "held_out": 2} and summary["steps"] == 2
     shelf = {r["answer"]: r["shelf"] for r in ROWS}
+    assert len(_rollouts(tmp_path / "run")) == 16  # 2 steps x 2 prompts x 4 rollouts
     for g, r in _rollouts(tmp_path / "run"):
         assert abs(r["reward"] - reference_reward(r["text"], g["answer"], shelf[g["answer"]], 0.25)) < 1e-12
     res = evaluate(cfg, checkpoint=summary["checkpoint"], data=ROWS, rewards=rewards)

@@ -374,6 +374,13 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def no_checkpoint_to_resume(run_dir: Path) -> str:
+    """What ``--resume latest`` says when the run has no checkpoint yet: it starts from step 0
+    (a run killed before its first ``train.save_every`` steps restarts), never silently."""
+    return (f"--resume latest: no checkpoint in {Path(run_dir) / 'checkpoints'}: starting from step 0 (a fresh run "
+            "in this directory)")
+
+
 def resolve_resume(run_dir: Path, resume: str, warn: Callable[[str], None] | None = None) -> Path | None:
     """``resume`` is '' (no resume), 'latest' (the newest checkpoint of the run that verifies; None
     if the run has none; each newer one that fails is skipped with a warning), or a checkpoint
@@ -384,6 +391,7 @@ def resolve_resume(run_dir: Path, resume: str, warn: Callable[[str], None] | Non
     if resume == "latest":
         cands = checkpoint_dirs(run_dir)
         if not cands:
+            warn(no_checkpoint_to_resume(run_dir))
             return None
         reasons = []
         for p in reversed(cands):

@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .compare import DEFAULT_METHODS, METHODS
-from .config import Config, ConfigError, describe_fields
+from .config import Config, ConfigError, describe_fields, trl_aliases
 
 DEBUG_ENV = "OGLS_SD_DEBUG"
 _DEBUG_HELP = f"On an error, show the full traceback instead of one line (same as {DEBUG_ENV}=1)."
@@ -134,6 +134,14 @@ def _print_error(msg: str) -> None:
     err.print(Text.assemble(("error:", "bold red"), " ", _one_line(msg)), soft_wrap=True, highlight=False)
 
 
+def _console() -> Console:
+    """stdout's console: off a terminal (a log file, a pipe) lines stay whole instead of wrapping at
+    80 columns, and ``compare`` prints plain lines instead of redrawn progress bars."""
+    console = Console()
+    console.soft_wrap = not console.is_terminal
+    return console
+
+
 def _fail(msg: str, code: int = 2) -> None:
     _print_error(msg)
     raise typer.Exit(code)
@@ -190,11 +198,30 @@ def _importable_cwd() -> None:
         sys.path.append(os.getcwd())
 
 
-def _fields_epilog() -> str:
-    lines = ["Config fields (set with --config FILE and/or section.key=value overrides):", ""]
+# what `ogls-sd eval` reads of a config: the model (and the tiny model's warm start), the data of the 'task'
+# benchmark and of data files, the prompt templates, the sampling settings and the evaluation limits
+EVAL_FIELDS = ("model.", "data.", "warmstart.", "templates.", "rollout.temperature", "rollout.top_p", "rollout.top_k",
+               "eval.max_new_tokens", "eval.batch_size")
+
+
+def _fields_epilog(only: tuple[str, ...] = ()) -> str:
+    """The config fields for a command's --help: every field, or those whose key starts with one of ``only``
+    (then followed by a line saying the others have no effect); every field lists TRL's names too."""
+    title = "Config fields this command reads" if only else "Config fields"
+    lines = [f"{title} (set with --config FILE and/or section.key=value overrides):", ""]
     for key, default, h in describe_fields():
+        if only and not key.startswith(only):
+            continue
         lines.append(f"  {key} (default {default})")
         lines += ["      " + s for s in textwrap.wrap(h, 90)]
+    if only:
+        lines += ["", "Training's other fields are accepted and have no effect here (`ogls-sd train --help` lists them)."]
+        return "\n".join(lines)
+    names = ", ".join(f"{t}={ours}" for t, ours in trl_aliases().items())
+    lines += ["", "TRL names (GRPOConfig / SDPOConfig, TRL 1.16) accepted for the fields they mean, as NAME=value or a "
+              "top-level YAML key; given together with the field itself in one source they are an error "
+              "(docs/trl_names.md):"]
+    lines += ["      " + s for s in textwrap.wrap(names, 90)]
     return "\n".join(lines)
 
 
@@ -244,7 +271,7 @@ def train(
     print(f"summary: {os.path.join(summary['output_dir'], 'summary.json')}")
 
 
-@app.command(cls=_RawEpilog, epilog=_fields_epilog(),
+@app.command(cls=_RawEpilog, epilog=_fields_epilog(only=EVAL_FIELDS),
              help="Evaluate a model or checkpoint: k samples per problem on benchmarks; writes results.json "
                   "(avg@k, pass@k, maj@k, format rate, every setting) and generations_*.jsonl.")
 @_guarded
@@ -268,7 +295,7 @@ def eval(
 
     model, tok, task, tpl, info = load_for_eval(cfg, checkpoint)
     evaluate_benchmarks(cfg, model, tok, task, tpl, [BenchmarkSpec.parse(b) for b in benchmark], k, seed,
-                        Path(output_dir), info, greedy=greedy, console=Console())
+                        Path(output_dir), info, greedy=greedy, console=_console())
     print(f"results: {Path(output_dir) / 'results.json'}")
 
 
@@ -303,7 +330,7 @@ def compare(
     if style not in ("plain", "templated"):
         _fail("--style must be plain or templated")
     rep = run_compare(output_dir, [m.strip() for m in methods.split(",") if m.strip()], sl, style, steps, eval_every,
-                      list(overrides or []), threshold, console=Console(), resume=not fresh, threads=threads or None)
+                      list(overrides or []), threshold, console=_console(), resume=not fresh, threads=threads or None)
     from .report import markdown_table
 
     print(markdown_table(rep))

@@ -162,18 +162,19 @@ def run_compare(out: str | Path, methods: list[str] | None = None, seeds: list[i
     import torch
 
     from . import report
-    from .trainer import train
 
     if threads:
         torch.set_num_threads(threads)
 
-    console = console or Console()
+    if console is None:
+        console = Console()
+        console.soft_wrap = not console.is_terminal  # a log file: whole lines, not wrapped at 80 columns
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     methods = list(methods or DEFAULT_METHODS)
     seeds = list(range(DEFAULT_SEEDS)) if seeds is None else list(seeds)
     runs = plan_runs(out, methods, seeds, style, steps, eval_every, list(extra or []),
-                     warn=lambda m: console.print(f"[yellow]{escape(m)}[/]", highlight=False))
+                     warn=lambda m: console.print(f"[yellow]{escape(m)}[/]", highlight=False, soft_wrap=True))
     if not runs:
         raise ValueError("no method to run (all requested algorithms are missing)")
     meta = {"methods": methods, "seeds": seeds, "style": style, "steps": steps, "eval_every": eval_every,
@@ -184,35 +185,8 @@ def run_compare(out: str | Path, methods: list[str] | None = None, seeds: list[i
         Config.load(None, r.overrides)
     (out / "compare.json").write_text(json.dumps(meta, indent=1))
     t0 = time.time()
-
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console)
-    overall = progress.add_task("all runs", total=len(runs), info="")
-    current = progress.add_task("-", total=steps, info="")
-    stop = threading.Event()
-    active: dict = {}
-
-    def poll() -> None:  # follow the running run's metrics.jsonl
-        while not stop.wait(1.0):
-            r = active.get("run")
-            if r is None:
-                continue
-            n, last = _count_lines(r.out / "metrics.jsonl")
-            info = []
-            if "reward/mean" in last:
-                info.append(f"reward {last['reward/mean']:.2f}")
-            if "eval/accuracy" in last:
-                info.append(f"eval acc {last['eval/accuracy']:.3f}")
-            if "markers/template" in last:
-                info.append(f"tmpl {last['markers/template']:.2f}")
-            progress.update(current, completed=n, info="  ".join(info))
-
-    def view():
-        return Group(progress, _table(runs))
-
-    with Live(view(), console=console, refresh_per_second=2, transient=False) as live:
-        th = threading.Thread(target=poll, daemon=True)
-        th.start()
+    view = LiveView(console, runs, steps) if console.is_terminal else PlainView(console, runs)
+    with view:
         done_ws: set[int] = set()
         for r in runs:
             cfg = Config.load(None, r.overrides)
@@ -220,53 +194,162 @@ def run_compare(out: str | Path, methods: list[str] | None = None, seeds: list[i
                     and (r.out / "config.yaml").read_text() == cfg.to_yaml():
                 r.status, r.summary = "cached", json.loads((r.out / "summary.json").read_text())
                 r.summary["rollout_tokens"] = _rollout_tokens(r.out)
-                progress.advance(overall)
-                live.update(view())
+                view.finished(r)
                 continue
             if r.seed not in done_ws:
-                progress.update(current, description=f"warm start seed {r.seed}", completed=0,
-                                total=cfg.warmstart.steps, info="(shared by all methods of the seed)")
-                warm_start_seed(cfg, _ProgressProxy(progress, current))
+                warm_start_seed(cfg, view.warm_start(r.seed, cfg.warmstart.steps))
                 done_ws.add(r.seed)
-            if r.out.exists():  # a stale or partial run: start it afresh
-                import shutil
-
-                shutil.rmtree(r.out)
-            r.out.mkdir(parents=True, exist_ok=True)
-            (r.out / "run.json").write_text(json.dumps({"method": r.method, "seed": r.seed, "overrides": r.overrides}))
-            r.status = "running"
-            progress.update(current, description=f"{r.method} seed {r.seed}", completed=0, total=steps, info="")
-            active["run"] = r
-            live.update(view())
-            log = open(r.out / "train.log", "w")
-            try:
-                # a deliberate rerun (--fresh, or a stale run): replaces whatever run was there
-                r.summary = train(cfg, console=Console(file=log, width=120, force_terminal=False), overwrite=True)
-                r.summary["rollout_tokens"] = _rollout_tokens(r.out)
-                r.status = "done"
-            except Exception as e:  # keep going: one failed run must not lose the others
-                r.status, r.error = "failed", f"{type(e).__name__}: {e}"
-                log.write(f"\nFAILED: {r.error}\n")
-                console.print(f"[red]{escape(r.method)} seed {r.seed} failed:[/] {escape(r.error)} "
-                              f"(see {escape(str(r.out / 'train.log'))})",
-                              highlight=False)
-            finally:
-                log.close()
-                active.pop("run", None)
-            progress.advance(overall)
-            live.update(view())
-        stop.set()
-        th.join(timeout=2)
+            view.started(r)
+            _run_one(r, cfg, console)
+            view.finished(r)
     wall = time.time() - t0
     meta["wall_seconds"] = round(wall, 1)
     meta["status"] = {f"{r.method}/seed{r.seed}": r.status for r in runs}
     (out / "compare.json").write_text(json.dumps(meta, indent=1))
     rep = report.write_report([out], out, threshold=threshold)
-    console.print(f"compare: {len(runs)} runs in {wall / 60:.1f} min; report: {out / 'report.md'}", markup=False)
+    console.print(f"compare: {len(runs)} runs in {wall / 60:.1f} min; report: {out / 'report.md'}", markup=False,
+                  soft_wrap=True)
     failed = [r for r in runs if r.status == "failed"]
     if failed:
-        console.print(f"[red]{len(failed)} run(s) failed:[/] " + ", ".join(f"{r.method}/seed{r.seed}" for r in failed))
+        console.print(f"[red]{len(failed)} run(s) failed:[/] " + ", ".join(f"{r.method}/seed{r.seed}" for r in failed),
+                      soft_wrap=True)
     return rep
+
+
+def _run_one(r: RunSpec, cfg: Config, console: Console) -> None:
+    """Train one run afresh in ``r.out`` (its log in ``train.log``); a failure is recorded, not raised."""
+    import shutil
+
+    from .trainer import train
+
+    if r.out.exists():  # a stale or partial run: start it afresh
+        shutil.rmtree(r.out)
+    r.out.mkdir(parents=True, exist_ok=True)
+    (r.out / "run.json").write_text(json.dumps({"method": r.method, "seed": r.seed, "overrides": r.overrides}))
+    r.status = "running"
+    with open(r.out / "train.log", "w") as log:
+        try:
+            # a deliberate rerun (--fresh, or a stale run): replaces whatever run was there; the log keeps
+            # its lines whole (soft_wrap) instead of wrapping them at the console width
+            r.summary = train(cfg, console=Console(file=log, width=120, force_terminal=False, soft_wrap=True),
+                              overwrite=True)
+            r.summary["rollout_tokens"] = _rollout_tokens(r.out)
+            r.status = "done"
+        except Exception as e:  # keep going: one failed run must not lose the others
+            r.status, r.error = "failed", f"{type(e).__name__}: {e}"
+            log.write(f"\nFAILED: {r.error}\n")
+            console.print(f"[red]{escape(r.method)} seed {r.seed} failed:[/] {escape(r.error)} "
+                          f"(see {escape(str(r.out / 'train.log'))})", highlight=False, soft_wrap=True)
+
+
+class LiveView:
+    """A terminal: progress bars (all runs, the current run's steps) and the runs table, redrawn in
+    place while a thread follows the running run's metrics.jsonl."""
+
+    def __init__(self, console: Console, runs: list[RunSpec], steps: int):
+        self.runs, self.steps = runs, steps
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console)
+        self.overall = self.progress.add_task("all runs", total=len(runs), info="")
+        self.current = self.progress.add_task("-", total=steps, info="")
+        self.live = Live(self._view(), console=console, refresh_per_second=2, transient=False)
+        self.stop = threading.Event()
+        self.active: RunSpec | None = None
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _view(self):
+        return Group(self.progress, _table(self.runs))
+
+    def _poll(self) -> None:  # follow the running run's metrics.jsonl
+        while not self.stop.wait(1.0):
+            r = self.active
+            if r is not None:
+                n, last = _count_lines(r.out / "metrics.jsonl")
+                self.progress.update(self.current, completed=n, info=_step_info(last))
+
+    def __enter__(self):
+        self.live.__enter__()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=2)
+        return self.live.__exit__(*exc)
+
+    def warm_start(self, seed: int, total: int):
+        self.progress.update(self.current, description=f"warm start seed {seed}", completed=0, total=total,
+                             info="(shared by all methods of the seed)")
+        return _ProgressProxy(self.progress, self.current)
+
+    def started(self, r: RunSpec) -> None:
+        self.progress.update(self.current, description=f"{r.method} seed {r.seed}", completed=0, total=self.steps,
+                             info="")
+        self.active = r
+        self.live.update(self._view())
+
+    def finished(self, r: RunSpec) -> None:
+        self.active = None
+        self.progress.advance(self.overall)
+        self.live.update(self._view())
+
+
+class PlainView:
+    """Not a terminal (a log file, a pipe): one plain line per event, nothing redrawn, no bars."""
+
+    def __init__(self, console: Console, runs: list[RunSpec]):
+        self.console, self.total, self.n = console, len(runs), 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def _say(self, msg: str) -> None:
+        self.console.print(msg, markup=False, highlight=False, soft_wrap=True)
+
+    def warm_start(self, seed: int, total: int):
+        self._say(f"warm start seed {seed} (shared by all methods of the seed; at most {total} steps)")
+        return _PlainProgress(self.console)
+
+    def started(self, r: RunSpec) -> None:
+        self._say(f"[{self.n + 1}/{self.total}] {r.method} seed {r.seed}: running ({r.out / 'train.log'})")
+
+    def finished(self, r: RunSpec) -> None:
+        self.n += 1
+        s = r.summary
+        acc = " ".join(f"{k.removeprefix('accuracy_')} {s[k]:.3f}" for k in ("accuracy_before", "accuracy_after")
+                       if isinstance(s.get(k), (int, float)))
+        tok = s.get("rollout_tokens")
+        extra = [acc, f"rollout tokens {tok:,}" if isinstance(tok, int) else "",
+                 f"{s['wall_seconds']} s" if "wall_seconds" in s else ""]
+        self._say(f"[{self.n}/{self.total}] {r.method} seed {r.seed}: {r.status}"
+                  + "".join(f", {x}" for x in extra if x))
+
+
+def _step_info(last: dict) -> str:
+    info = []
+    if "reward/mean" in last:
+        info.append(f"reward {last['reward/mean']:.2f}")
+    if "eval/accuracy" in last:
+        info.append(f"eval acc {last['eval/accuracy']:.3f}")
+    if "markers/template" in last:
+        info.append(f"tmpl {last['markers/template']:.2f}")
+    return "  ".join(info)
+
+
+class _PlainProgress:
+    """The warm start's progress off a terminal: its messages as lines of the console, no bar."""
+
+    def __init__(self, console: Console):
+        self.console = console
+
+    def add_task(self, description, total=None, **fields):
+        return 0
+
+    def update(self, task_id, advance=None, description=None, **kw):
+        pass
 
 
 class _ProgressProxy:
@@ -283,4 +366,4 @@ class _ProgressProxy:
         self.p.update(self.t, advance=advance, description=description)
 
 
-__all__ = ["DEFAULT_METHODS", "METHODS", "RunSpec", "base_overrides", "method_settings", "plan_runs", "run_compare"]
+__all__ = ["DEFAULT_METHODS", "LiveView", "METHODS", "PlainView", "RunSpec", "base_overrides", "method_settings", "plan_runs", "run_compare"]

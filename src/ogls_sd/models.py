@@ -3,6 +3,9 @@ a local path (optionally a GGUF file), with an optional LoRA adapter."""
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import torch
 
 from .config import Config
@@ -78,6 +81,16 @@ def enable_checkpointing(model) -> None:
     fn()
 
 
+@contextlib.contextmanager
+def peft_without_checkpointing_warning():
+    """peft's ``PeftModel.__init__`` reads ``model.is_gradient_checkpointing``, which transformers 5
+    deprecated (``is_activation_checkpointing``) with a FutureWarning on every LoRA run: that one
+    warning, raised inside peft where we cannot change the call, is silenced; any other shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def load_policy(cfg: Config, progress=None, *, task=None, model=None, tokenizer=None):
     """Returns ``(policy, tokenizer, task, task_templates, info)``; ``info`` describes the model.
 
@@ -115,8 +128,9 @@ def load_policy(cfg: Config, progress=None, *, task=None, model=None, tokenizer=
     if m.lora:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
-                                                 target_modules=list(m.lora_target_modules), task_type="CAUSAL_LM"))
+        with peft_without_checkpointing_warning():
+            model = get_peft_model(model, LoraConfig(r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
+                                                     target_modules=list(m.lora_target_modules), task_type="CAUSAL_LM"))
         if m.name != "tiny" and not info.get("object"):  # the adapter names the base as the user did (hub id,
             for pc in model.peft_config.values():  # path, smollm2-135m), not a resolved path in site-packages or a cache
                 pc.base_model_name_or_path = m.name

@@ -40,6 +40,11 @@ class SDPOConfig(_Section):
     _section = "sdpo"
     _positive = ("top_k", "max_reprompt_tokens")
     _unit = ("alpha",)
+    _trl = {"distillation_mode": "mode", "distillation_alpha": "alpha", "distillation_topk": "top_k",
+            "distillation_add_tail": "add_tail", "success_reward_threshold": "success_threshold",
+            "dont_reprompt_on_self_success": "dont_reprompt_on_self_success", "reprompt_template": "reprompt_template",
+            "solution_template": "solution_template", "remove_thinking_from_demonstration": "remove_thinking",
+            "max_reprompt_len": "max_reprompt_tokens"}  # TRL SDPOConfig names (docs/trl_names.md)
     mode: str = opt("sampled_token", "Distillation objective (TRL distillation_mode): sampled_token = reverse KL through the score function sg(log p_S(y) - log p_T(y)) * log p_S(y) at the sampled token (needs sdpo.alpha=1); topk_logits = divergence on the student's top sdpo.top_k tokens; full_logits = divergence over the whole vocabulary.", choices=MODES)
     alpha: float = opt(1.0, "Divergence interpolation (TRL distillation_alpha): 0 = forward KL(p_T||p_S), 1 = reverse KL(p_S||p_T), in between alpha*KL(p_T||m) + (1-alpha)*KL(p_S||m), m = alpha*p_T + (1-alpha)*p_S.")
     top_k: int = opt(20, "mode=topk_logits: size of the student's top-k support (TRL distillation_topk, which has no default).")
