@@ -2,7 +2,7 @@
 optimizer state and the EMA / frozen teacher copy sharded across ranks at rest; gathered for the
 compute of one step.
 
-How a step runs (the trainer and :func:`~ogls_sd.trainer.optimize`)::
+How a step runs (the trainer, :func:`~ogls_sd.trainer.optimize` and :class:`~ogls_sd.parallel.FSDP2`)::
 
     shard.gather()            # all-gather every unit (decoder layer, root): one collective per unit
     rollouts, plan, loss terms, backward per micro-batch     # local: no collective, any count per rank

@@ -1,11 +1,14 @@
 """The training loop: rollouts → rewards → algorithm loss terms → optimizer step → logs/checkpoints.
 
-``train`` reads top to bottom like method.md §3: per step, (1) the step's prompts, (2) G rollouts
-per prompt from the student on token ids, (3) verified outcomes, (4–6) the algorithm's plan and
-loss terms with gradient accumulation, then one optimizer step, the teacher update, metrics and
-checkpoints. Runs resume exactly from a checkpoint (``train.resume``); a resume that could not be
-exact (fewer steps than done, changed settings, other initial weights, missing or corrupt state) is
-refused with a one-line :class:`~ogls_sd.checkpoint.CheckpointError` (see :func:`check_resume`).
+``train`` reads top to bottom like method.md §3: set up once, then per step (1) the step's
+prompts, (2) G rollouts per prompt from the student on token ids, (3) verified outcomes, (4–6) the
+algorithm's plan and loss terms with gradient accumulation, then one optimizer step, the teacher
+update, metrics, evaluation and checkpoints. The state between those parts is a :class:`Run`.
+
+What depends on the number of processes (one, data parallel, FSDP2: the step's scope, gradient
+reduction and clipping, which process writes, checkpoint parts) is a strategy object from
+:mod:`ogls_sd.parallel`. Runs resume exactly from a checkpoint (``train.resume``); the checks that
+refuse a resume that could not be exact, and the restore, are :mod:`ogls_sd.resume`.
 """
 
 from __future__ import annotations
@@ -14,30 +17,27 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .algorithms import Group, Rollout, StepBatch, build_algorithm, teacher_kind
 from .registry import ALGORITHMS
-from .checkpoint import (SHARDED, CheckpointError, check_resume_config, checkpoint_dirs, load_ema, load_model_weights,
-                         load_trainer_state, rank_rng, read_state, resolve_resume, restoring, rng_state, save_checkpoint,
-                         saved_world_size, set_rng_state, step_of, weights_fingerprint)
+from .checkpoint import load_model_weights, rng_state, save_checkpoint, set_rng_state, weights_fingerprint
 from .config import Config, ConfigError
-from .distributed import (barrier, gather_objects, globalize_plan, rank_slice, sum_across_ranks, sum_dicts, sum_gradients,
-                          world)
+from .distributed import globalize_plan, rank_slice, sum_across_ranks, sum_dicts, world
 from .accuracy import check_eval_prompts, check_prompt_fits, context_limit, evaluate_accuracy
 from .markers import loop_fraction, marker_metrics
 from .models import load_policy
 from .rewards.functions import RewardError, RewardSet, RewardSpec, resolve
+from .parallel import choose_parallelism, for_sharding, make_accelerator, warn
+from .resume import find_resume, restore_training_state, seed_sampling
 from .runlock import check_fresh_run_dir, clear_previous_run, holding_run_lock
-from .sharding import clip_grad_norm, is_sharded
+from .sharding import is_sharded
 from .rollout import SamplingParams, build_backend
 from .teacher import Teacher
 from .templates import PromptBuilder
@@ -287,49 +287,26 @@ def check_context(groups: list[Group], max_new_tokens: int, limit: int | None) -
             check_prompt_fits(g.example, kind, len(ids), max_new_tokens, limit)
 
 
-def optimize(cfg: Config, algo, plan, accel, policy, params, opt, teacher, shard=None) -> Optimized:
-    """Steps 4–6: loss terms over micro-batches (gradient accumulation), clip, optimizer step,
-    teacher update. ``inner_steps > 1`` (GRPO's PPO epochs) repeats this on the same plan; the
-    reported terms and grad norm are then means. A non-finite loss or gradient skips the update.
+def optimize(cfg: Config, algo, plan, accel, policy, params, opt, teacher, shard=None, parallel=None) -> Optimized:
+    """Steps 4–6: loss terms over micro-batches (gradient accumulation), gradient reduction and
+    clipping, optimizer step, teacher update. ``inner_steps > 1`` (GRPO's PPO epochs) repeats this
+    on the same plan; the reported terms and grad norm are then means. A non-finite loss or
+    gradient (on any process) skips the update.
 
-    ``shard`` (FSDP2, :class:`~ogls_sd.sharding.Sharding`): the parameters are gathered for the
-    micro-batches, the gradients reduce-scattered into the shards, and the optimizer steps on the
-    shards (the step's other passes, rollouts and plan, ran gathered as well)."""
+    ``parallel`` (:mod:`ogls_sd.parallel`) decides how the gradients are reduced and clipped; by
+    default the strategy around ``shard`` (FSDP2, :class:`~ogls_sd.sharding.Sharding`: the
+    parameters gathered for the micro-batches, the gradients reduce-scattered into the shards,
+    the optimizer stepping on the shards), or the data-parallel / one-process one."""
+    parallel = parallel if parallel is not None else for_sharding(accel, shard)
     agg: dict[str, float] = {}
     policy.train()
     inner = max(1, getattr(algo, "inner_steps", 1))
     gns, skipped = [], False
-    replicated = [p for p in params if not is_sharded(p)]  # data parallel: summed explicitly
     for _ in range(inner):
-        if shard is not None:
-            shard.gather()
-        finite = True
-        for micro in plan.micro_batches(cfg.train.micro_batch_size):
-            with accel.autocast():  # train.mixed_precision (the model is not wrapped by accelerate)
-                loss, m = algo.loss(plan, micro)
-            if not torch.isfinite(loss.detach()):
-                finite = False
-                break
-            accel.backward(loss)
-            agg["loss"] = agg.get("loss", 0.0) + float(loss.detach())
-            for k, v in m.items():
-                agg[k] = agg.get(k, 0.0) + v
-        # data parallel: every rank must take part in the reduction, finite or not
-        finite = sum_across_ranks([0.0 if finite else 1.0])[0] == 0.0
-        if shard is not None:  # FSDP2: every rank reduce-scatters (also a step about to be skipped)
-            shard.reduce_gradients()
-            shard.release()
-        if finite:
-            sum_gradients(replicated)
-            if shard is not None:
-                gn = clip_grad_norm(params, cfg.train.max_grad_norm)
-            elif cfg.train.max_grad_norm > 0:
-                gn = float(accel.clip_grad_norm_(params, cfg.train.max_grad_norm))
-            else:
-                gn = float(torch.linalg.vector_norm(torch.stack(
-                    [p.grad.detach().norm() for p in params if p.grad is not None] or [torch.zeros(())])))
-            finite = math.isfinite(gn)
-        if not finite:
+        parallel.begin_pass()
+        finite = accumulate_gradients(cfg, algo, plan, accel, agg)
+        gn = parallel.reduce_and_clip(params, finite, cfg.train.max_grad_norm)
+        if gn is None:  # non-finite here or in another process
             opt.zero_grad(set_to_none=True)
             skipped = True
             break
@@ -341,6 +318,21 @@ def optimize(cfg: Config, algo, plan, accel, policy, params, opt, teacher, shard
         agg = {k: v / inner for k, v in agg.items()}
     agg = sum_dicts(agg)  # data parallel: every term is a sum, so the step's terms are the ranks' sums
     return Optimized(agg, sum(gns) / len(gns) if gns else float("nan"), skipped)
+
+
+def accumulate_gradients(cfg: Config, algo, plan, accel, agg: dict[str, float]) -> bool:
+    """One pass over the plan's micro-batches: loss, backward, the loss terms summed into ``agg``.
+    False (the pass stopped) at the first non-finite loss."""
+    for micro in plan.micro_batches(cfg.train.micro_batch_size):
+        with accel.autocast():  # train.mixed_precision (the model is not wrapped by accelerate)
+            loss, m = algo.loss(plan, micro)
+        if not torch.isfinite(loss.detach()):
+            return False
+        accel.backward(loss)
+        agg["loss"] = agg.get("loss", 0.0) + float(loss.detach())
+        for k, v in m.items():
+            agg[k] = agg.get(k, 0.0) + v
+    return True
 
 
 def step_record(step: int, batch: StepBatch, plan, res: Optimized, lr: float, t: dict, tok, task, cfg: Config, algo) -> dict:
@@ -419,87 +411,6 @@ def harness_eval(cfg: Config, policy, tok, task, task_tpl, info: dict, out: Path
         policy.train()
 
 
-def _accelerate_fsdp() -> bool:
-    """``accelerate launch`` with an FSDP config (configs/accelerate/fsdp.yaml) sets this."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
-
-
-def _warn(console: Console, msg: str) -> None:
-    # several processes: one reports (before the process group exists, the launcher's RANK says which)
-    rank = world()[0] if world()[1] > 1 else int(os.environ.get("RANK", "0") or 0)
-    if rank == 0:
-        console.print(f"[yellow]warning:[/] {escape(msg)}", highlight=False, soft_wrap=True)  # one line
-
-
-def check_resume(cfg: Config, run: Path, ckpt: Path, state: dict, console: Console) -> dict:
-    """Before anything is loaded or written: may the run continue from ``ckpt`` with ``cfg``?
-
-    * ``train.steps`` below the checkpoint's step is an error (resuming never rewrites a run's
-      history; equal steps: nothing to do, see :func:`finished_summary`);
-    * an explicit checkpoint older than checkpoints already in ``<run>/checkpoints`` is an error
-      (continuing from it would overwrite them);
-    * a config field outside ``checkpoint.RESUME_MUTABLE`` that differs from the checkpoint's
-      config is an error listing every such key (old -> new).
-
-    Returns the allowed changes ``{key: (old, new)}``, recorded in ``metrics.jsonl``."""
-    start = state["step"]
-    if cfg.train.steps < start:
-        raise CheckpointError(
-            f"--resume: the run is at step {start} ({ckpt}); train.steps={cfg.train.steps} would rewrite its history "
-            f"(checkpoints, metrics.jsonl, summary.json). Pass train.steps >= {start} (= {start}: nothing to do)")
-    if cfg.train.resume != "latest":
-        newer = [p.name for p in checkpoint_dirs(run) if step_of(p) > start]
-        if newer:
-            raise CheckpointError(
-                f"--resume {ckpt}: {run / 'checkpoints'} already holds later checkpoints ({', '.join(newer)}); continuing "
-                f"from step {start} would overwrite the run's history. Use --resume latest, another train.output_dir, "
-                "or remove the later checkpoints first")
-    old = state.get("config")
-    if old is None:
-        _warn(console, f"{ckpt} records no config (written by an older version): changes to the config cannot be checked")
-    changes = check_resume_config(ckpt, old, cfg.to_dict(), Config().to_dict())
-    if "train.steps" in changes and cfg.train.lr_scheduler in ("linear", "cosine"):
-        o, n = changes["train.steps"]
-        raise CheckpointError(
-            f"--resume {ckpt}: train.lr_scheduler={cfg.train.lr_scheduler} decays over train.steps, so changing it "
-            f"({o} -> {n}) would change the schedule mid-run (the steps taken followed the old one); resume with "
-            f"train.steps={o}, or start a new run (another train.output_dir)")
-    return changes
-
-
-def check_initial_weights(ckpt: Path, state: dict, init_weights: dict) -> None:
-    """The initial weights (warm start / model files) must be those the run started from: the
-    frozen teacher is θ₀, and the LoRA base is θ₀."""
-    old = state.get("init_weights") or {}
-    if old.get("sha256") and old["sha256"] != init_weights["sha256"]:
-        src = init_weights.get("warm_start") or init_weights.get("name", "")
-        raise CheckpointError(
-            f"--resume {ckpt}: the initial weights differ from those the run started from (sha256 {old['sha256'][:16]} "
-            f"then, {init_weights['sha256'][:16]} now; {src}): the warm start or the model files changed. Restore them "
-            "or start a new run in another train.output_dir")
-
-
-def check_world_size(ckpt: Path, saved: int | None, now: int) -> None:
-    """A run continues exactly only with the number of processes it was saved with: each process
-    samples its own share of a step's prompts from its own RNG stream."""
-    if saved is not None and saved != now:
-        raise CheckpointError(
-            f"--resume {ckpt}: the run was saved by {saved} process(es), this launch has {now}; each process samples its "
-            f"own share of a step's prompts from its own RNG stream, so another number would continue on another "
-            f"trajectory. Launch {saved} process(es), or start a new run (another train.output_dir)")
-
-
-def finished_summary(run: Path, start: int, cfg: Config) -> dict | None:
-    """The run's ``summary.json`` when it already finished at ``train.steps == start``, else None."""
-    if start != cfg.train.steps or not (run / "summary.json").is_file():
-        return None
-    try:
-        summ = json.loads((run / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return summ if isinstance(summ, dict) and summ.get("steps") == start and "output_dir" in summ else None
-
-
 def torch_threads(cfg: Config, env) -> int | None:
     """``train.threads``, or by rule when 0: OMP_NUM_THREADS when set (torch reads it itself: None),
     1 for the built-in tiny model, else None (torch's default)."""
@@ -519,106 +430,32 @@ def reward_specs(cfg: Config, extra=()) -> list[RewardSpec]:
         raise ConfigError(str(e)) from None
 
 
-@holding_run_lock  # one run per output directory (<output_dir>/.lock); before anything in it is touched
-def train(cfg: Config, console: Console | None = None, overwrite: bool = False, *, model=None, tokenizer=None, task=None,
-          rewards=()) -> dict:
-    """Run training as configured; returns the summary (also written to ``summary.json``).
 
-    A fresh run in a directory that holds another run is refused unless ``overwrite`` (then the
-    old run's files are removed once every check of the new run has passed).
-
-    The Python API (:mod:`ogls_sd.api`) passes what a config cannot hold: ``model`` / ``tokenizer``
-    objects, the training data as a ``task``, and reward functions as callables (``rewards``: after
-    ``reward.funcs``; see :func:`~ogls_sd.rewards.functions.resolve`)."""
-    from accelerate import Accelerator
-    from transformers import set_seed
-
+def preflight(cfg: Config, rewards=()) -> list[RewardSpec]:
+    """What can fail before any model is loaded: the reward modules import, the tracker and the
+    hub client are installed (never train for hours and then fail to log or upload)."""
     from .tracking import check_tracker
 
-    if console is None:  # off a terminal (a log file, nohup) long lines stay whole instead of wrapping at 80 columns
-        console = Console()
-        console.soft_wrap = not console.is_terminal
     specs = reward_specs(cfg, rewards)  # the user's reward modules import, or one line before anything loads
     check_tracker(cfg.train.report_to)  # a missing optional tracker: one line, before any model is loaded
-    if cfg.train.push_to_hub:  # the hub, likewise: never train for hours and then fail to upload
+    if cfg.train.push_to_hub:
         from .hub import check_hub
 
         check_hub(cfg.train.push_to_hub)
-    t_start = time.time()
-    run = Path(cfg.train.output_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    resume_from = resolve_resume(run, cfg.train.resume, warn=lambda msg: _warn(console, msg))
-    resume_state: dict = {}
-    resume_changes: dict = {}
-    if resume_from is not None:
-        resume_state = read_state(resume_from)
-        resume_changes = check_resume(cfg, run, resume_from, resume_state, console)
-        finished = finished_summary(run, resume_state["step"], cfg)
-        if finished is not None:  # a finished run resumed with train.steps = its steps: nothing to do
-            console.print(f"the run already reached train.steps={cfg.train.steps} ({resume_from}): nothing to do",
-                          markup=False, highlight=False)
-            return finished
-    old_run = [] if resume_from is not None else check_fresh_run_dir(run, overwrite, restart_unsaved=bool(cfg.train.resume))
-    threads = torch_threads(cfg, os.environ)
-    if threads:
-        torch.set_num_threads(threads)
-    set_seed(cfg.train.seed)
-    # device=auto without a GPU is CPU: say so, or accelerate would not join the processes of
-    # a multi-process CPU launch into one group (each would think it is rank 0).
-    cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
-    if "WORLD_SIZE" not in os.environ:  # one process: a second train() in it may use other accelerate settings
-        from accelerate.state import AcceleratorState
+    return specs
 
-        AcceleratorState._reset_state(reset_partial_state=True)
-    fsdp = cfg.train.fsdp or _accelerate_fsdp()
-    # FSDP2: train.mixed_precision becomes the sharding's policy (accelerate's autocast stays off)
-    accel = Accelerator(cpu=cpu, mixed_precision="no" if fsdp else cfg.train.mixed_precision)
-    fsdp = fsdp or accel.distributed_type.name == "FSDP"
-    if accel.distributed_type.name == "DEEPSPEED":
-        raise NotImplementedError(
-            "DEEPSPEED is not supported by the trainer: use configs/accelerate/fsdp.yaml (FSDP2 sharding, "
-            "docs/scaling.md) or configs/accelerate/ddp.yaml (data parallel; LoRA if the model does not fit one GPU)")
-    if world()[1] != accel.num_processes:
-        raise RuntimeError(f"accelerate sees {accel.num_processes} process(es) but torch.distributed has {world()[1]}; "
-                           "launch with `accelerate launch` or `torchrun` and train.device set explicitly")
-    if fsdp and world()[1] < 2:
-        raise ValueError("train.fsdp=true shards across processes: launch several (accelerate launch --config_file "
-                         "configs/accelerate/fsdp.yaml, or torchrun --nproc_per_node N); with one process leave it off")
-    if resume_from is not None:  # before anything is loaded: the recorded number of processes, if any
-        check_world_size(resume_from, resume_state.get("world_size"), world()[1])
-    if not accel.is_main_process:  # data parallel: one rank reports (errors still raise on every rank)
-        console = Console(quiet=True)
 
-    # ---- policy, teacher (θ₀ is taken before any checkpoint is loaded), algorithm, optimizer
-    # One process per machine first: it computes and caches the warm start; the others then load it.
-    with accel.local_main_process_first(), (_progress(console) if console.is_terminal
-                                             else contextlib.nullcontext(PlainProgress(console))) as progress:
-        policy, tok, task, task_tpl, info = load_policy(cfg, progress, task=task, model=model, tokenizer=tokenizer)
-    reward_set = RewardSet(specs, task, cfg.reward.success_threshold)
-    # the initial weights θ₀ (warm start / model files) are part of what a checkpoint continues
-    init_weights = {"sha256": weights_fingerprint(policy), **{k: info[k] for k in ("name", "warm_start") if k in info}}
-    if resume_from is not None:
-        check_initial_weights(resume_from, resume_state, init_weights)
-    policy.to(accel.device)
-    prompts = PromptBuilder(tok, cfg.templates, task_tpl)
-    # algorithms that never read the teacher (SFT, RFT, GRPO without KL) get no teacher copy
-    teacher = Teacher(policy, teacher_kind(cfg), cfg.teacher.ema_decay, lora=cfg.model.lora)
-    if resume_from is not None:  # after the teacher copy (θ₀), before sharding
-        load_model_weights(resume_from, policy)
-    shard = None
-    if fsdp:  # FSDP2: the policy and the teacher copy sharded (sharding.py)
-        from .sharding import Sharding
+def default_console() -> Console:
+    """Off a terminal (a log file, nohup) long lines stay whole instead of wrapping at 80 columns."""
+    console = Console()
+    console.soft_wrap = not console.is_terminal
+    return console
 
-        shard = Sharding(policy, teacher.copy, lora=cfg.model.lora, mixed_precision=cfg.train.mixed_precision)
-    step_scope = shard.gathered if shard is not None else contextlib.nullcontext  # a step's compute: gathered
-    algo = build_algorithm(cfg, policy, teacher, prompts)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    sched = build_scheduler(cfg, opt)
 
-    run_name = cfg.train.run_name or run.resolve().name
-    summary: dict = {"algorithm": cfg.train.algorithm, "run_name": run_name, "model": info, "output_dir": str(run),
-                     "noop_steps": 0}
+def initial_summary(cfg: Config, run: Path, info: dict, specs: list[RewardSpec], task, console: Console) -> dict:
+    """The summary's fields known before the first step (the data split and skipped rows also printed)."""
+    summary: dict = {"algorithm": cfg.train.algorithm, "run_name": cfg.train.run_name or run.resolve().name, "model": info,
+                     "output_dir": str(run), "noop_steps": 0}
     if specs:  # the run's own reward functions (none: the task's verifier, as always)
         summary["reward_funcs"] = [f"{s.label}={s.weight:g}" for s in specs]
     if hasattr(task, "split_line"):  # a file / hub data set: what was held out
@@ -631,234 +468,337 @@ def train(cfg: Config, console: Console | None = None, overwrite: bool = False, 
         summary["data_duplicates"] = task.duplicates
         console.print(f"[yellow]data:[/] dropped {task.duplicates} rows whose problem repeats an earlier row's "
                       "(the first is kept, so no problem is both trained on and held out)")
-    wall_before = 0.0  # wall seconds of the earlier segments of a resumed run
-    start = 0
-    if resume_from is not None:
-        state = load_trainer_state(resume_from)
-        check_world_size(resume_from, saved_world_size(state), world()[1])
-        start = int(state["step"])
-        if start != resume_state["step"]:
-            raise CheckpointError(f"{resume_from}: trainer_state.pt is at step {start} but state.json at step "
-                                  f"{resume_state['step']}")
-        if shard is not None:  # optimizer (and EMA copy) shards: torch.distributed.checkpoint
-            if not (resume_from / SHARDED).is_dir():
-                raise CheckpointError(f"{resume_from}: no {SHARDED}/ directory (not written by a train.fsdp run)")
-            with restoring(resume_from / SHARDED, "sharded optimizer / EMA teacher state"):
-                shard.load_sharded(resume_from / SHARDED, opt, teacher)
-        with restoring(resume_from / "trainer_state.pt", "optimizer or scheduler state"):
-            if shard is None:
-                opt.load_state_dict(state["optimizer"])
-            if state.get("scheduler"):
-                sched.load_state_dict(state["scheduler"])
-        # a run with an EMA teacher cannot continue without its EMA state (never re-initialised)
-        sharded_ema = shard is not None and teacher.copy is not None
-        ema = None if sharded_ema else load_ema(resume_from, required=teacher.has_state)
-        if ema is not None:
-            with restoring(resume_from / "teacher_ema.safetensors", "EMA teacher state"):
-                teacher.load_state_dict(ema)
-        summary.update(resume_state.get("summary", {}))
-        wall_before = float(summary.pop("wall_seconds", 0.0) or 0.0)  # the segments before this one
-        console.print(f"resuming from {resume_from} (step {start})", markup=False, highlight=False)
+    return summary
 
-    # The model is not wrapped (no DDP): the algorithms call the backbone directly, and gradients
-    # are summed across ranks explicitly after the micro-batch loop (distributed.py), or
-    # reduce-scattered into the shards (sharding.py).
-    if shard is None:
-        opt = accel.prepare(opt)
-    rank, world_size = world()
-    summary["processes"] = world_size
-    is_main = rank == 0
-    limit = context_limit(policy)  # the model's context: prompts + generation limit must fit it
-    backend = build_backend(cfg.rollout, policy, prompts.pad_id, prompts.eos_id, cfg=cfg, is_main_process=accel.is_main_process)
-    sampling = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
-    heldout = task.examples(cfg.data.eval_size, seed=cfg.data.seed, split="test")
-    if cfg.eval.before_after or cfg.eval.every:  # before training, on every rank: the whole held-out set fits
-        check_eval_prompts(heldout, [prompts.student_ids(ex) for ex in heldout], cfg.eval.max_new_tokens, limit)
-    # every check passed: only now is the run directory written (a refused run changes nothing in it)
-    if is_main:
-        clear_previous_run(run, old_run)  # --overwrite (or a run stopped before its first checkpoint)
-        cfg.save(run / "config.yaml")
-    from .tracking import open_tracker
 
-    log = MetricsLog(run / "metrics.jsonl", open_tracker(cfg.train.report_to, run, cfg.to_dict(), name=run_name) if is_main else None,
-                     keep_until_step=start if resume_from is not None else None, enabled=is_main)
-    # train.log_completions (same resume rule as metrics.jsonl: records after the checkpoint dropped)
-    samples = MetricsLog(run / "completions.jsonl", None, keep_until_step=start if resume_from is not None else None,
-                         enabled=is_main)
-    if resume_changes:  # settings changed on resume (only those that keep the run exact): on the record
-        log.write({"step": start, "resume/changed": {k: [o, n] for k, (o, n) in resume_changes.items()}})
-        console.print("resumed with changed settings: " + ", ".join(f"{k} {o!r} -> {n!r}" for k, (o, n) in resume_changes.items()),
-                      highlight=False, markup=False)
+class Run:
+    """One training run between its checks and its summary: what :func:`train` sets up once
+    (:meth:`start_processes`, :meth:`load`, :meth:`restore`, :meth:`prepare`, :meth:`begin`), the
+    parts of a step (:meth:`collect`, :meth:`plan`, :meth:`optimize`, :meth:`apply`,
+    :meth:`record`, :meth:`evaluate`, :meth:`write`, :meth:`watch`) and the end (:meth:`finish`).
+    Everything that depends on the number of processes goes through ``self.parallel``
+    (:mod:`ogls_sd.parallel`); resuming through ``self.resume`` (:mod:`ogls_sd.resume`)."""
 
-    def held_out_accuracy() -> float:
+    def __init__(self, cfg: Config, console: Console, specs: list[RewardSpec]):
+        self.cfg, self.console, self.specs = cfg, console, specs
+        self.t_start = time.time()
+        self.dir = Path(cfg.train.output_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.resume = find_resume(cfg, self.dir, console)
+        self.last_eval: tuple[int, float] | None = None  # (step, accuracy) of the latest eval.every measurement
+        self.nonfinite_run = self.noop_run = 0  # consecutive skipped / no-op steps
+
+    # ------------------------------------------------------------------ set-up
+    def start_processes(self) -> None:
+        """Threads, the seed, the accelerator (and with it the parallelism mode), and the checks
+        on the number of processes."""
+        from transformers import set_seed
+
+        threads = torch_threads(self.cfg, os.environ)
+        if threads:
+            torch.set_num_threads(threads)
+        set_seed(self.cfg.train.seed)
+        self.accel, self.fsdp = make_accelerator(self.cfg)
+        self.resume.check_world_size(world()[1])  # before anything is loaded
+        if not self.accel.is_main_process:  # data parallel: one rank reports (errors still raise on every rank)
+            self.console = Console(quiet=True)
+
+    def load(self, model=None, tokenizer=None, task=None) -> None:
+        """Policy, teacher (θ₀ is taken before any checkpoint is loaded), parallelism, algorithm, optimizer."""
+        cfg, accel = self.cfg, self.accel
+        # One process per machine first: it computes and caches the warm start; the others then load it.
+        with accel.local_main_process_first(), (_progress(self.console) if self.console.is_terminal
+                                                 else contextlib.nullcontext(PlainProgress(self.console))) as progress:
+            self.policy, self.tok, self.task, self.task_tpl, self.info = load_policy(
+                cfg, progress, task=task, model=model, tokenizer=tokenizer)
+        self.reward_set = RewardSet(self.specs, self.task, cfg.reward.success_threshold)
+        # the initial weights θ₀ (warm start / model files) are part of what a checkpoint continues
+        self.init_weights = {"sha256": weights_fingerprint(self.policy),
+                             **{k: self.info[k] for k in ("name", "warm_start") if k in self.info}}
+        self.resume.check_initial_weights(self.init_weights)
+        self.policy.to(accel.device)
+        self.prompts = PromptBuilder(self.tok, cfg.templates, self.task_tpl)
+        # algorithms that never read the teacher (SFT, RFT, GRPO without KL) get no teacher copy
+        self.teacher = Teacher(self.policy, teacher_kind(cfg), cfg.teacher.ema_decay, lora=cfg.model.lora)
+        if self.resume.active:  # after the teacher copy (θ₀), before sharding
+            load_model_weights(self.resume.ckpt, self.policy)
+        self.parallel = choose_parallelism(accel, self.fsdp, self.policy, self.teacher, cfg)  # FSDP2: shards here
+        self.algo = build_algorithm(cfg, self.policy, self.teacher, self.prompts)
+        self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.sched = build_scheduler(cfg, self.opt)
+
+    def restore(self) -> None:
+        """The summary so far and, on resume, the optimizer / scheduler / EMA state."""
+        self.summary = initial_summary(self.cfg, self.dir, self.info, self.specs, self.task, self.console)
+        self.start, self.wall_before = restore_training_state(self.resume, self.parallel, self.opt, self.sched,
+                                                              self.teacher, self.summary, self.console)
+        self.opt = self.parallel.prepare_optimizer(self.opt)
+        self.summary["processes"] = self.parallel.world_size
+
+    def prepare(self, old_run: list) -> None:
+        """The rollout engine and the held-out set; then, every check passed, the run directory."""
+        cfg, prompts = self.cfg, self.prompts
+        self.limit = context_limit(self.policy)  # the model's context: prompts + generation limit must fit it
+        self.backend = build_backend(cfg.rollout, self.policy, prompts.pad_id, prompts.eos_id, cfg=cfg,
+                                     is_main_process=self.accel.is_main_process)
+        self.sampling = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p,
+                                       cfg.rollout.top_k)
+        self.heldout = self.task.examples(cfg.data.eval_size, seed=cfg.data.seed, split="test")
+        if cfg.eval.before_after or cfg.eval.every:  # before training, on every rank: the whole held-out set fits
+            check_eval_prompts(self.heldout, [prompts.student_ids(ex) for ex in self.heldout], cfg.eval.max_new_tokens,
+                               self.limit)
+        # every check passed: only now is the run directory written (a refused run changes nothing in it)
+        if self.parallel.is_main:
+            clear_previous_run(self.dir, old_run)  # --overwrite (or a run stopped before its first checkpoint)
+            cfg.save(self.dir / "config.yaml")
+        self.open_logs()
+
+    def open_logs(self) -> None:
+        """``metrics.jsonl`` (and the tracker) and ``completions.jsonl``; on resume the records
+        after the checkpoint are dropped, and allowed config changes are put on the record."""
+        from .tracking import open_tracker
+
+        cfg, is_main = self.cfg, self.parallel.is_main
+        keep = self.start if self.resume.active else None
+        tracker = open_tracker(cfg.train.report_to, self.dir, cfg.to_dict(), name=self.summary["run_name"]) if is_main else None
+        self.metrics = MetricsLog(self.dir / "metrics.jsonl", tracker, keep_until_step=keep, enabled=is_main)
+        self.samples = MetricsLog(self.dir / "completions.jsonl", None, keep_until_step=keep, enabled=is_main)
+        changes = self.resume.changes
+        if changes:  # settings changed on resume (only those that keep the run exact): on the record
+            self.metrics.write({"step": self.start, "resume/changed": {k: [o, n] for k, (o, n) in changes.items()}})
+            self.console.print("resumed with changed settings: " + ", ".join(f"{k} {o!r} -> {n!r}" for k, (o, n) in
+                                                                             changes.items()), highlight=False, markup=False)
+
+    def begin(self) -> None:
+        """The accuracy before training, then the sampling RNG (last: everything above may draw
+        random numbers; the same whether or not the warm start came from the cache)."""
+        if self.cfg.eval.before_after and "accuracy_before" not in self.summary:
+            self.summary["accuracy_before"] = self.held_out_accuracy()
+            self.console.print(f"held-out accuracy before training: [bold]{self.summary['accuracy_before']:.3f}[/] "
+                               f"(n={len(self.heldout)})")
+            if self.cfg.eval.every:  # the accuracy curve starts at step 0
+                self.metrics.write({"step": 0, "eval/accuracy": self.summary["accuracy_before"]})
+        seed_sampling(self.resume, self.cfg.train.seed, self.parallel.rank, self.parallel.world_size)
+
+    # ------------------------------------------------------------------ one step
+    def collect(self, step: int) -> tuple[StepBatch, dict]:
+        """Steps 1–3: prompts, rollouts, rewards; and each reward function's mean (``reward.funcs``)."""
+        with self.accel.autocast():
+            batch = collect_rollouts(self.cfg, self.task, self.tok, self.prompts, self.backend, self.sampling, self.algo,
+                                     step, self.reward_set, self.limit)
+        return batch, dict(self.reward_set.last_means) if self.specs and self.algo.needs_rollouts else {}
+
+    def plan(self, batch: StepBatch, step: int):
+        """Steps 4–6: the algorithm's plan, its loss normalisers summed over the processes."""
+        with self.accel.autocast():
+            plan = self.algo.plan(batch, step)
+        globalize_plan(plan)  # loss normalisers of the whole (multi-rank) batch
+        return plan
+
+    def optimize(self, plan) -> Optimized:
+        """Loss terms, gradient reduction and clipping, the optimizer step and the teacher update."""
+        return optimize(self.cfg, self.algo, plan, self.accel, self.policy, self.params, self.opt, self.teacher,
+                        parallel=self.parallel)
+
+    def apply(self, step: int, res: Optimized) -> None:
+        """After the optimizer step: refuse non-finite weights, advance the schedule, hand the new
+        weights to the rollout engine (it samples the next step from them)."""
+        if not weights_finite(self.params):  # e.g. a huge train.lr: never sample from, or save, such weights
+            raise NonFiniteWeights(
+                f"step {step + 1}: the optimizer step made weights non-finite (inf/NaN; train.lr={self.cfg.train.lr}, "
+                f"train.weight_decay={self.cfg.train.weight_decay}); stopped before saving anything (earlier checkpoints "
+                "are intact). Lower train.lr or train.weight_decay")
+        self.sched.step()
+        if not res.skipped:
+            self.backend.sync_weights(self.policy)
+
+    def record(self, step: int, batch: StepBatch, plan, res: Optimized, parts: dict, t: dict) -> dict:
+        """The step's metrics (docs/metrics.md); the reward over every process's rollouts."""
+        rec = step_record(step, batch, plan, res, self.sched.get_last_lr()[0], t, self.tok, self.task, self.cfg, self.algo)
+        rec.update(reward_parts(parts, len(batch.rollouts)))
+        if self.parallel.world_size > 1 and batch.rollouts:
+            tot, n = sum_across_ranks([sum(r.reward for r in batch.rollouts), float(len(batch.rollouts))])
+            rec["reward/mean"] = tot / n
+        return rec
+
+    def evaluate(self, step: int, rec: dict) -> None:
+        """``eval.every``: held-out accuracy into ``rec`` (and ``eval.benchmarks``, process 0)."""
+        cfg = self.cfg
+        if not (cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or step + 1 == cfg.train.steps)):
+            return
+        try:
+            self.last_eval = (step + 1, self.held_out_accuracy())
+        except RewardError as e:
+            self.metrics.write(rec)  # the step itself completed
+            self.halt(step + 1, e)
+        rec["eval/accuracy"] = self.last_eval[1]
+        if cfg.eval.benchmarks:
+            with self.parallel.step_scope():  # FSDP2: every process gathers; process 0 evaluates
+                if self.parallel.is_main:
+                    harness_eval(cfg, self.policy, self.tok, self.task, self.task_tpl, self.info,
+                                 self.dir / "eval" / f"step_{step + 1:06d}", self.console)
+
+    def write(self, step: int, batch: StepBatch, rec: dict) -> None:
+        """``metrics.jsonl`` and, every ``train.log_completions`` steps, ``completions.jsonl``."""
+        self.metrics.write(rec)
+        n = self.cfg.train.log_completions
+        if self.parallel.is_main and batch.rollouts and n and (step + 1) % n == 0:
+            crec = completions_record(step + 1, batch, self.tok, self.cfg.train.log_completions_prompts)
+            self.samples.write(crec)
+            if self.metrics.tracker is not None:
+                self.metrics.tracker.text("completions", completions_markdown(crec), step + 1)
+
+    def watch(self, step: int, res: Optimized, rec: dict) -> None:
+        """Warn after ``NOOP_WARN_AFTER`` no-op steps in a row; stop (with a checkpoint) after
+        ``train.max_nonfinite_steps`` skipped ones; save every ``train.save_every`` steps."""
+        cfg = self.cfg
+        self.nonfinite_run = self.nonfinite_run + 1 if res.skipped else 0
+        self.noop_run = self.noop_run + 1 if rec["step/noop"] else 0
+        self.summary["noop_steps"] += int(rec["step/noop"])
+        if self.noop_run == NOOP_WARN_AFTER:
+            warn(self.console, f"{self.noop_run} steps in a row changed nothing (steps {step + 2 - self.noop_run}-"
+                               f"{step + 1}, step/noop in metrics.jsonl): {noop_cause(cfg, rec)}")
+        if self.nonfinite_run >= cfg.train.max_nonfinite_steps:
+            self.close_logs()
+            ck = self.checkpoint(step + 1)
+            raise TrainingHalted(f"{self.nonfinite_run} consecutive steps had a non-finite loss or gradient (last: step "
+                                 f"{step + 1}); stopped with checkpoint {ck}. Lower train.lr or check the data.")
+        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < cfg.train.steps:
+            self.checkpoint(step + 1)
+
+    # ------------------------------------------------------------------ shared by the above
+    def held_out_accuracy(self) -> float:
         """Greedy accuracy on the held-out set; with several processes each evaluates every
         world_size-th problem and the counts are summed (one process: the whole set)."""
-        share = heldout[rank::world_size]
-        with step_scope():
-            res = agreed(lambda: evaluate_accuracy(policy, tok, prompts, task, share, cfg.eval.max_new_tokens,
-                                                   cfg.eval.batch_size, rewards=reward_set))
+        share = self.heldout[self.parallel.rank::self.parallel.world_size]
+        with self.parallel.step_scope():
+            res = agreed(lambda: evaluate_accuracy(self.policy, self.tok, self.prompts, self.task, share,
+                                                   self.cfg.eval.max_new_tokens, self.cfg.eval.batch_size,
+                                                   rewards=self.reward_set))
         correct, n = sum_across_ranks([float(sum(res.correct)), float(len(share))])
         return correct / max(1.0, n)
 
-    def checkpoint(step: int) -> Path:
-        """Every rank calls it: the ranks' RNG states are gathered, and with FSDP2 the full weights
-        (to rank 0) and the optimizer / EMA shards (every rank writes its own) too."""
-        final = run / "checkpoints" / f"step_{step:06d}"
-        rngs = gather_objects(rng_state()) if world_size > 1 else None
-        full_sd = shard.full_state_dict() if shard is not None and shard.sharded_trainable else None
-        sharded_dir = None
-        if shard is not None:
-            sharded_dir = run / "checkpoints" / f"step_{step:06d}.sharded.tmp"
-            if is_main:
-                shutil.rmtree(sharded_dir, ignore_errors=True)
-            barrier()
-            try:
-                shard.save_sharded(sharded_dir, opt, teacher)  # collective: fails on every process together
-            except CheckpointError:
-                if is_main:  # a full disk keeps nothing half-written
-                    shutil.rmtree(sharded_dir, ignore_errors=True)
-                raise
-            barrier()
-        failed: Exception | None = None
-        if is_main:
-            try:
-                final = save_checkpoint(
-                    run, step, accel.unwrap_model(policy), tok, opt, sched, teacher, cfg.train.keep_last,
-                    extra={"summary": {**{k: v for k, v in summary.items() if k.startswith("accuracy_") or k == "noop_steps"},
-                                       "wall_seconds": round(wall_before + time.time() - t_start, 1)},
-                           "config": cfg.to_dict(), "init_weights": init_weights, "world_size": world_size},
-                    state_dict=full_sd, sharded_dir=sharded_dir, rng_ranks=rngs)
-            except Exception as e:  # the other ranks must not wait for a checkpoint that will not come
-                failed = e
-        if world_size > 1 and sum_across_ranks([1.0 if failed else 0.0])[0]:
-            if failed is not None:
-                raise failed
-            raise CheckpointError(f"rank 0 could not write checkpoint {final} (its error is in rank 0's output)")
-        if failed is not None:
-            raise failed
-        return final
+    def checkpoint(self, step: int) -> Path:
+        """Every process calls it; ``self.parallel`` adds what the processes hold (RNG states,
+        FSDP2 full weights and shards) and reports a failure of process 0 on every process."""
+        summary = self.summary
 
-    if cfg.eval.before_after and "accuracy_before" not in summary:
-        summary["accuracy_before"] = held_out_accuracy()
-        console.print(f"held-out accuracy before training: [bold]{summary['accuracy_before']:.3f}[/] (n={len(heldout)})")
-        if cfg.eval.every:  # the accuracy curve starts at step 0
-            log.write({"step": 0, "eval/accuracy": summary["accuracy_before"]})
-    # Sampling RNG: the same whether or not the warm start above came from the cache; on resume,
-    # exactly the state saved with the checkpoint (last: everything above may draw random numbers).
-    if resume_from is not None:
-        with restoring(resume_from / "trainer_state.pt", "RNG state"):
-            set_rng_state(rank_rng(state, rank, world_size))  # each rank its own sampling stream
-    else:
-        set_seed(cfg.train.seed + rank)  # ranks sample different rollouts
-    last_eval: tuple[int, float] | None = None  # (step, accuracy) of the latest eval.every measurement
-    nonfinite_run = noop_run = 0
+        def write(**parallel_parts) -> Path:
+            return save_checkpoint(
+                self.dir, step, self.accel.unwrap_model(self.policy), self.tok, self.opt, self.sched, self.teacher,
+                self.cfg.train.keep_last,
+                extra={"summary": {**{k: v for k, v in summary.items() if k.startswith("accuracy_") or k == "noop_steps"},
+                                   "wall_seconds": round(self.wall_before + time.time() - self.t_start, 1)},
+                       "config": self.cfg.to_dict(), "init_weights": self.init_weights,
+                       "world_size": self.parallel.world_size},
+                **parallel_parts)
 
-    def halt(done: int, e: RewardError) -> None:
+        return self.parallel.save_checkpoint(self.dir / "checkpoints" / f"step_{step:06d}", write, self.opt, self.teacher)
+
+    def halt(self, done: int, e: RewardError) -> None:
         """A reward function failed: stop with a checkpoint of the last completed step ``done``."""
-        log.close()
-        samples.close()
-        if done > start:
-            kept = f"stopped with checkpoint {checkpoint(done)} (step {done})"
+        self.close_logs()
+        if done > self.start:
+            kept = f"stopped with checkpoint {self.checkpoint(done)} (step {done})"
         else:
-            kept = f"stopped at step {done}, " + (f"nothing trained since {resume_from}" if resume_from is not None
+            kept = f"stopped at step {done}, " + (f"nothing trained since {self.resume.ckpt}" if self.resume.active
                                                   else "before any step completed")
         raise TrainingHalted(f"{e}; {kept}. Fix the function, then continue with --resume latest") from e
 
-    plain = None if console.is_terminal else StepLines(console, cfg.train.steps, start)  # not a TTY: plain lines
-    with (_progress(console) if plain is None else contextlib.nullcontext()) as progress:
-        if plain is None:
-            bar = progress.add_task(f"{cfg.train.algorithm}", total=cfg.train.steps, completed=start, info="")
-        for step in range(start, cfg.train.steps):
-            t0 = time.time()
-            try:
-                with step_scope():  # FSDP2: gathered until optimize() reduce-scatters the gradients
-                    with accel.autocast():
-                        batch = collect_rollouts(cfg, task, tok, prompts, backend, sampling, algo, step, reward_set, limit)  # 1–3
-                    parts = dict(reward_set.last_means) if specs and algo.needs_rollouts else {}  # per reward function
-                    t1 = time.time()
-                    with accel.autocast():
-                        plan = algo.plan(batch, step)  # 4–6
-                    globalize_plan(plan)  # loss normalisers of the whole (multi-rank) batch
-                    res = optimize(cfg, algo, plan, accel, policy, params, opt, teacher, shard)
-            except RewardError as e:  # only the rollouts' rewards raise it: nothing of this step was applied
-                halt(step, e)
-            if not weights_finite(params):  # e.g. a huge train.lr: never sample from, or save, such weights
-                raise NonFiniteWeights(
-                    f"step {step + 1}: the optimizer step made weights non-finite (inf/NaN; train.lr={cfg.train.lr}, "
-                    f"train.weight_decay={cfg.train.weight_decay}); stopped before saving anything (earlier checkpoints "
-                    "are intact). Lower train.lr or train.weight_decay")
-            sched.step()
-            if not res.skipped:
-                backend.sync_weights(policy)  # the rollout engine samples the next step from the new weights
-            t2 = time.time()
+    def close_logs(self) -> None:
+        self.metrics.close()
+        self.samples.close()
 
-            rec = step_record(step, batch, plan, res, sched.get_last_lr()[0],
-                              {"rollout": t1 - t0, "train": t2 - t1, "step": time.time() - t0}, tok, task, cfg, algo)
-            rec.update(reward_parts(parts, len(batch.rollouts)))
-            if world_size > 1 and batch.rollouts:  # the reward over all ranks' rollouts
-                tot, n = sum_across_ranks([sum(r.reward for r in batch.rollouts), float(len(batch.rollouts))])
-                rec["reward/mean"] = tot / n
-            if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or step + 1 == cfg.train.steps):
-                try:
-                    last_eval = (step + 1, held_out_accuracy())
-                except RewardError as e:
-                    log.write(rec)  # the step itself completed
-                    halt(step + 1, e)
-                rec["eval/accuracy"] = last_eval[1]
-                if cfg.eval.benchmarks:
-                    with step_scope():  # FSDP2: every process gathers; process 0 evaluates
-                        if is_main:
-                            harness_eval(cfg, policy, tok, task, task_tpl, info, run / "eval" / f"step_{step + 1:06d}",
-                                         console)
-            log.write(rec)
-            if is_main and batch.rollouts and cfg.train.log_completions and (step + 1) % cfg.train.log_completions == 0:
-                crec = completions_record(step + 1, batch, tok, cfg.train.log_completions_prompts)
-                samples.write(crec)
-                if log.tracker is not None:
-                    log.tracker.text("completions", completions_markdown(crec), step + 1)
-            if plain is None:
+    @contextlib.contextmanager
+    def display(self):
+        """The progress shown per step: a redrawn bar on a terminal, else one plain line per step
+        (:class:`StepLines`). Yields ``show(rec)``."""
+        cfg = self.cfg
+        if not self.console.is_terminal:
+            yield StepLines(self.console, cfg.train.steps, self.start).step
+            return
+        with _progress(self.console) as progress:
+            bar = progress.add_task(f"{cfg.train.algorithm}", total=cfg.train.steps, completed=self.start, info="")
+
+            def show(rec: dict) -> None:
+                last = self.last_eval
                 progress.update(bar, advance=1, info=f"reward {rec.get('reward/mean', 0.0):.3f}  loss {rec['loss']:.4f}"
                                 + (f"  kl {rec['kl/token']:.3f}" if "kl/token" in rec else "")
-                                + (f"  held-out acc {last_eval[1]:.3f} (step {last_eval[0]})" if last_eval else ""))
-            else:
-                plain.step(rec)
+                                + (f"  held-out acc {last[1]:.3f} (step {last[0]})" if last else ""))
 
-            nonfinite_run = nonfinite_run + 1 if res.skipped else 0
-            noop_run = noop_run + 1 if rec["step/noop"] else 0
-            summary["noop_steps"] += int(rec["step/noop"])
-            if noop_run == NOOP_WARN_AFTER:
-                _warn(console, f"{noop_run} steps in a row changed nothing (steps {step + 2 - noop_run}-{step + 1}, "
-                               f"step/noop in metrics.jsonl): {noop_cause(cfg, rec)}")
-            if nonfinite_run >= cfg.train.max_nonfinite_steps:
-                log.close()
-                samples.close()
-                ck = checkpoint(step + 1)
-                raise TrainingHalted(f"{nonfinite_run} consecutive steps had a non-finite loss or gradient (last: step "
-                                     f"{step + 1}); stopped with checkpoint {ck}. Lower train.lr or check the data.")
-            if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < cfg.train.steps:
-                checkpoint(step + 1)
-    log.close()
-    samples.close()
+            yield show
 
-    if start == cfg.train.steps and resume_from is not None and resume_from.parent.resolve() == (run / "checkpoints").resolve():
-        ckpt = resume_from  # nothing was trained after it (a run killed before writing summary.json)
-    else:
-        ckpt = checkpoint(cfg.train.steps)
-    summary["checkpoint"] = str(ckpt)
-    summary["steps"] = cfg.train.steps
-    if cfg.eval.before_after:
-        # greedy decoding: the eval.every measurement after the last step is the same number
-        summary["accuracy_after"] = last_eval[1] if last_eval and last_eval[0] == cfg.train.steps else held_out_accuracy()
-        console.print(f"held-out accuracy after training:  [bold]{summary['accuracy_after']:.3f}[/] (n={len(heldout)})")
-    summary["wall_seconds"] = round(wall_before + time.time() - t_start, 1)  # every segment of a resumed run
-    if is_main:
-        (run / "summary.json").write_text(json.dumps(summary, indent=1))
-    if cfg.train.push_to_hub and is_main:  # after summary.json: a failed upload loses nothing
-        from .hub import push_checkpoint
+    # ------------------------------------------------------------------ the end
+    def finish(self) -> dict:
+        """The final checkpoint, the accuracy after training, ``summary.json`` (and the hub upload)."""
+        cfg, summary, run = self.cfg, self.summary, self.dir
+        self.close_logs()
+        resumed_done = (self.start == cfg.train.steps and self.resume.active
+                        and self.resume.ckpt.parent.resolve() == (run / "checkpoints").resolve())
+        ckpt = self.resume.ckpt if resumed_done else self.checkpoint(cfg.train.steps)  # resumed_done: nothing trained after it
+        summary["checkpoint"] = str(ckpt)
+        summary["steps"] = cfg.train.steps
+        if cfg.eval.before_after:
+            # greedy decoding: the eval.every measurement after the last step is the same number
+            last = self.last_eval
+            summary["accuracy_after"] = last[1] if last and last[0] == cfg.train.steps else self.held_out_accuracy()
+            self.console.print(f"held-out accuracy after training:  [bold]{summary['accuracy_after']:.3f}[/] "
+                               f"(n={len(self.heldout)})")
+        summary["wall_seconds"] = round(self.wall_before + time.time() - self.t_start, 1)  # every segment of a resumed run
+        if self.parallel.is_main:
+            (run / "summary.json").write_text(json.dumps(summary, indent=1))
+        if cfg.train.push_to_hub and self.parallel.is_main:  # after summary.json: a failed upload loses nothing
+            from .hub import push_checkpoint
 
-        summary["pushed_to"] = push_checkpoint(ckpt, cfg.train.push_to_hub, private=cfg.train.hub_private)
-        (run / "summary.json").write_text(json.dumps(summary, indent=1))
-        console.print(f"pushed {ckpt / 'model'} to {summary['pushed_to']}", markup=False, highlight=False)
-    console.print(f"run directory: {run}  (summary.json, metrics.jsonl, config.yaml, checkpoints/)", markup=False,
-                  highlight=False)
-    return summary
+            summary["pushed_to"] = push_checkpoint(ckpt, cfg.train.push_to_hub, private=cfg.train.hub_private)
+            (run / "summary.json").write_text(json.dumps(summary, indent=1))
+            self.console.print(f"pushed {ckpt / 'model'} to {summary['pushed_to']}", markup=False, highlight=False)
+        self.console.print(f"run directory: {run}  (summary.json, metrics.jsonl, config.yaml, checkpoints/)", markup=False,
+                           highlight=False)
+        return summary
+
+
+@holding_run_lock  # one run per output directory (<output_dir>/.lock); before anything in it is touched
+def train(cfg: Config, console: Console | None = None, overwrite: bool = False, *, model=None, tokenizer=None, task=None,
+          rewards=()) -> dict:
+    """Run training as configured; returns the summary (also written to ``summary.json``).
+
+    A fresh run in a directory that holds another run is refused unless ``overwrite`` (then the
+    old run's files are removed once every check of the new run has passed).
+
+    The Python API (:mod:`ogls_sd.api`) passes what a config cannot hold: ``model`` / ``tokenizer``
+    objects, the training data as a ``task``, and reward functions as callables (``rewards``: after
+    ``reward.funcs``; see :func:`~ogls_sd.rewards.functions.resolve`)."""
+    console = console if console is not None else default_console()
+    run = Run(cfg, console, preflight(cfg, rewards))  # resolves and checks train.resume
+    finished = run.resume.finished(run.dir, cfg)
+    if finished is not None:  # a finished run resumed with train.steps = its steps: nothing to do
+        console.print(f"the run already reached train.steps={cfg.train.steps} ({run.resume.ckpt}): nothing to do",
+                      markup=False, highlight=False)
+        return finished
+    old_run = [] if run.resume.active else check_fresh_run_dir(run.dir, overwrite, restart_unsaved=bool(cfg.train.resume))
+    run.start_processes()  # threads, seed, accelerator, parallelism mode
+    run.load(model=model, tokenizer=tokenizer, task=task)  # policy, teacher, parallelism, algorithm, optimizer
+    run.restore()  # summary; on resume the optimizer, scheduler, EMA state
+    run.prepare(old_run)  # rollout engine, held-out set; then the run directory and its logs
+    run.begin()  # accuracy before training, sampling RNG
+    with run.display() as show:
+        for step in range(run.start, cfg.train.steps):
+            t0 = time.time()
+            try:
+                with run.parallel.step_scope():  # FSDP2: gathered until optimize() reduce-scatters the gradients
+                    batch, parts = run.collect(step)  # 1–3: prompts, G rollouts each, rewards
+                    t1 = time.time()
+                    plan = run.plan(batch, step)  # 4–6: pools, targets, advantages
+                    res = run.optimize(plan)  # loss terms, gradient reduction, clip, optimizer step, teacher update
+            except RewardError as e:  # only the rollouts' rewards raise it: nothing of this step was applied
+                run.halt(step, e)
+            run.apply(step, res)  # finite weights, lr schedule, new weights to the rollout engine
+            t2 = time.time()
+            rec = run.record(step, batch, plan, res, parts, {"rollout": t1 - t0, "train": t2 - t1, "step": time.time() - t0})
+            run.evaluate(step, rec)  # eval.every: held-out accuracy
+            run.write(step, batch, rec)  # metrics.jsonl, completions.jsonl
+            show(rec)
+            run.watch(step, res, rec)  # no-op warning, non-finite stop, save_every checkpoints
+    return run.finish()
