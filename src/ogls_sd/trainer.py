@@ -361,7 +361,7 @@ def step_record(step: int, batch: StepBatch, plan, res: Optimized, lr: float, t:
         "throughput/rollout_tok_s": sum(lens) / max(t["rollout"], 1e-9),
         "tokens/rollout": float(sum(len(r.ids) for r in rollouts)),
         **marker_metrics([tok.decode(r.ids, skip_special_tokens=True) for r in rollouts],
-                         getattr(task, "template_marker", None), cfg.train.reflection_markers),
+                         task.template_marker, cfg.train.reflection_markers),
         **algo.step_metrics(agg),
     }
     if not rollouts:  # SFT: nothing was generated; no rollout statistics
@@ -458,13 +458,13 @@ def initial_summary(cfg: Config, run: Path, info: dict, specs: list[RewardSpec],
                      "output_dir": str(run), "noop_steps": 0}
     if specs:  # the run's own reward functions (none: the task's verifier, as always)
         summary["reward_funcs"] = [f"{s.label}={s.weight:g}" for s in specs]
-    if hasattr(task, "split_line"):  # a file / hub data set: what was held out
-        console.print(task.split_line(), markup=False, highlight=False)
+    if task.split_sizes is not None:  # a file / hub data set: what was held out
+        console.print(task.describe(), markup=False, highlight=False)
         summary["data_split"] = dict(zip(("train", "held_out"), task.split_sizes))
-    if getattr(task, "skipped", 0):
+    if task.skipped:
         summary["data_skipped"] = task.skipped
         console.print(f"[yellow]data:[/] skipped {task.skipped} bad rows (data.policy=skip)")
-    if getattr(task, "duplicates", 0):
+    if task.duplicates:
         summary["data_duplicates"] = task.duplicates
         console.print(f"[yellow]data:[/] dropped {task.duplicates} rows whose problem repeats an earlier row's "
                       "(the first is kept, so no problem is both trained on and held out)")
