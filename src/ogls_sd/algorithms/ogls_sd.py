@@ -87,6 +87,7 @@ class OGLSSD(Algorithm):
         # sequences per no-grad teacher forward (train.micro_batch_size): a micro-batch of 4 targets
         # with 4 + 4 contexts is 36 sequences, each prompt + context + completion long
         self.teacher_batch = max(1, teacher_batch)
+        self.prefix_tokens = steering.prefix_cache_max_tokens  # 0: no key/value sharing of prefixes
         # λ = 0 targets are skipped only when the live teacher's (eval-mode) pass is the student's own
         # forward: a dropout in the student would make them differ (tests switch it off to compare)
         self.skip_zero_gradient = getattr(teacher, "kind", None) == "live" and not _has_dropout(policy)
@@ -199,7 +200,7 @@ class OGLSSD(Algorithm):
         def pooled(attempts: list[list[int]]) -> Tensor:
             seqs = [join_completion(g.teacher_prompt, a) for a in attempts]
             sb = SeqBatch([q for q, _ in seqs], [st for _, st in seqs], [len(a) for a in attempts])
-            h = self.teacher.hidden(sb, self.pad_id, self.teacher_batch)
+            h = self.teacher.hidden(sb, self.pad_id, self.teacher_batch, self.prefix_tokens)
             return mean_log_softmax(h, w, b, self.loss_cfg.chunk_size)
 
         # A pool without a single token (its attempts all empty, e.g. an empty reference) has no
@@ -289,7 +290,7 @@ class OGLSSD(Algorithm):
         def run(prompts: list[list[int]], tpi: list[int]) -> Tensor:
             seqs = [join_completion(p, batch.rollouts[tps[t].rollout].ids) for p, t in zip(prompts, tpi)]
             sb = SeqBatch([q for q, _ in seqs], [st for _, st in seqs], [lens[t] for t in tpi])
-            return self.teacher.hidden(sb, self.pad_id, self.teacher_batch)
+            return self.teacher.hidden(sb, self.pad_id, self.teacher_batch, self.prefix_tokens)
 
         # anchor
         anchor_hidden = anchor_scale = None
