@@ -174,3 +174,33 @@ def test_lora_teachers_share_prefixes_on_their_own_weights(tok, tiny_model, kind
         base = completion_hidden(m.eval(), sb, tok.pad_token_id)
     torch.testing.assert_close(off, base, rtol=1e-9, atol=1e-12)
     assert (off - on).abs().max() > 1e-4
+
+
+FSDP_CASES = {
+    "live": "ogls_sd",
+    "frozen_copy": "ogls_sd,teacher.kind=frozen,steering.pooling=global,steering.distill_on=all",
+    "lora_frozen": "ogls_sd,model.lora=true,model.lora_r=4,model.lora_alpha=8,teacher.kind=frozen",
+}
+
+
+def test_fsdp_shared_passes_take_the_unshared_single_process_step(tmp_path):
+    """Two FSDP2 ranks (gloo, torchrun) with prefix-shared passes on the gathered (sharded at rest)
+    policy / teacher copy take the step of one process without sharing (float64)."""
+    from safetensors.torch import load_file
+
+    from test_data_parallel import check_ranks_report_the_single_step, run_worker_pair
+
+    cases = {}
+    for name, spec in FSDP_CASES.items():
+        cases[f"{name}_shared"] = spec + ",steering.prefix_cache_max_tokens=60"
+        cases[f"{name}_unshared"] = spec + ",steering.prefix_cache_max_tokens=0"
+    out = run_worker_pair(tmp_path, cases, "--fsdp")
+    for name in FSDP_CASES:
+        check_ranks_report_the_single_step(out / f"{name}_shared", "fsdp2", name)  # a step with a gradient
+        ref = load_file(out / f"{name}_unshared" / "ws1_rank0.safetensors")
+        single = load_file(out / f"{name}_shared" / "ws1_rank0.safetensors")
+        got = load_file(out / f"{name}_shared" / "fsdp2_rank0.safetensors")
+        assert got.keys() == ref.keys()
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-10, msg=lambda m: f"{name} {k}: {m}")
+            torch.testing.assert_close(single[k], ref[k], rtol=1e-9, atol=1e-10, msg=lambda m: f"{name} {k}: {m}")
