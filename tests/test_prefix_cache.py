@@ -140,6 +140,10 @@ def test_ogls_loss_and_gradients_equal_the_unshared_passes(tok, tiny_model, pool
 
     over = ["train.algorithm=ogls_sd", f"teacher.kind={kind}", "steering.strength=1.5", *POOLINGS[pooling]]
     _compare(tok, make, over, monkeypatch, teacher_kind=kind)
+    # the live anchor on the student prompt is then read off the student's own pass (no teacher pass)
+    algo = setup(tok, make(), *over)[3]
+    assert algo.anchor_from_student == (kind == "live")
+    assert not setup(tok, make(), *over, "steering.prefix_cache_max_tokens=0")[3].anchor_from_student
 
 
 @pytest.mark.parametrize("kind", ["frozen", "live", "ema"])

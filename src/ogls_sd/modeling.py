@@ -122,22 +122,25 @@ def _padded(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     return ids, att
 
 
-def _chunks_by_cost(g: _Shared, max_tokens: int) -> list[list[int]]:
-    """Members (indices into ``g.owner``) in passes of at most ``max_tokens`` cached + new tokens
-    (``rows × (widest prefix + widest suffix)``; one member at least). Members of one prefix are
-    contiguous in a pass, so a pass encodes few prefixes."""
-    order = sorted(range(len(g.owner)), key=lambda r: g.owner[r])
+SHRINK, SLACK = 0.75, 8  # a pass's rows are at least 3/4 as long as its longest, or at most 8 tokens shorter
+
+
+def _runs(items: list[int], length, max_tokens: int, extra: int = 0, similar: bool = True) -> list[list[int]]:
+    """``items`` (sorted longest first) in passes: a pass ends before an item that would make
+    ``rows × (extra + longest)`` exceed ``max_tokens`` or (``similar``) that is shorter than
+    ``SHRINK`` × and ``SLACK`` tokens below the pass's longest (bounding the padding); one item at least."""
     out: list[list[int]] = []
-    cur: list[int] = []
-    wp = ws = 0
-    for r in order:
-        p, s = max(wp, len(g.prefixes[g.owner[r]])), max(ws, len(g.suffixes[r]))
-        if cur and (len(cur) + 1) * (p + s) > max_tokens:
-            out.append(cur)
-            cur, p, s = [], len(g.prefixes[g.owner[r]]), len(g.suffixes[r])
-        cur.append(r)
-        wp, ws = p, s
-    return out + [cur] if cur else out
+    for i in items:
+        cur = out[-1] if out else None
+        if cur is not None:
+            top = length(cur[0])
+            fits = (len(cur) + 1) * (extra + top) <= max_tokens
+            alike = not similar or length(i) >= SHRINK * top or top - length(i) <= SLACK
+            if fits and alike:
+                cur.append(i)
+                continue
+        out.append([i])
+    return out
 
 
 def _cache_kwarg(backbone: nn.Module) -> str:
@@ -147,27 +150,44 @@ def _cache_kwarg(backbone: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
 
 
-def _shared_pass(backbone: nn.Module, g: _Shared, members: list[int], pad_id: int, dev) -> Tensor:
-    """One pass: the distinct prefixes of ``members`` encoded once (right-padded), their key/value
-    cache gathered along the batch for every member, then the members' suffixes on top of it.
-    Padding inside the cache is masked; suffix positions continue each row's own prefix. Returns
-    the suffix hidden states ``[len(members), widest suffix, H]``."""
+@dataclass
+class _PrefixCache:
+    """Keys / values ``[prefixes, kv heads, width, head dim]`` per layer, right-padded to the
+    longest prefix, and the mask of the real positions ``[prefixes, width]``."""
+
+    layers: list[tuple[Tensor, Tensor]]
+    mask: Tensor
+
+
+def _encode_prefixes(backbone: nn.Module, prefixes: list[list[int]], pad_id: int, max_tokens: int, dev) -> _PrefixCache:
+    """Key/value cache of ``prefixes`` (longest first), encoded in passes of similar lengths and
+    padded along the sequence to the longest (padded positions are masked out of every use)."""
+    kw, width = _cache_kwarg(backbone), len(prefixes[0])
+    parts, masks = [], []
+    for run in _runs(list(range(len(prefixes))), lambda p: len(prefixes[p]), max_tokens):
+        ids, att = _padded([prefixes[p] for p in run], pad_id)
+        cache = getattr(backbone(input_ids=ids.to(dev), attention_mask=att.to(dev), use_cache=True), kw)
+        pad = width - ids.shape[1]
+        parts.append([(nn.functional.pad(ly.keys, (0, 0, 0, pad)), nn.functional.pad(ly.values, (0, 0, 0, pad)))
+                      for ly in cache.layers])
+        masks.append(nn.functional.pad(att, (0, pad)))
+    layers = [(torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts])) for i in range(len(parts[0]))]
+    return _PrefixCache(layers, torch.cat(masks).to(dev))
+
+
+def _suffix_pass(backbone: nn.Module, pc: _PrefixCache, rows: list[int], suffixes: list[list[int]], pad_id: int, dev) -> Tensor:
+    """``suffixes`` on top of prefix ``rows[k]`` of ``pc`` (its cache gathered along the batch):
+    padding inside the cache is masked, positions continue each row's own prefix. ``[rows, width, H]``."""
     from transformers import DynamicCache
 
-    used = sorted({g.owner[r] for r in members})
-    pre_ids, pre_att = _padded([g.prefixes[p] for p in used], pad_id)
-    kw = _cache_kwarg(backbone)
-    out = backbone(input_ids=pre_ids.to(dev), attention_mask=pre_att.to(dev), use_cache=True)
-    cache = getattr(out, kw)
-    rows = torch.tensor([used.index(g.owner[r]) for r in members], device=dev)
-    layers = [(layer.keys.index_select(0, rows), layer.values.index_select(0, rows)) for layer in cache.layers]
-    suf_ids, suf_att = _padded([g.suffixes[r] for r in members], pad_id)
-    plen = pre_att.sum(1).to(dev).index_select(0, rows)
-    pos = plen[:, None] + torch.arange(suf_ids.shape[1], device=dev)[None, :]
-    att = torch.cat([pre_att.to(dev).index_select(0, rows), suf_att.to(dev)], 1)
-    h = backbone(input_ids=suf_ids.to(dev), attention_mask=att, position_ids=pos,
-                 use_cache=True, **{kw: DynamicCache(ddp_cache_data=layers)}).last_hidden_state
-    return h
+    idx = torch.tensor(rows, device=dev)
+    layers = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in pc.layers]
+    ids, att = _padded(suffixes, pad_id)
+    pre = pc.mask.index_select(0, idx)
+    pos = pre.sum(1, keepdim=True) + torch.arange(ids.shape[1], device=dev)[None, :]
+    out = backbone(input_ids=ids.to(dev), attention_mask=torch.cat([pre, att.to(dev)], 1), position_ids=pos,
+                   use_cache=True, **{_cache_kwarg(backbone): DynamicCache(ddp_cache_data=layers)})
+    return out.last_hidden_state
 
 
 def repeats_a_prefix(batch: SeqBatch) -> bool:
@@ -186,10 +206,11 @@ def can_share_prefixes(model: nn.Module) -> bool:
 
 def prefix_shared_hidden(model: nn.Module, batch: SeqBatch, pad_id: int, max_tokens: int) -> Tensor:
     """:func:`completion_hidden` (no grad) with each distinct prefix (everything before the
-    completion's first predicting position) encoded once per pass and its key/value cache reused
-    for every sequence that continues it. A pass holds at most ``max_tokens`` cached + new tokens.
-    Equal to :func:`completion_hidden` up to float rounding; sequences without a prefix token go
-    through it."""
+    completion's first predicting position) encoded once and its key/value cache reused for every
+    sequence that continues it. Prefixes are cached in chunks of at most ``max_tokens`` tokens;
+    every pass holds at most ``max_tokens`` cached + new tokens (one sequence at least), and passes
+    group similar lengths. Equal to :func:`completion_hidden` up to float rounding; sequences
+    without a prefix token go through it."""
     backbone = unwrap(model).get_decoder()
     dev = next(model.parameters()).device
     keep = [i for i in range(len(batch.seqs)) if batch.lengths[i] > 0]
@@ -201,10 +222,16 @@ def prefix_shared_hidden(model: nn.Module, batch: SeqBatch, pad_id: int, max_tok
         for i, a in zip(plain, _row_offsets(sub.lengths)):
             parts[i] = h[a : a + batch.lengths[i]]
     g = _group_by_prefix(batch, [i for i in keep if batch.starts[i] >= 2])
-    for members in _chunks_by_cost(g, max_tokens):
-        h = _shared_pass(backbone, g, members, pad_id, dev)
-        for k, r in enumerate(members):
-            parts[g.seq[r]] = h[k, : len(g.suffixes[r])]
+    by_len = sorted(range(len(g.prefixes)), key=lambda p: -len(g.prefixes[p]))
+    for chunk in _runs(by_len, lambda p: len(g.prefixes[p]), max_tokens, similar=False):
+        pc = _encode_prefixes(backbone, [g.prefixes[p] for p in chunk], pad_id, max_tokens, dev)
+        slot = {p: k for k, p in enumerate(chunk)}
+        members = sorted((r for r in range(len(g.owner)) if g.owner[r] in slot), key=lambda r: -len(g.suffixes[r]))
+        width = len(g.prefixes[chunk[0]])
+        for sub in _runs(members, lambda r: len(g.suffixes[r]), max_tokens, extra=width):
+            h = _suffix_pass(backbone, pc, [slot[g.owner[r]] for r in sub], [g.suffixes[r] for r in sub], pad_id, dev)
+            for k, r in enumerate(sub):
+                parts[g.seq[r]] = h[k, : len(g.suffixes[r])]
     if not parts:
         return torch.zeros(0, unwrap(model).config.hidden_size, device=dev)
     return torch.cat([parts[i] for i in keep], 0)
