@@ -208,3 +208,33 @@ def test_fsdp_shared_passes_take_the_unshared_single_process_step(tmp_path):
         for k in ref:
             torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-10, msg=lambda m: f"{name} {k}: {m}")
             torch.testing.assert_close(single[k], ref[k], rtol=1e-9, atol=1e-10, msg=lambda m: f"{name} {k}: {m}")
+
+
+@pytest.mark.parametrize("cap", [1, 30, 90])
+def test_every_pass_respects_the_token_cap(tok, cap, monkeypatch):
+    """A pass holds at most ``cap`` cached + new tokens (``rows × (prefix width + suffix width)``),
+    or a single sequence; the prefix cache of a chunk at most ``cap`` tokens (or one prefix)."""
+    import ogls_sd.modeling as modeling
+
+    seen = []
+    inner_suffix, inner_encode = modeling._suffix_pass, modeling._encode_prefixes
+
+    def suffix(backbone, pc, rows, suffixes, pad_id, dev):
+        seen.append(("pass", len(rows), pc.mask.shape[1] + max(len(s) for s in suffixes)))
+        return inner_suffix(backbone, pc, rows, suffixes, pad_id, dev)
+
+    def encode(backbone, prefixes, pad_id, max_tokens, dev):
+        seen.append(("cache", len(prefixes), max(len(p) for p in prefixes)))
+        return inner_encode(backbone, prefixes, pad_id, max_tokens, dev)
+
+    monkeypatch.setattr(modeling, "_suffix_pass", suffix)
+    monkeypatch.setattr(modeling, "_encode_prefixes", encode)
+    model = _model("llama", tok)
+    sb = _random_batch(len(tok), 7, n_prefixes=5, n_seqs=20)
+    with torch.no_grad():
+        ref = completion_hidden(model, sb, tok.pad_token_id)
+        got = prefix_shared_hidden(model, sb, tok.pad_token_id, cap)
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
+    assert seen and all(n == 1 or n * width <= cap for _, n, width in seen), seen
+    # every kept sequence is scored once; those without a prefix token to cache (start 1) go the plain way
+    assert sum(n for kind, n, _ in seen if kind == "pass") == sum(1 for n, st in zip(sb.lengths, sb.starts) if n and st > 1)
