@@ -92,6 +92,9 @@ RATIOS = {  # JSON key -> (numerator, denominator)
     "ogls_global_over_opsd": ("ogls_global", "opsd"),
     "lambda0_over_rft": ("lambda0", "rft"),
 }
+# the two sides of every ratio next to each other in a round
+ORDER = ["ogls_context", "opsd", "ogls_global", "lambda0", "rft", "grpo", "trl_grpo", "grpo_ckpt", "trl_grpo_ckpt",
+         "ogls_context_long", "opsd_long"]
 PHASES = ("rollout", "teacher", "loss+bwd", "optim")
 
 
@@ -198,11 +201,12 @@ class TRLGRPO:
         def reward(completions, answer, **_):
             return [float(task.reward(c, a)) for c, a in zip(completions, answer)]
 
-        self.go, self.done = threading.Semaphore(0), queue.Queue()
+        self.go, self.done, self.ready = threading.Semaphore(0), queue.Queue(), threading.Event()
         runner = self
 
         class Gate(TrainerCallback):
             def on_step_begin(self, *a, **k):
+                runner.ready.set()
                 runner.go.acquire()
                 runner.t0 = time.perf_counter()
 
@@ -221,6 +225,10 @@ class TRLGRPO:
                                    processing_class=tok, callbacks=[Gate()])
         self.thread = threading.Thread(target=self._train, daemon=True)
         self.thread.start()
+        # held at its first step: its setup (accelerate's shared state) is done before the next trainer's
+        while not self.ready.wait(1.0):
+            if not self.thread.is_alive():
+                raise RuntimeError("TRL GRPOTrainer failed before its first step") from self.done.get_nowait()
 
     def _train(self) -> None:
         try:
@@ -289,7 +297,7 @@ def main() -> None:
     unknown = [n for n in only if n not in OURS and n not in TRL]
     if unknown:
         ap.error(f"--only: unknown configuration {unknown[0]!r}")
-    names = only or [*OURS, *TRL]
+    names = [n for n in ORDER if n in only] if only else ORDER
     try:
         import trl
     except ImportError:

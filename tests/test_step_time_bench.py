@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_step_time_benchmark_prints_its_table_and_ratios(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_time.py"), "--steps", "1", "--warmup", "0",
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_time.py"), "--rounds", "1", "--warmup", "0",
                           "--max-new-tokens", "6", "--only", "ogls_context,opsd", "--trl-dir", str(tmp_path / "trl")],
                          capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
