@@ -314,7 +314,10 @@ def main() -> None:
         getattr(r, "finish", lambda: None)()
     print("\n| configuration | rollout (s) | teacher (s) | loss+bwd (s) | optim (s) | total (s) |")
     print("|---|---:|---:|---:|---:|---:|")
-    for name, ts in times.items():
+    for name in runners:
+        ts = times.get(name)
+        if not ts:
+            continue
         med = {k: statistics.median(t[k] for t in ts) for k in ts[0]}
         cells = [f"{med[k]:.3f}" if k in med else "" for k in PHASES]
         print(f"| {name} | " + " | ".join(cells) + f" | {med['total']:.3f} |")
