@@ -306,9 +306,9 @@ class OGLSSD(Algorithm):
             anchor_hidden = torch.zeros(n_rows, H, dtype=w.dtype, device=dev)
             anchor_scale = torch.zeros(n_rows, dtype=w.dtype, device=dev)
             off = _offsets(lens)
-            own = [t for t in with_anchor if student_rows is not None
-                   and tps[t].anchor_prompt == batch.groups[batch.rollouts[tps[t].rollout].group].student_prompt]
-            rest = [t for t in with_anchor if t not in set(own)]
+            own = {t for t in with_anchor if student_rows is not None
+                   and tps[t].anchor_prompt == batch.groups[batch.rollouts[tps[t].rollout].group].student_prompt}
+            rest = [t for t in with_anchor if t not in own]
             h = run([tps[t].anchor_prompt for t in rest], rest) if rest else None
             c = 0
             for t in with_anchor:
