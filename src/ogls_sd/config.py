@@ -358,7 +358,7 @@ class LossConfig(_Section):
 class SteeringConfig(_Section):
     _section = "steering"
     _positive = ("max_contexts", "max_context_tokens")
-    _nonneg = ("tail_tokens", "tail_weight")
+    _nonneg = ("tail_tokens", "tail_weight", "prefix_cache_max_tokens")
     anchor: str = opt("unprivileged", "Anchor logits z0: teacher weights on the student prompt, the OPSD privileged teacher, or none (zero).", choices=("unprivileged", "privileged", "none"))
     pooling: str = opt("context", "Steering direction: per-position contrast of contexts built from correct vs incorrect rollouts, or one global vocabulary vector per group.", choices=("context", "global"))
     strength: float = opt(1.0, "lambda: z_steered = z0 + lambda * d.")
@@ -372,6 +372,7 @@ class SteeringConfig(_Section):
     tail_tokens: int = opt(128, "Positive-tail SFT: last N tokens of short correct rollouts.")
     tail_weight: float = opt(1.0, "mu: weight of the positive-tail SFT term (0 = off).")
     no_positive: str = opt("skip", "All-incorrect groups: drop distillation, use the reference solution as the single positive context, or fall back to the OPSD target.", choices=("skip", "reference", "opsd"))
+    prefix_cache_max_tokens: int = opt(32768, "Teacher passes (anchor, contexts, global pools): each distinct prompt + context prefix is encoded once per pass and its key/value cache reused for every target scored under it; a pass holds at most this many cached + new tokens (rows x (longest prefix + longest target)). 0 = off: every (context, target) pair is a full forward, train.micro_batch_size sequences at a time.")
     fallback_reference: str = opt("reference", "no_positive=reference: which reference is the positive context: the privileged reference as given, or the task's plain (student-style) reference when it provides one (method.md §3 item 7, §7).", choices=("reference", "plain"))
 
     def validate(self) -> None:

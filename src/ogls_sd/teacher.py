@@ -21,7 +21,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from .modeling import SeqBatch, completion_hidden, lm_head
+from .modeling import SeqBatch, can_share_prefixes, completion_hidden, lm_head, prefix_shared_hidden, repeats_a_prefix
 
 KINDS = ("frozen", "ema", "live")
 
@@ -72,12 +72,18 @@ class Teacher:
         yield self.policy
 
     @torch.no_grad()
-    def hidden(self, batch: SeqBatch, pad_id: int, micro_batch: int = 64) -> Tensor:
-        """Teacher hidden states at completion positions, ``[batch.rows, H]``."""
+    def hidden(self, batch: SeqBatch, pad_id: int, micro_batch: int = 64, prefix_cache_tokens: int = 0) -> Tensor:
+        """Teacher hidden states at completion positions, ``[batch.rows, H]``: ``micro_batch``
+        sequences per forward, or, when ``prefix_cache_tokens > 0`` and sequences share a prefix,
+        each distinct prefix encoded once and its key/value cache reused (passes of at most
+        ``prefix_cache_tokens`` cached + new tokens, :func:`~ogls_sd.modeling.prefix_shared_hidden`).
+        Both passes run on the same teacher module."""
         with self.module() as m:
             was = m.training
             m.eval()
             try:
+                if prefix_cache_tokens > 0 and repeats_a_prefix(batch) and can_share_prefixes(m):
+                    return prefix_shared_hidden(m, batch, pad_id, prefix_cache_tokens)
                 return completion_hidden(m, batch, pad_id, micro_batch)
             finally:
                 m.train(was)

@@ -62,6 +62,13 @@ def chunks(items: list, size: int) -> list[list]:
     return [items[s : s + size] for s in range(0, len(items), size)]
 
 
+def length_chunks(items: list[int], size: int, length) -> list[list[int]]:
+    """``items`` in micro-batches of at most ``size``, longest first (``length(item)``, ties in
+    order): a forward pads every sequence to the longest of its micro-batch, so grouping similar
+    lengths pads less. The step's loss is a sum over micro-batches, whatever their composition."""
+    return chunks(sorted(items, key=lambda i: -length(i)), size)
+
+
 class StepPlan:
     """What the trainer and the distributed code read of the plan an algorithm makes for a step
     (every algorithm's plan class derives from it):

@@ -38,7 +38,7 @@ from ..losses import get_token_logprobs
 from ..modeling import SeqBatch, lm_head
 from ..teacher import Teacher
 from ..templates import PromptBuilder, join_completion
-from .base import Algorithm, EMPTY_METRIC, StepBatch, StepPlan, chunks, loss_dtype, register_algorithm, student_hidden
+from .base import Algorithm, EMPTY_METRIC, StepBatch, StepPlan, length_chunks, loss_dtype, register_algorithm, student_hidden
 
 
 def group_advantages(rewards: list[float], scale_std: bool = True, std: str = "sample", eps: float = 1e-4) -> list[float]:
@@ -76,7 +76,7 @@ class GRPOPlan(StepPlan):
     metrics: dict[str, float] = field(default_factory=dict)
 
     def micro_batches(self, size: int) -> list[list[int]]:
-        return chunks(self.work, size)
+        return length_chunks(self.work, size, lambda i: len(self.batch.rollouts[i].ids))
 
 
 class GRPO(Algorithm):

@@ -66,7 +66,7 @@ class Plan(StepPlan):
 
     def micro_batches(self, size: int) -> list[list[int]]:
         work = sorted(set(self.targets) | set(self.tail))
-        return chunks(work, size)
+        return chunks(work, size)  # in index order: a group's targets share their context prefixes
 
 
 class OGLSSD(Algorithm):
@@ -87,9 +87,13 @@ class OGLSSD(Algorithm):
         # sequences per no-grad teacher forward (train.micro_batch_size): a micro-batch of 4 targets
         # with 4 + 4 contexts is 36 sequences, each prompt + context + completion long
         self.teacher_batch = max(1, teacher_batch)
+        self.prefix_tokens = steering.prefix_cache_max_tokens  # 0: no key/value sharing of prefixes
         # λ = 0 targets are skipped only when the live teacher's (eval-mode) pass is the student's own
         # forward: a dropout in the student would make them differ (tests switch it off to compare)
         self.skip_zero_gradient = getattr(teacher, "kind", None) == "live" and not _has_dropout(policy)
+        # the live teacher's pass on the student prompt is the student's own forward (no dropout):
+        # its anchor rows are the student pass's, detached (part of the sharing, off with it)
+        self.anchor_from_student = self.skip_zero_gradient and self.prefix_tokens > 0
 
     def zero_gradient(self, strength: float, anchor_is_student_prompt: bool) -> bool:
         """Whether a target's distillation term has an exactly zero gradient, so that planning it
@@ -199,7 +203,7 @@ class OGLSSD(Algorithm):
         def pooled(attempts: list[list[int]]) -> Tensor:
             seqs = [join_completion(g.teacher_prompt, a) for a in attempts]
             sb = SeqBatch([q for q, _ in seqs], [st for _, st in seqs], [len(a) for a in attempts])
-            h = self.teacher.hidden(sb, self.pad_id, self.teacher_batch)
+            h = self.teacher.hidden(sb, self.pad_id, self.teacher_batch, self.prefix_tokens)
             return mean_log_softmax(h, w, b, self.loss_cfg.chunk_size)
 
         # A pool without a single token (its attempts all empty, e.g. an empty reference) has no
@@ -245,7 +249,8 @@ class OGLSSD(Algorithm):
                 else:
                     weights += [1.0 / (n * plan.n_seq_targets)] * n
             rows_t = torch.cat(rows).to(h_s.device)
-            target = self._teacher_target([plan.targets[i] for i in tgt_ids], batch, plan)
+            own = h_s[rows_t].detach() if self.anchor_from_student else None
+            target = self._teacher_target([plan.targets[i] for i in tgt_ids], batch, plan, own)
             out = self.distill(
                 h_s[rows_t], w_s, b_s, target, self.spec,
                 torch.tensor(weights, dtype=wdtype, device=h_s.device),
@@ -278,8 +283,11 @@ class OGLSSD(Algorithm):
         return total, m
 
     @torch.no_grad()
-    def _teacher_target(self, tps: list[TargetPlan], batch: StepBatch, plan: Plan) -> TeacherTarget:
-        """Teacher hidden states for the distilled rows of ``tps`` (in that order)."""
+    def _teacher_target(self, tps: list[TargetPlan], batch: StepBatch, plan: Plan,
+                        student_rows: Tensor | None = None) -> TeacherTarget:
+        """Teacher hidden states for the distilled rows of ``tps`` (in that order). ``student_rows``:
+        the student's (detached) hidden states of those rows, the anchor of every target anchored on
+        its own student prompt when the teacher is the live policy (:attr:`anchor_from_student`)."""
         w, b = self.teacher.head()
         lens = [self._n_distill(tp.rollout, batch) for tp in tps]
         n_rows = sum(lens)
@@ -289,7 +297,7 @@ class OGLSSD(Algorithm):
         def run(prompts: list[list[int]], tpi: list[int]) -> Tensor:
             seqs = [join_completion(p, batch.rollouts[tps[t].rollout].ids) for p, t in zip(prompts, tpi)]
             sb = SeqBatch([q for q, _ in seqs], [st for _, st in seqs], [lens[t] for t in tpi])
-            return self.teacher.hidden(sb, self.pad_id, self.teacher_batch)
+            return self.teacher.hidden(sb, self.pad_id, self.teacher_batch, self.prefix_tokens)
 
         # anchor
         anchor_hidden = anchor_scale = None
@@ -297,13 +305,20 @@ class OGLSSD(Algorithm):
         if with_anchor:
             anchor_hidden = torch.zeros(n_rows, H, dtype=w.dtype, device=dev)
             anchor_scale = torch.zeros(n_rows, dtype=w.dtype, device=dev)
-            h = run([tps[t].anchor_prompt for t in with_anchor], with_anchor)
             off = _offsets(lens)
+            own = {t for t in with_anchor if student_rows is not None
+                   and tps[t].anchor_prompt == batch.groups[batch.rollouts[tps[t].rollout].group].student_prompt}
+            rest = [t for t in with_anchor if t not in own]
+            h = run([tps[t].anchor_prompt for t in rest], rest) if rest else None
             c = 0
             for t in with_anchor:
-                anchor_hidden[off[t] : off[t] + lens[t]] = h[c : c + lens[t]]
-                anchor_scale[off[t] : off[t] + lens[t]] = 1.0
-                c += lens[t]
+                sl = slice(off[t], off[t] + lens[t])
+                if t in own:
+                    anchor_hidden[sl] = student_rows[sl]
+                else:
+                    anchor_hidden[sl] = h[c : c + lens[t]]
+                    c += lens[t]
+                anchor_scale[sl] = 1.0
         strength = torch.cat([torch.full((n,), tp.strength, dtype=w.dtype) for tp, n in zip(tps, lens)]).to(dev)
         tgt = TeacherTarget(weight=w, bias=b, anchor_hidden=anchor_hidden, anchor_scale=anchor_scale,
                             negative_pool=self.steering.negative_pool, negative_branch=self.steering.negative_branch,
