@@ -219,7 +219,7 @@ def prefix_shared_hidden(model: nn.Module, batch: SeqBatch, pad_id: int, max_tok
     if plain:
         sub = SeqBatch([batch.seqs[i] for i in plain], [batch.starts[i] for i in plain], [batch.lengths[i] for i in plain])
         h = completion_hidden(model, sub, pad_id)
-        for i, a in zip(plain, _row_offsets(sub.lengths)):
+        for i, a in zip(plain, row_offsets(sub.lengths)):
             parts[i] = h[a : a + batch.lengths[i]]
     g = _group_by_prefix(batch, [i for i in keep if batch.starts[i] >= 2])
     by_len = sorted(range(len(g.prefixes)), key=lambda p: -len(g.prefixes[p]))
@@ -237,7 +237,8 @@ def prefix_shared_hidden(model: nn.Module, batch: SeqBatch, pad_id: int, max_tok
     return torch.cat([parts[i] for i in keep], 0)
 
 
-def _row_offsets(lengths: list[int]) -> list[int]:
+def row_offsets(lengths: list[int]) -> list[int]:
+    """Where each of the rows of the given lengths starts in their concatenation."""
     out, acc = [], 0
     for n in lengths:
         out.append(acc)

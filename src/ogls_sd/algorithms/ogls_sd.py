@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..config import LossConfig, SteeringConfig
 from ..losses import DivergenceSpec, TeacherTarget, mean_log_softmax
 from ..losses import get_distill_loss, get_token_logprobs
-from ..modeling import SeqBatch, lm_head
+from ..modeling import SeqBatch, lm_head, row_offsets
 from ..templates import PromptBuilder, join_completion
 from ..teacher import Teacher
 from .base import (EMPTY_METRIC, Algorithm, StepBatch, StepPlan, chunks, distill_step_metrics, loss_dtype,
@@ -305,7 +305,7 @@ class OGLSSD(Algorithm):
         if with_anchor:
             anchor_hidden = torch.zeros(n_rows, H, dtype=w.dtype, device=dev)
             anchor_scale = torch.zeros(n_rows, dtype=w.dtype, device=dev)
-            off = _offsets(lens)
+            off = row_offsets(lens)
             own = {t for t in with_anchor if student_rows is not None
                    and tps[t].anchor_prompt == batch.groups[batch.rollouts[tps[t].rollout].group].student_prompt}
             rest = [t for t in with_anchor if t not in own]
@@ -356,7 +356,7 @@ class OGLSSD(Algorithm):
         n_rows, H = sum(lens), h.shape[1]
         hid = torch.zeros(K, n_rows, H, dtype=dtype, device=dev)
         mask = torch.zeros(K, n_rows, dtype=torch.bool, device=dev)
-        off = _offsets(lens)
+        off = row_offsets(lens)
         c = 0
         for t, k in zip(tpi, slots):
             hid[k, off[t] : off[t] + lens[t]] = h[c : c + lens[t]]
@@ -372,14 +372,6 @@ def _has_dropout(policy) -> bool:
         return True
     cfg = getattr(policy, "config", None)
     return bool(getattr(cfg, "attention_dropout", 0.0) or 0.0)
-
-
-def _offsets(lens: list[int]) -> list[int]:
-    out, acc = [], 0
-    for n in lens:
-        out.append(acc)
-        acc += n
-    return out
 
 
 def _subset(items: list, cap: int, rng: random.Random) -> list:
