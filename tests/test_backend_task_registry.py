@@ -217,3 +217,36 @@ def test_eval_harness_and_api_generate_with_eval_backend(tmp_path, tok, tiny_mod
     assert len(gens) == 6 and {g["completion"] for g in gens} == {reply}
     result = ogls_sd.evaluate(cfg, model=tiny_model, tokenizer=tok)
     assert len(echo) == 2 and echo[1].closed and result.completions == [reply] * 3 and result.n == 3
+
+
+def test_task_options_reach_the_reasoning_gym_config_and_bad_ones_are_refused():
+    reasoning_gym = pytest.importorskip("reasoning_gym")
+    from ogls_sd.data.files import DataError
+    from ogls_sd.tasks.base import parse_task_options
+
+    assert parse_task_options(["min_digits=1", "ratio=0.5", "flag=false", "ops=+-*", "name=x=y"]) == {
+        "min_digits": 1, "ratio": 0.5, "flag": False, "ops": "+-*", "name": "x=y"}
+    opts = "min_terms=2,max_terms=2,min_digits=1,max_digits=1"
+    cfg = Config.load(None, ["data.task=reasoning_gym:chain_sum", f"data.task_options={opts}", "data.size=40"])
+    assert cfg.data.task_options == opts.split(",")
+    problems = [ex.problem for ex in get_task(cfg.data).examples(10, seed=0, split="train")]
+    theirs = reasoning_gym.create_dataset("chain_sum", size=40, seed=0, min_terms=2, max_terms=2, min_digits=1,
+                                          max_digits=1)
+    assert set(problems) <= {e["question"] for e in theirs}  # the options reached reasoning-gym's config
+    assert all(e["metadata"]["num_terms"] == 2 and e["metadata"]["num_digits"] == 1 for e in theirs)
+    wide = Config.load(None, ["data.task=reasoning_gym:chain_sum", "data.size=40"])
+    assert set(problems).isdisjoint(ex.problem for ex in get_task(wide.data).examples(10, seed=0, split="train"))
+    for bad, msg in ((["data.task=arith", "data.task_options=a=1"],
+                      r"data.task_options: data.task='arith' takes no options \(tasks that do: reasoning_gym:<task>\)"),
+                     (["data.task=reasoning_gym:chain_sum", "data.task_options=min_digits"],
+                      r"data.task_options\[0\]: expected KEY=VALUE, got 'min_digits'"),
+                     (["data.task=reasoning_gym:chain_sum", "data.task_options=a=1,a=2"],
+                      r"data.task_options\[1\]: 'a' is given twice"),
+                     (["data.mixture=reasoning_gym:chain_sum=1", "data.task_options=a=1"],
+                      r"data.task_options: options apply to data.task alone")):
+        with pytest.raises(ConfigError, match=msg):
+            Config.load(None, bad)
+    for opts, msg in (("bogus=1", "unexpected keyword argument 'bogus'"), ("min_digits=3,max_digits=1", "max_digits")):
+        cfg = Config.load(None, ["data.task=reasoning_gym:chain_sum", f"data.task_options={opts}", "data.size=40"])
+        with pytest.raises(DataError, match=rf"reasoning_gym:chain_sum: data.task_options .*{msg}"):
+            get_task(cfg.data)

@@ -72,3 +72,10 @@ def test_sdpo_preset_trains_on_the_tiny_model(tmp_path):
     train(cfg)
     rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert rec["pool/neg_mean"] == 0.0
+
+
+def test_smollm2_preset_runs_the_shipped_ogls_sd_settings():
+    c, default = Config.load(CONFIGS / "smollm2_cpu.yaml"), Config()
+    assert c.train.algorithm == "ogls_sd" and c.model.name == "smollm2-135m" and c.model.lora
+    assert (c.steering, c.loss, c.teacher) == (default.steering, default.loss, default.teacher)
+    assert c.data.task.startswith("reasoning_gym:") and c.data.eval_size == 200 and c.eval.every > 0

@@ -39,3 +39,16 @@ def test_smollm2_one_step_on_reasoning_gym_then_eval(tmp_path):
     assert res.exit_code == 0, res.output
     r = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert r["benchmarks"]["reasoning_gym:gsm_symbolic"]["n"] == 4
+
+
+@pytest.mark.slow
+def test_smollm2_preset_trains_one_step_as_shipped(tmp_path):
+    from pathlib import Path
+
+    preset = Path(__file__).resolve().parent.parent / "configs" / "smollm2_cpu.yaml"
+    cfg = Config.load(preset, ["train.steps=1", "eval.before_after=false", "eval.every=0",
+                               f"train.output_dir={tmp_path / 'run'}"])
+    summary = train(cfg)
+    assert summary["steps"] == 1
+    rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert rec["step"] == 1 and rec["grad_norm"] >= 0

@@ -182,6 +182,7 @@ class DataConfig(_Section):
     _unit = ("eval_fraction_max",)
     task: str = opt("arith", "Training data: a registered task (one module of ogls_sd/tasks/ each: arith = built-in generator, champ, reasoning_gym:<task> e.g. reasoning_gym:gsm_symbolic, and any other registered name; a misspelt one is refused with the closest name), else a local file (.jsonl/.json/.parquet/.csv) or a Hugging Face dataset id.")
     mixture: list = opt(None, "Several training sources with sampling weights, SOURCE=WEIGHT entries (comma-separated on the command line), e.g. data/a.jsonl=0.7,reasoning_gym:gsm_symbolic=0.3. A source is anything data.task accepts except arith; each is loaded with the data.* column settings and holds out its own data.eval_size (capped by data.eval_fraction_max); every training prompt comes from a source drawn with probability proportional to its weight; the held-out sets are concatenated. When set, it replaces data.task.", factory=list)
+    task_options: list = opt(None, "Options of data.task, KEY=VALUE entries (comma-separated on the command line), each value read as a YAML scalar; only tasks that take options accept them: reasoning_gym:<task> passes them to the reasoning-gym task's config, e.g. data.task=reasoning_gym:chain_sum data.task_options=min_terms=2,max_terms=2,min_digits=1,max_digits=2.", factory=list)
     problem_column: str = opt("problem", "File/hub data: column holding the problem.")
     reference_column: str = opt("solution", "File/hub data: column holding the worked reference solution ('' for none).")
     answer_column: str = opt("answer", "File/hub data: column holding the final answer (data.answer_from=column).")
@@ -199,9 +200,11 @@ class DataConfig(_Section):
     seed: int = opt(0, "Seed of the data generator (held-out problems use a disjoint stream).")
 
     def validate(self) -> None:
-        from .tasks.base import source_error
+        from .tasks.base import options_error, source_error
 
-        bad = source_error(self.task)
+        if self.mixture and self.task_options:
+            raise ConfigError("data.task_options: options apply to data.task alone, not to data.mixture sources")
+        bad = source_error(self.task) or options_error(self.task, self.task_options)
         if bad:
             raise ConfigError(bad)
         if self.mixture:

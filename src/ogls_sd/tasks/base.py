@@ -24,7 +24,9 @@ import difflib
 import os
 import random
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
+
+import yaml
 
 from ..data.example import Example
 from ..registry import TASKS
@@ -98,6 +100,7 @@ class TaskSpec:
     build: Callable  # (data_cfg, argument: str) -> Task
     argument: str = ""  # e.g. "<task>": the task is a family, data.task=<name>:<argument>
     mixable: bool = True  # may be a data.mixture source (a data set; not a generator)
+    options: str = ""  # what data.task_options sets for this task ('' = it takes none)
 
     @property
     def shown(self) -> str:
@@ -105,13 +108,15 @@ class TaskSpec:
         return f"{self.name}:{self.argument}" if self.argument else self.name
 
 
-def register_task(name: str, summary: str, *, argument: str = "", mixable: bool = True):
+def register_task(name: str, summary: str, *, argument: str = "", mixable: bool = True, options: str = ""):
     """Decorator of ``build(data_cfg, argument) -> Task``: registers ``data.task=name`` (or the
     family ``name:<argument>`` when ``argument`` describes one; ``argument`` is then what follows
-    the colon, else ''). ``mixable=False``: a generator that cannot be a ``data.mixture`` source."""
+    the colon, else ''). ``mixable=False``: a generator that cannot be a ``data.mixture`` source.
+    ``options``: what ``data.task_options`` sets for this task (the builder reads
+    :func:`parse_task_options` of it); '' = the task takes none and refuses them."""
 
     def wrap(build: Callable) -> Callable:
-        TASKS.register(name, TaskSpec(name, summary, build, argument, mixable))
+        TASKS.register(name, TaskSpec(name, summary, build, argument, mixable, options))
         return build
 
     return wrap
@@ -124,6 +129,44 @@ def task_spec(source: str) -> tuple[TaskSpec, str] | None:
     if spec is None or bool(sep) != bool(spec.argument):
         return None
     return spec, arg
+
+
+def parse_task_options(entries: list[str], key: str = "data.task_options") -> dict[str, Any]:
+    """``["min_digits=1", "max_terms=2"]`` -> ``{"min_digits": 1, "max_terms": 2}``; each value is
+    read as a YAML scalar (``3`` int, ``0.5`` float, ``true`` bool, anything else a string).
+
+    Raises:
+        ValueError: an entry without ``=``, an empty or repeated key (the message names ``key[i]``).
+    """
+    out: dict[str, Any] = {}
+    for i, entry in enumerate(entries):
+        name, sep, raw = str(entry).partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f"{key}[{i}]: expected KEY=VALUE, got {entry!r}")
+        if name in out:
+            raise ValueError(f"{key}[{i}]: {name!r} is given twice")
+        try:
+            value = yaml.safe_load(raw.strip()) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw.strip()
+        out[name] = value if isinstance(value, (int, float, bool, str)) else raw.strip()
+    return out
+
+
+def options_error(source: str, entries: list[str], key: str = "data.task_options") -> str | None:
+    """Why ``entries`` cannot be ``data.task_options`` for ``data.task=source``; None when they can."""
+    if not entries:
+        return None
+    try:
+        parse_task_options(entries, key)
+    except ValueError as e:
+        return str(e)
+    found = task_spec(source)
+    if found is None or not found[0].options:
+        takers = ", ".join(spec.shown for _, spec in TASKS.items() if spec.options) or "none"
+        return f"{key}: data.task={source!r} takes no options (tasks that do: {takers})"
+    return None
 
 
 def source_error(source: str, key: str = "data.task") -> str | None:
