@@ -79,3 +79,21 @@ def test_every_table_names_its_decoding_protocol():
     assert protocol({"greedy": True, "temperature": 1.0}, 1) == "greedy, k=1"
     assert protocol({"greedy": False, "temperature": 1.1, "top_p": 0.95, "top_k": 20}, 4) == "sampled T=1.1 top-p=0.95 top-k=20, k=4"
     assert protocol({"greedy": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0}, 1) == "sampled T=1.0, k=1"
+
+
+def test_eval_table_keeps_whole_rows_off_a_terminal():
+    import io
+
+    from rich.console import Console
+
+    from ogls_sd.eval_harness import _print_table
+
+    row = {"n": 200, "avg@4": 0.25, "pass@1": 0.25, "pass@4": 0.5, "maj@4": 0.3, "format_rate": 0.9, "mean_length": 41.5}
+    name = "reasoning_gym:basic_arithmetic_with_a_long_name"
+    results = {"sampling": {"greedy": False, "temperature": 0.7, "top_p": 1.0, "top_k": 0}, "seed": 0,
+               "benchmarks": {name: row}}
+    out = io.StringIO()
+    _print_table(results, 4, Console(file=out, force_terminal=False))  # a log file: rich's width would be 80
+    lines = out.getvalue().splitlines()
+    assert any(name in line and "0.250" in line and "41.5" in line for line in lines), out.getvalue()
+    assert any("ogls-sd eval (sampled T=0.7, k=4, seed=0)" in line for line in lines)

@@ -135,11 +135,11 @@ def _print_error(msg: str) -> None:
 
 
 def _console() -> Console:
-    """stdout's console: off a terminal (a log file, a pipe) lines stay whole instead of wrapping at
-    80 columns, and ``compare`` prints plain lines instead of redrawn progress bars."""
-    console = Console()
-    console.soft_wrap = not console.is_terminal
-    return console
+    """stdout's console (:func:`ogls_sd.trainer.default_console`): off a terminal lines stay whole,
+    and ``compare`` prints plain lines instead of redrawn progress bars."""
+    from .trainer import default_console
+
+    return default_console()
 
 
 def _fail(msg: str, code: int = 2) -> None:

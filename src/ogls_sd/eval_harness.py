@@ -185,6 +185,7 @@ def protocol(sampling: dict, k: int) -> str:
 
 
 def _print_table(results: dict, k: int, console) -> None:
+    from rich.console import Console
     from rich.table import Table
 
     t = Table(title=f"ogls-sd eval ({protocol(results['sampling'], k)}, seed={results['seed']})")
@@ -194,4 +195,6 @@ def _print_table(results: dict, k: int, console) -> None:
     for name, r in results["benchmarks"].items():
         t.add_row(name, str(r["n"]), f"{r[f'avg@{k}']:.3f}", *(f"{r[p]:.3f}" for p in passes),
                   f"{r[f'maj@{k}']:.3f}", f"{r['format_rate']:.3f}", f"{r['mean_length']:.1f}")
+    if not console.is_terminal:  # a log or a pipe: rich would squeeze the table into 80 columns
+        console = Console(file=console.file, width=max(console.width, 200), force_terminal=False)
     console.print(t)
