@@ -1,10 +1,11 @@
 """Collect finished SmolLM2 runs (``ogls-sd train -c configs/smollm2_cpu.yaml ...``) into the evidence
 file ``docs/results/real_model.json`` and its plot.
 
-``{"model", "task", "eval_size", "runs": [{"method", "seed", "accuracy_before", "accuracy_after",
-"wall_seconds", "config", "curve"}]}``: ``config`` is the run's resolved ``config.yaml``, ``curve`` its
-held-out accuracy ``[[step, accuracy], ...]`` from ``metrics.jsonl`` (greedy, ``data.eval_size``
-problems). Every run must share model, task and held-out size.
+``{"model", "task", "task_options", "eval_size", "budget_steps", "runs": [{"method", "seed", "run",
+"steps_configured", "steps_run", "stopped_early", "accuracy_before", "accuracy_after",
+"accuracy_at_step_<budget>", "wall_seconds", "config", "curve"}]}``: ``config`` is the run's resolved
+``config.yaml``, ``curve`` its held-out accuracy ``[[step, accuracy], ...]`` from ``metrics.jsonl``
+(greedy, ``data.eval_size`` problems). Every run must share model, task and held-out size.
 
 ``python benchmarks/collect_real_model.py runs/smollm2_ogls runs/smollm2_grpo runs/smollm2_rft``
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 import yaml
@@ -27,12 +29,37 @@ def curve(run: Path) -> list[list[float]]:
     return points
 
 
-def collect(run: Path) -> dict:
-    summary = json.loads((run / "summary.json").read_text())
+def profile_row(run: Path, method: str) -> str:
+    """One markdown row of where a run's steps went (medians over its steps)."""
+    steps = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "time/step_s" in r]
+
+    def med(key: str) -> float:
+        return statistics.median(r[key] for r in steps) if steps else float("nan")
+
+    return (f"| {method} | {len(steps)} | {med('time/step_s'):.0f} | {med('time/rollout_s'):.0f} | "
+            f"{med('time/train_s'):.0f} | {med('throughput/rollout_tok_s'):.0f} | "
+            f"{100 * statistics.mean(r['completion/truncated'] for r in steps):.0f}% |")
+
+
+def collect(run: Path, budget: int) -> dict:
+    """One run's evidence. A run stopped before its configured steps (no summary.json) is recorded up
+    to its last held-out measurement, its wall time from its config.yaml (written at start) to its
+    metrics.jsonl's last write."""
     config = yaml.safe_load((run / "config.yaml").read_text())
-    return {"method": summary["algorithm"], "seed": config["train"]["seed"], "run": run.name,
-            "accuracy_before": summary.get("accuracy_before"), "accuracy_after": summary.get("accuracy_after"),
-            "wall_seconds": summary.get("wall_seconds"), "config": config, "curve": curve(run)}
+    points = curve(run)
+    summary_path = run / "summary.json"
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        before, after, wall = summary.get("accuracy_before"), summary.get("accuracy_after"), summary.get("wall_seconds")
+    else:
+        before, after = points[0][1], points[-1][1]
+        wall = round((run / "metrics.jsonl").stat().st_mtime - (run / "config.yaml").stat().st_mtime, 1)
+    at_budget = [a for s, a in points if s == budget]
+    return {"method": config["train"]["algorithm"], "seed": config["train"]["seed"], "run": run.name,
+            "steps_configured": config["train"]["steps"], "steps_run": points[-1][0] if points else 0,
+            "stopped_early": not summary_path.exists(), "accuracy_before": before, "accuracy_after": after,
+            f"accuracy_at_step_{budget}": at_budget[0] if at_budget else None,
+            "wall_seconds": wall, "config": config, "curve": points}
 
 
 def plot(evidence: dict, path: Path) -> None:
@@ -59,8 +86,9 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", type=Path, help="run directories (each with summary.json and config.yaml)")
     ap.add_argument("-o", "--output", type=Path, default=Path("docs/results/real_model.json"))
     ap.add_argument("--plot", type=Path, default=Path("docs/img/real_model_accuracy_vs_step.png"))
+    ap.add_argument("--budget", type=int, default=10, help="the step at which the methods are compared")
     args = ap.parse_args()
-    runs = [collect(r) for r in args.runs]
+    runs = [collect(r, args.budget) for r in args.runs]
     first = runs[0]["config"]
     shared = {"model": first["model"]["name"], "task": first["data"]["task"], "task_options": first["data"]["task_options"],
               "eval_size": first["data"]["eval_size"]}
@@ -69,11 +97,22 @@ def main() -> None:
                  "task_options": r["config"]["data"]["task_options"], "eval_size": r["config"]["data"]["eval_size"]}
         if other != shared:
             raise SystemExit(f"{r['run']}: {other} differs from {runs[0]['run']}: {shared}")
-    evidence = {**shared, "runs": runs}
+    evidence = {**shared, "budget_steps": args.budget, "runs": runs}
     args.output.write_text(json.dumps(evidence, indent=1) + "\n")
     plot(evidence, args.plot)
+    print(f"| method | steps run | accuracy before (%) | at step {args.budget} (%) | after (%) | curve (step: %) | wall (s) |")
+    print("|---|---|---|---|---|---|---|")
     for r in runs:
-        print(f"{r['run']}: {r['method']} {r['accuracy_before']} -> {r['accuracy_after']} in {r['wall_seconds']} s")
+        curve_text = ", ".join(f"{s}: {100 * a:.1f}" for s, a in r["curve"])
+        at = r[f"accuracy_at_step_{args.budget}"]
+        print(f"| {r['method']} | {r['steps_run']}{' (stopped)' if r['stopped_early'] else ''} | "
+              f"{100 * r['accuracy_before']:.1f} | {'-' if at is None else f'{100 * at:.1f}'} | "
+              f"{100 * r['accuracy_after']:.1f} | {curve_text} | {r['wall_seconds']:.0f} |")
+    print()
+    print("| method | steps | step (s) | rollout (s) | loss + backward + teacher passes (s) | rollout tok/s | truncated |")
+    print("|---|---|---|---|---|---|---|")
+    for path, r in zip(args.runs, runs):
+        print(profile_row(path, r["method"]))
 
 
 if __name__ == "__main__":
