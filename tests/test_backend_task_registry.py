@@ -226,6 +226,8 @@ def test_task_options_reach_the_reasoning_gym_config_and_bad_ones_are_refused():
 
     assert parse_task_options(["min_digits=1", "ratio=0.5", "flag=false", "ops=+-*", "name=x=y"]) == {
         "min_digits": 1, "ratio": 0.5, "flag": False, "ops": "+-*", "name": "x=y"}
+    huge = "9" * 5000  # YAML reads it as an int Python refuses to build: kept as text, as config overrides do
+    assert parse_task_options([f"n={huge}", "m=a: b: c"]) == {"n": huge, "m": "a: b: c"}
     opts = "min_terms=2,max_terms=2,min_digits=1,max_digits=1"
     cfg = Config.load(None, ["data.task=reasoning_gym:chain_sum", f"data.task_options={opts}", "data.size=40"])
     assert cfg.data.task_options == opts.split(",")

@@ -28,6 +28,7 @@ import yaml
 from .losses.divergence import CLIPS, DIVERGENCES, DivergenceSpec
 from .registry import ALGORITHMS, BACKENDS, REWARDS, SECTIONS, Registry
 from .rewards.functions import RewardError, parse_entry
+from .values import yaml_value
 
 
 class ConfigError(ValueError):
@@ -615,10 +616,7 @@ def _parse_overrides(overrides: list[str]) -> dict:
         if len(parts) != 2 and not (len(parts) == 1 and (parts[0] in aliases or parts[0] in TRL_NOT_ALIASES)):
             raise ConfigError(f"override {ov!r}: key must be section.key, e.g. loss.clip=entry, or a TRL name "
                               "(docs/trl_names.md)" + (_did_you_mean(parts[-1:], aliases) if len(parts) == 1 else ""))
-        try:
-            parsed = yaml.safe_load(val) if val != "" else ""
-        except (yaml.YAMLError, ValueError):  # ValueError: an integer of > 4300 digits (then range-checked)
-            parsed = val
+        parsed = yaml_value(val)  # an integer of > 4300 digits stays text (then type-checked)
         if len(parts) == 1:
             d[parts[0]] = parsed
         else:

@@ -26,11 +26,11 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import yaml
 
 from ..data.example import Example
 from ..registry import TASKS
 from ..rewards.verifier import extract_answer
+from ..values import yaml_value
 
 
 class Task(abc.ABC):
@@ -146,10 +146,7 @@ def parse_task_options(entries: list[str], key: str = "data.task_options") -> di
             raise ValueError(f"{key}[{i}]: expected KEY=VALUE, got {entry!r}")
         if name in out:
             raise ValueError(f"{key}[{i}]: {name!r} is given twice")
-        try:
-            value = yaml.safe_load(raw.strip()) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw.strip()
+        value = yaml_value(raw.strip())
         out[name] = value if isinstance(value, (int, float, bool, str)) else raw.strip()
     return out
 
