@@ -239,6 +239,7 @@ class WarmStartConfig(_Section):
     _nonneg = ("steps",)
     _positive = ("batch_size", "lr", "check_every", "check_size", "reading_lr_scale")
     _unit = ("target_accuracy", "student_max", "context_target", "reading_student_fraction", "context_correct_share",
+             "reading_context_correct_share",
              "student_fraction", "reference_fraction")
     steps: int = opt(800, "Cap on the SFT steps of the built-in tiny model's warm start (0 = train from random init). It stops earlier once the student is in its band and, with warmstart.context_target > 0, the model reads a correct attempt in context; at the cap it keeps the in-band check with the highest context_correct (docs/experiments.md, 'The warm start').")
     target_accuracy: float = opt(0.3, "Lower end of the student's band: the warm start stops only once the student's greedy accuracy on warmstart.check_size validation problems is at least this (checked every warmstart.check_every steps), and it switches to the reading mix once it gets there; 0 = no checks unless warmstart.context_target > 0. Leaves room for RL to improve while the model already solves some problems.")
@@ -253,6 +254,7 @@ class WarmStartConfig(_Section):
     reading_student_fraction: float = opt(0.1, "Share of the student format in the reading mix, used after a check where the student has reached warmstart.target_accuracy (the earlier-attempt template gets the share the student format gives up); back to warmstart.student_fraction if a later check finds the student below the target.")
     reading_lr_scale: float = opt(1.0, "Learning rate in the reading mix as a fraction of warmstart.lr. 1 = the full rate (templated seed 0 met both conditions at step 400; plain seed 0 swung 78-89% context_correct). 0.3 consolidated reading (92-96%) but the student jumped from 33% to 73% in 40 steps, out of its band (docs/experiments.md).")
     context_correct_share: float = opt(0.5, "Share of earlier-attempt sequences whose attempt is correct (the rest carry a plausible wrong attempt); the target is always the correct solution.")
+    reading_context_correct_share: float = opt(0.5, "warmstart.context_correct_share in the reading mix. A wrong attempt with the correct solution as target teaches solving as much as reading, so a larger share here trains copying a correct attempt while the student's own accuracy grows more slowly (docs/experiments.md, 'The warm start').")
     cache_dir: str = opt(".cache/ogls_sd/warmstart", "Where warm-started models are cached, keyed by a hash of everything that determines them.")
 
     def validate(self) -> None:

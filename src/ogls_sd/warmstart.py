@@ -72,6 +72,8 @@ def cache_key(cfg: Config, data_fingerprint: str = "") -> str:
         "templates": d["templates"],
         "seed": d["train"]["seed"],
     }
+    if keep["warmstart"].get("reading_context_correct_share") == keep["warmstart"].get("context_correct_share", 0.5):
+        keep["warmstart"].pop("reading_context_correct_share", None)  # the mix before the field existed: caches stay valid
     if keep["data"].get("arith_style", "plain") == "plain":  # caches made before the style existed stay valid
         keep["data"].pop("arith_style", None)
     if data_fingerprint:
@@ -89,9 +91,11 @@ def plain_reference(task, ex: Example) -> str:
 def sft_pairs(task, prompts: PromptBuilder, examples: list[Example], cfg: Config, rng: random.Random,
               reading: bool = False):
     """Yield ``(kind, prompt_ids, target_ids)`` of the warm-start mix; kind is student|privileged|context.
-    ``reading``: the reading mix (``reading_student_fraction`` instead of ``student_fraction``)."""
+    ``reading``: the reading mix (``reading_student_fraction`` and ``reading_context_correct_share``
+    instead of ``student_fraction`` and ``context_correct_share``)."""
     ws = cfg.warmstart
     student = ws.reading_student_fraction if reading else ws.student_fraction
+    correct_share = ws.reading_context_correct_share if reading else ws.context_correct_share
     for ex in examples:
         plain = plain_reference(task, ex)
         u = rng.random()
@@ -100,7 +104,7 @@ def sft_pairs(task, prompts: PromptBuilder, examples: list[Example], cfg: Config
         elif u < student + ws.reference_fraction:
             kind, p, sol = "privileged", prompts.teacher_ids(ex), ex.reference  # templated stays templated
         else:
-            attempt = plain if rng.random() < ws.context_correct_share else task.wrong_attempt(ex, rng)
+            attempt = plain if rng.random() < correct_share else task.wrong_attempt(ex, rng)
             kind, sol = "context", plain
             p = prompts.context_ids(ex, prompts.text_ids(attempt), cfg.steering.max_context_tokens)
         yield kind, p, prompts.text_ids(sol) + [prompts.eos_id]
