@@ -3,11 +3,14 @@ file ``docs/results/real_model.json`` and its plot.
 
 ``{"model", "task", "task_options", "eval_size", "budget_steps", "runs": [{"method", "seed", "run",
 "steps_configured", "steps_run", "stopped_early", "accuracy_before", "accuracy_after",
-"accuracy_at_step_<budget>", "wall_seconds", "config", "curve"}]}``: ``config`` is the run's resolved
+"accuracy_at_step_<budget>", "wall_seconds", "conditions", "config", "curve"}], "by_method": {method:
+{"seeds", "accuracy_at_step_<budget>", "mean_at_step_<budget>"}}}``: ``conditions`` says how the run
+was run (threads, runs at once: ``--conditions RUN=TEXT``), ``config`` is the run's resolved
 ``config.yaml``, ``curve`` its held-out accuracy ``[[step, accuracy], ...]`` from ``metrics.jsonl``
 (greedy, ``data.eval_size`` problems). Every run must share model, task and held-out size.
 
-``python benchmarks/collect_real_model.py runs/smollm2_ogls runs/smollm2_grpo runs/smollm2_rft``
+``python benchmarks/collect_real_model.py runs/smollm2_ogls runs/smollm2_grpo runs/smollm2_rft
+--conditions smollm2_ogls="alone, OMP_NUM_THREADS=2"``
 """
 
 from __future__ import annotations
@@ -69,14 +72,17 @@ def plot(evidence: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    colours: dict[str, str] = {}
     for r in evidence["runs"]:
         steps, acc = zip(*r["curve"]) if r["curve"] else ((), ())
-        ax.plot(steps, [100 * a for a in acc], marker="o", label=f"{r['run']} ({r['method']})")
+        colour = colours.setdefault(r["method"], f"C{len(colours)}")
+        ax.plot(steps, [100 * a for a in acc], marker="o", color=colour, linestyle=("-", "--", ":", "-.")[r["seed"] % 4],
+                label=f"{r['method']} seed {r['seed']}")
     ax.set_xlabel("step")
     ax.set_ylabel(f"held-out accuracy, greedy, n={evidence['eval_size']} (%)")
     ax.set_title(f"{evidence['model']} on {evidence['task']}")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -87,8 +93,13 @@ def main() -> None:
     ap.add_argument("-o", "--output", type=Path, default=Path("docs/results/real_model.json"))
     ap.add_argument("--plot", type=Path, default=Path("docs/img/real_model_accuracy_vs_step.png"))
     ap.add_argument("--budget", type=int, default=10, help="the step at which the methods are compared")
+    ap.add_argument("--conditions", action="append", default=[], metavar="RUN=TEXT",
+                    help="how run directory RUN (its name) was run, e.g. 'alone, OMP_NUM_THREADS=2'; repeatable")
     args = ap.parse_args()
+    conditions = dict(c.split("=", 1) for c in args.conditions)
     runs = [collect(r, args.budget) for r in args.runs]
+    for r in runs:
+        r["conditions"] = conditions.get(r["run"], "")
     first = runs[0]["config"]
     shared = {"model": first["model"]["name"], "task": first["data"]["task"], "task_options": first["data"]["task_options"],
               "eval_size": first["data"]["eval_size"]}
@@ -97,22 +108,38 @@ def main() -> None:
                  "task_options": r["config"]["data"]["task_options"], "eval_size": r["config"]["data"]["eval_size"]}
         if other != shared:
             raise SystemExit(f"{r['run']}: {other} differs from {runs[0]['run']}: {shared}")
-    evidence = {**shared, "budget_steps": args.budget, "runs": runs}
+    key = f"accuracy_at_step_{args.budget}"
+    by_method: dict[str, dict] = {}
+    for r in runs:
+        m = by_method.setdefault(r["method"], {"seeds": [], key: []})
+        m["seeds"].append(r["seed"])
+        m[key].append(r[key])
+    for m in by_method.values():
+        measured = [a for a in m[key] if a is not None]
+        m[f"mean_at_step_{args.budget}"] = round(statistics.mean(measured), 4) if measured else None
+    evidence = {**shared, "budget_steps": args.budget, "runs": runs, "by_method": by_method}
     args.output.write_text(json.dumps(evidence, indent=1) + "\n")
     plot(evidence, args.plot)
-    print(f"| method | steps run | accuracy before (%) | at step {args.budget} (%) | after (%) | curve (step: %) | wall (s) |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| method | seed | steps run | accuracy before (%) | at step {args.budget} (%) | after (%) | curve (step: %) | wall (s) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in runs:
         curve_text = ", ".join(f"{s}: {100 * a:.1f}" for s, a in r["curve"])
         at = r[f"accuracy_at_step_{args.budget}"]
-        print(f"| {r['method']} | {r['steps_run']}{' (stopped)' if r['stopped_early'] else ''} | "
+        print(f"| {r['method']} | {r['seed']} | {r['steps_run']}{' (stopped)' if r['stopped_early'] else ''} | "
               f"{100 * r['accuracy_before']:.1f} | {'-' if at is None else f'{100 * at:.1f}'} | "
               f"{100 * r['accuracy_after']:.1f} | {curve_text} | {r['wall_seconds']:.0f} |")
     print()
-    print("| method | steps | step (s) | rollout (s) | loss + backward + teacher passes (s) | rollout tok/s | truncated |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| method | seeds | at step {args.budget}, per seed (%) | mean (%) |")
+    print("|---|---|---|---|")
+    for method, m in by_method.items():
+        per_seed = ", ".join("-" if a is None else f"{100 * a:.1f}" for a in m[key])
+        mean = m[f"mean_at_step_{args.budget}"]
+        print(f"| {method} | {', '.join(map(str, m['seeds']))} | {per_seed} | {'-' if mean is None else f'{100 * mean:.1f}'} |")
+    print()
+    print("| method | seed | steps | step (s) | rollout (s) | loss + backward + teacher passes (s) | rollout tok/s | truncated |")
+    print("|---|---|---|---|---|---|---|---|")
     for path, r in zip(args.runs, runs):
-        print(profile_row(path, r["method"]))
+        print(profile_row(path, f"{r['method']} | {r['seed']}"))
 
 
 if __name__ == "__main__":
