@@ -1,6 +1,6 @@
 """Build the tiny model's warm starts exactly as ``ogls-sd compare`` does (same overrides) and
-print one table row per (variant, seed): warm-start steps, wall and CPU seconds (the machine is
-shared, so CPU seconds compare better) and the greedy accuracy of
+print one table row per (variant, seed): warm-start steps, why it stopped (target, best_in_band,
+cap), wall and CPU seconds (the machine is shared, so CPU seconds compare better) and the greedy accuracy of
 every prompt format. One torch thread. Rows are appended to ``--out`` (JSON lines) as they finish.
 
     python benchmarks/warmstart_table.py --seeds 0,1,2 --styles templated,plain --out runs/ws.jsonl
@@ -19,7 +19,7 @@ from ogls_sd.compare import DEFAULT_EVAL_EVERY, DEFAULT_STEPS, base_overrides, w
 from ogls_sd.config import Config
 from ogls_sd.warmstart import FORMATS, read_record
 
-COLUMNS = ("style", "seed", "steps", "wall_s", "cpu_s", *FORMATS)
+COLUMNS = ("style", "seed", "steps", "stopped", "wall_s", "cpu_s", *FORMATS)
 
 
 def build_one(style: str, seed: int, extra: list[str]) -> dict:
@@ -30,12 +30,13 @@ def build_one(style: str, seed: int, extra: list[str]) -> dict:
     path = Path(warm_start_seed(cfg))
     wall, cpu = time.time() - t0, time.process_time() - c0
     rec = read_record(path)
-    return {"style": style, "seed": seed, "steps": rec.get("steps"), "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+    return {"style": style, "seed": seed, "steps": rec.get("steps"), "stopped": rec.get("stopped"),
+            "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
             **{f: rec.get("accuracy", {}).get(f) for f in FORMATS}, "path": str(path)}
 
 
 def markdown_row(row: dict) -> str:
-    cells = [row["style"], str(row["seed"]), str(row["steps"]), f"{row['wall_s']:.0f}", f"{row['cpu_s']:.0f}"]
+    cells = [row["style"], str(row["seed"]), str(row["steps"]), str(row["stopped"]), f"{row['wall_s']:.0f}", f"{row['cpu_s']:.0f}"]
     cells += [f"{100 * row[f]:.0f}" if isinstance(row[f], float) else "?" for f in FORMATS]
     return "| " + " | ".join(cells) + " |"
 
