@@ -18,6 +18,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -609,7 +610,11 @@ class Run:
                 f"step {step + 1}: the optimizer step made weights non-finite (inf/NaN; train.lr={self.cfg.train.lr}, "
                 f"train.weight_decay={self.cfg.train.weight_decay}); stopped before saving anything (earlier checkpoints "
                 "are intact). Lower train.lr or train.weight_decay")
-        self.sched.step()
+        with warnings.catch_warnings():
+            if res.skipped:  # a skipped step still advances the schedule (it counts steps); torch would call
+                # that "lr_scheduler.step() before optimizer.step()" when no optimizer step has run yet
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.sched.step()
         if not res.skipped:
             self.backend.sync_weights(self.policy)
 
