@@ -72,8 +72,9 @@ def cache_key(cfg: Config, data_fingerprint: str = "") -> str:
         "templates": d["templates"],
         "seed": d["train"]["seed"],
     }
-    if keep["warmstart"].get("reading_context_correct_share") == keep["warmstart"].get("context_correct_share", 0.5):
-        keep["warmstart"].pop("reading_context_correct_share", None)  # the mix before the field existed: caches stay valid
+    ws = keep["warmstart"]
+    if ws["reading_context_correct_share"] == ws["context_correct_share"]:  # the mix before the field existed:
+        del ws["reading_context_correct_share"]  # caches built then stay valid
     if keep["data"].get("arith_style", "plain") == "plain":  # caches made before the style existed stay valid
         keep["data"].pop("arith_style", None)
     if data_fingerprint:

@@ -26,7 +26,6 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable
 
-
 from ..data.example import Example
 from ..registry import TASKS
 from ..rewards.verifier import extract_answer
