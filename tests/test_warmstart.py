@@ -299,12 +299,15 @@ def test_cache_key_covers_the_new_knobs():
     base = cache_key(Config())
     for ov in ("warmstart.context_target=0.8", "warmstart.student_max=0.6", "warmstart.reading_student_fraction=0.2",
                "warmstart.context_correct_share=0.7", "warmstart.reading_lr_scale=0.5",
-               "warmstart.reading_context_correct_share=0.9"):
+               "warmstart.reading_context_correct_share=0.7"):
         assert cache_key(Config.load(None, [ov])) != base, ov
     # a reading mix with the student mix's correct share is the mix from before the knob existed: the keys
-    # of caches built then (these two, at 246cb41) still find them
-    assert base == "a4dcf6631091f246"
-    assert cache_key(Config.load(None, ["data.arith_style=templated", "train.seed=7"])) == "15c5104ac642dcc5"
+    # of caches built then (these two, at 246cb41, when 0.5 was the default) still find them
+    before = ["warmstart.reading_context_correct_share=0.5"]
+    assert cache_key(Config.load(None, before)) == "a4dcf6631091f246"
+    assert cache_key(Config.load(None, before + ["data.arith_style=templated", "train.seed=7"])) == "15c5104ac642dcc5"
+    assert Config().warmstart.reading_context_correct_share == 0.9  # the dev-chosen default: a new key
+    assert base != "a4dcf6631091f246"
     same = ["warmstart.context_correct_share=0.7", "warmstart.reading_context_correct_share=0.7"]
     assert cache_key(Config.load(None, same)) != cache_key(Config.load(None, same[:1]))  # reading share 0.5 there
 

@@ -1,0 +1,98 @@
+"""Print the tables of ``docs/results.md`` from a committed comparison JSON (what ``ogls-sd report`` writes).
+
+    python benchmarks/results_tables.py docs/results/plain.json [--reference ogls_sd]
+
+Prints, in this order: the warm start of every seed (steps, student and context_correct accuracy), the
+method table (mean ± std over seeds of held-out greedy accuracy before, final, best and AUC, and the
+final accuracy per seed), the paired differences of ``--reference`` against every other method, and
+issue 19's goal check (reference ≥ max(grpo, rft, sdpo, rlcsd) + 2 points, SDPO at the better of
+``sdpo`` and ``sdpo_ctx``, and ≥ ogls_lambda0 + 3
+points on the mean final accuracy). Nothing is typed by hand: results.md copies these lines.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+# the public peers of the goal; SDPO counts with both reported configurations (TRL's template and ours)
+PEERS = ("grpo", "rft", "sdpo", "sdpo_ctx", "rlcsd")
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def mean_std(d: dict) -> str:
+    return f"{pct(d['mean'])} ± {pct(d['std'] or 0.0)}"
+
+
+def warm_start_lines(ws: dict) -> list[str]:
+    lines = ["| seed | warm-start steps | student (%) | context_correct (%) | context_wrong (%) |", "|---|---|---|---|---|"]
+    for seed, w in sorted(ws.items(), key=lambda kv: int(kv[0])):
+        acc = w.get("accuracy", {})
+        get = lambda k: pct(acc[k]) if k in acc else "–"  # noqa: E731
+        lines.append(f"| {seed} | {w.get('steps', '–')} | {get('student')} | {get('context_correct')} | {get('context_wrong')} |")
+    return lines
+
+
+def method_lines(methods: dict) -> list[str]:
+    seeds = next(iter(methods.values()))["seeds"]
+    head = ["method", "seeds", "acc before (%)", "acc final (%)", "acc best (%)", "AUC (%)",
+            f"final per seed ({', '.join(map(str, seeds))})"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in methods.items():
+        per_seed = " / ".join(pct(v) for v in row["accuracy_final"]["values"])
+        lines.append("| " + " | ".join([name, str(row["n"]), mean_std(row["accuracy_before"]),
+                                         mean_std(row["accuracy_final"]), mean_std(row["accuracy_best"]),
+                                         mean_std(row["auc"]), per_seed]) + " |")
+    return lines
+
+
+def paired(methods: dict, ref: str, other: str) -> list[float]:
+    """Per-seed differences of final accuracy in points, matched by seed."""
+    a = dict(zip(methods[ref]["seeds"], methods[ref]["accuracy_final"]["values"]))
+    b = dict(zip(methods[other]["seeds"], methods[other]["accuracy_final"]["values"]))
+    return [100 * (a[s] - b[s]) for s in sorted(set(a) & set(b))]
+
+
+def difference_lines(methods: dict, ref: str) -> list[str]:
+    lines = [f"| {ref} minus | mean (points) | per seed |", "|---|---|---|"]
+    for other in methods:
+        if other == ref:
+            continue
+        d = paired(methods, ref, other)
+        lines.append(f"| {other} | {statistics.fmean(d):+.1f} | {' / '.join(f'{x:+.1f}' for x in d)} |")
+    return lines
+
+
+def goal_line(methods: dict, ref: str) -> str:
+    final = {m: 100 * row["accuracy_final"]["mean"] for m, row in methods.items()}
+    peers = [p for p in PEERS if p in final]
+    best_peer = max(peers, key=final.get)
+    margin_peer = final[ref] - final[best_peer]
+    margin_l0 = final[ref] - final["ogls_lambda0"] if "ogls_lambda0" in final else float("nan")
+    met = margin_peer >= 2 and margin_l0 >= 3
+    return (f"goal {'MET' if met else 'NOT met'}: {ref} {final[ref]:.1f} vs best peer {best_peer} "
+            f"{final[best_peer]:.1f} ({margin_peer:+.1f}, needs +2) and ogls_lambda0 "
+            f"{final.get('ogls_lambda0', float('nan')):.1f} ({margin_l0:+.1f}, needs +3)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("json", type=Path, help="a comparison JSON (docs/results/*.json)")
+    ap.add_argument("--reference", default="ogls_sd", help="the method the differences are taken from")
+    args = ap.parse_args()
+    data = json.loads(args.json.read_text())
+    methods = data["methods"]
+    if data.get("warm_start"):
+        print("\n".join(warm_start_lines(data["warm_start"])), end="\n\n")
+    print("\n".join(method_lines(methods)), end="\n\n")
+    if args.reference in methods:
+        print("\n".join(difference_lines(methods, args.reference)), end="\n\n")
+        print(goal_line(methods, args.reference))
+
+
+if __name__ == "__main__":
+    main()
