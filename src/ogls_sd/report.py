@@ -206,9 +206,14 @@ def run_stats(run: RunLog, threshold: float) -> dict:
 
 
 def aggregate(runs: list[RunLog], threshold: float) -> dict:
-    per_run = [run_stats(r, threshold) for r in runs]
+    return aggregate_stats([run_stats(r, threshold) for r in runs], threshold)
+
+
+def aggregate_stats(per_run: list[dict], threshold: float) -> dict:
+    """Per method (in the order the runs first name them): mean, std and per-seed values of every
+    :func:`run_stats` figure. Also merges the ``runs`` of several ``report.json`` files."""
     methods: dict[str, dict] = {}
-    order = list(dict.fromkeys(r.method for r in runs))
+    order = list(dict.fromkeys(p["method"] for p in per_run))
     for m in order:
         rs = [p for p in per_run if p["method"] == m]
         row: dict = {"method": m, "seeds": sorted(p["seed"] for p in rs), "n": len(rs)}
@@ -388,4 +393,4 @@ def write_report(paths: list[str | Path], out: str | Path, threshold: float | No
     return agg
 
 
-__all__ = ["RunLog", "aggregate", "find_runs", "load_run", "markdown_table", "plot_all", "write_report"]
+__all__ = ["RunLog", "aggregate", "aggregate_stats", "find_runs", "load_run", "markdown_table", "plot_all", "write_report"]

@@ -1,0 +1,81 @@
+"""benchmarks/merge_results.py and results_tables.py: the scripts docs/results.md's numbers come from."""
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+try:
+    import merge_results
+    import results_tables
+finally:
+    sys.path.pop(0)
+
+
+def _run(method, seed, final, curve_shift=0.0):
+    curve = [[0, 0.4], [5, 0.5 + curve_shift], [10, final]]
+    return {"method": method, "seed": seed, "dir": f"runs/{method}/seed{seed}", "accuracy_before": 0.4,
+            "accuracy_final": final, "accuracy_best": max(final, 0.5 + curve_shift), "auc": 0.5 + seed / 100,
+            "tokens_to_threshold": None, "rollout_tokens": 1000.0 + seed, "template_markers_final": 0.0,
+            "completion_len_final": 20.0, "steps": 10, "wall_seconds": 5.0 + seed, "config": {"train": {"seed": seed}},
+            "curve": curve}
+
+
+def _part(seeds, finals, threshold=0.5):
+    runs = [_run(m, s, finals[m][i]) for m in finals for i, s in enumerate(seeds)]
+    return {"threshold": threshold, "runs": runs, "warm_start": {str(s): {"steps": 40 * s} for s in seeds}}
+
+
+def test_merge_recomputes_every_statistic_from_the_united_runs(tmp_path):
+    a = _part([5, 6], {"ogls_sd": [0.7, 0.8], "rft": [0.6, 0.65]})
+    b = _part([8], {"ogls_sd": [0.9], "rft": [0.5]})
+    merged = merge_results.merge([b, a], ["b", "a"])
+    row = merged["methods"]["ogls_sd"]
+    assert row["seeds"] == [5, 6, 8] and row["accuracy_final"]["values"] == [0.7, 0.8, 0.9]
+    assert row["accuracy_final"]["mean"] == pytest.approx(statistics.fmean([0.7, 0.8, 0.9]))
+    assert row["accuracy_final"]["std"] == pytest.approx(statistics.stdev([0.7, 0.8, 0.9]))
+    assert list(merged["warm_start"]) == ["5", "6", "8"]
+    assert all("config" in r and "curve" in r for r in merged["runs"])
+    merge_results.plot_accuracy(merged, tmp_path / "acc.png")
+    assert (tmp_path / "acc.png").stat().st_size > 1000
+
+
+def test_merge_refuses_overlapping_seeds_and_mixed_thresholds():
+    a = _part([5], {"ogls_sd": [0.7]})
+    with pytest.raises(SystemExit, match="seed 5 is also in a"):
+        merge_results.merge([a, _part([5], {"ogls_sd": [0.8]})], ["a", "b"])
+    with pytest.raises(SystemExit, match="different thresholds"):
+        merge_results.merge([a, _part([6], {"ogls_sd": [0.8]}, threshold=0.6)], ["a", "b"])
+
+
+def _methods(finals):
+    return {m: {"seeds": [5, 6], "n": 2, "accuracy_final": {"mean": statistics.fmean(v), "values": v}}
+            for m, v in finals.items()}
+
+
+def test_goal_counts_the_best_sdpo_configuration_and_both_margins():
+    finals = {"ogls_sd": [0.80, 0.80], "ogls_lambda0": [0.76, 0.76], "grpo": [0.70, 0.70], "rft": [0.76, 0.76],
+              "sdpo": [0.1, 0.1], "sdpo_ctx": [0.77, 0.77], "rlcsd": [0.7, 0.7], "opsd": [0.9, 0.9]}
+    line = results_tables.goal_line(_methods(finals), "ogls_sd")  # opsd (90) is not a peer of the goal
+    assert line.startswith("goal MET") and "best peer sdpo_ctx 77.0 (+3.0, needs +2)" in line and "(+4.0, needs +3)" in line
+    finals["sdpo_ctx"] = [0.79, 0.79]  # SDPO's better configuration counts, not TRL's template alone
+    assert results_tables.goal_line(_methods(finals), "ogls_sd").startswith("goal NOT met")
+    finals.update(sdpo_ctx=[0.7, 0.7], ogls_lambda0=[0.78, 0.78])  # the lambda = 0 margin alone fails it
+    line = results_tables.goal_line(_methods(finals), "ogls_sd")
+    assert line.startswith("goal NOT met") and "(+2.0, needs +3)" in line
+    assert results_tables.paired(_methods({"a": [0.8, 0.6], "b": [0.7, 0.7]}), "a", "b") == pytest.approx([10.0, -10.0])
+
+
+def test_tables_print_from_a_committed_json():
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "results_tables.py"),
+                          str(ROOT / "docs" / "results" / "plain.json")], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    data = json.loads((ROOT / "docs" / "results" / "plain.json").read_text())
+    final = 100 * data["methods"]["ogls_sd"]["accuracy_final"]["mean"]
+    assert f"| ogls_sd | {data['methods']['ogls_sd']['n']} |" in res.stdout and f"{final:.1f} ±" in res.stdout
+    assert res.stdout.strip().splitlines()[-1].startswith("goal ")
