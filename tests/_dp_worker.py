@@ -88,7 +88,7 @@ def run_case(accel, out: Path, algorithm: str, overrides: list[str], fsdp: bool 
         model = get_peft_model(model, LoraConfig(r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha, lora_dropout=0.0,
                                                  target_modules=list(cfg.model.lora_target_modules), task_type="CAUSAL_LM"))
     pb = PromptBuilder(tok, cfg.templates, TEMPLATES)
-    teacher = Teacher(model, teacher_kind(cfg), cfg.teacher.ema_decay, lora=cfg.model.lora)
+    teacher = Teacher(model, teacher_kind(cfg), cfg.teacher.resolve_ema_decay(cfg.train.algorithm), lora=cfg.model.lora)
     algo = build_algorithm(cfg, model, teacher, pb)
     build_needs_rollouts = algo.needs_rollouts
     shard = Sharding(model, teacher.copy, lora=cfg.model.lora) if fsdp else None

@@ -37,7 +37,7 @@ def setup(tok, model, *overrides):
     # teacher.kind=auto would give ogls_sd the live policy; these target tests want a teacher that
     # differs from the student once it trains (so a swap shows): frozen unless a test asks otherwise
     kind = "frozen" if cfg.teacher.kind == "auto" else cfg.teacher.kind
-    teacher = Teacher(model, kind, cfg.teacher.ema_decay)
+    teacher = Teacher(model, kind, cfg.teacher.resolve_ema_decay(cfg.train.algorithm))
     return cfg, pb, teacher, build_algorithm(cfg, model, teacher, pb)
 
 

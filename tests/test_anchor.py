@@ -61,7 +61,7 @@ def test_anchor_kind_builds_the_intended_target(tok, tiny_model, kind, lora):
                 if "lora_B" in n:
                     p.normal_(0, 0.05)
     cfg, pb, _, _ = setup(tok, policy, *over)
-    teacher = Teacher(policy, cfg.teacher.resolve("ogls_sd"), cfg.teacher.ema_decay, lora=lora)
+    teacher = Teacher(policy, cfg.teacher.resolve("ogls_sd"), cfg.teacher.resolve_ema_decay("ogls_sd"), lora=lora)
     algo = build_algorithm(cfg, policy, teacher, pb)
     assert teacher.kind == kind
     if lora:  # no second full copy of the model under LoRA

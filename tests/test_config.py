@@ -47,6 +47,8 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     (["train.steps=abc"], "train.steps"),
     (["train.lr=fast"], "train.lr"),
     (["teacher.ema_decay=1.5"], "teacher.ema_decay"),
+    (["teacher.ema_decay=fast"], "teacher.ema_decay"),
+    (["teacher.ema_decay=-0.1"], "teacher.ema_decay"),
     (["loss.nonexistent=1"], "loss.nonexistent"),
     (["nosection.x=1"], "nosection"),
     (["model.lora=maybe"], "model.lora"),
@@ -103,3 +105,25 @@ def test_a_mistyped_key_or_section_gets_a_did_you_mean():
         Config.load(None, ["trian.lr=1"])
     with pytest.raises(ConfigError, match=r"unknown key\(s\) train.zzzz$"):  # nothing close: no guess
         Config.load(None, ["train.zzzz=1"])
+
+
+def test_ema_decay_auto_resolves_to_the_algorithms_default():
+    cfg = Config()
+    assert cfg.teacher.ema_decay == "auto"
+    assert cfg.teacher.resolve_ema_decay("sdpo") == 0.95  # TRL's teacher_update_rate 0.05
+    assert cfg.teacher.resolve_ema_decay("ogls_sd") == cfg.teacher.resolve_ema_decay("opsd") == 0.999
+    for given in ("teacher.ema_decay=0.5", "teacher.ema_decay=5e-1"):  # a number always wins, also from YAML strings
+        c = Config.load(None, [given])
+        assert c.teacher.ema_decay == 0.5 and c.teacher.resolve_ema_decay("sdpo") == 0.5
+    cfg.teacher.ema_decay = "auto"  # an assignment is checked like an override
+    with pytest.raises(ConfigError, match=r"teacher\.ema_decay: expected a number in \[0, 1\] or auto"):
+        cfg.teacher.ema_decay = "slow"
+    assert cfg.teacher.ema_decay == "auto"
+
+
+def test_sdpo_alone_gets_trls_ema_rate():
+    """train.algorithm=sdpo without teacher settings builds TRL's default teacher: EMA, decay 0.95."""
+    from ogls_sd.algorithms import teacher_kind
+
+    cfg = Config.load(None, ["train.algorithm=sdpo"])
+    assert teacher_kind(cfg) == "ema" and cfg.teacher.resolve_ema_decay(cfg.train.algorithm) == 0.95

@@ -133,7 +133,7 @@ def test_config_validation_names_the_key():
 def make_rlcsd(tok, model, kind="frozen", **rl):
     cfg = Config.load(None, ["train.algorithm=grpo", "rollout.temperature=1.3"])
     pb = PromptBuilder(tok, cfg.templates, TEMPLATES)
-    teacher = Teacher(model, kind, cfg.teacher.ema_decay)
+    teacher = Teacher(model, kind, cfg.teacher.resolve_ema_decay(cfg.train.algorithm))
     algo = RLCSD(model, teacher, pb, RLCSDConfig(**rl), cfg.grpo, cfg.loss, temperature=1.3, plan_batch=3, seed=5)
     return pb, teacher, algo
 

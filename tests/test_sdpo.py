@@ -318,7 +318,7 @@ def ws_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("ws")
 
 
-@pytest.mark.parametrize("extra", [["teacher.kind=ema", "teacher.ema_decay=0.95"],
+@pytest.mark.parametrize("extra", [[],  # TRL's defaults by auto: an EMA teacher with decay 0.95, sampled tokens
                                    ["sdpo.mode=full_logits", "sdpo.alpha=0.5", "teacher.kind=live"]],
                          ids=["sampled_token_ema", "full_logits_live"])
 def test_two_training_steps_end_to_end(tmp_path, ws_cache, monkeypatch, extra):
@@ -328,8 +328,12 @@ def test_two_training_steps_end_to_end(tmp_path, ws_cache, monkeypatch, extra):
     from conftest import TINY_OVERRIDES
     from ogls_sd.tasks.arith import ArithTask
     from ogls_sd.config import Config
+    from ogls_sd import teacher as teacher_mod
+    from ogls_sd import trainer
     from ogls_sd.trainer import train
 
+    built = []  # the (policy, kind, decay) the trainer builds its teacher with
+    monkeypatch.setattr(trainer, "Teacher", lambda *a, **k: built.append(a[1:3]) or teacher_mod.Teacher(*a, **k))
     counter = itertools.count()  # rewards 1, 0, 1, 0, ...: every rollout of a group of 4 has a successful sibling
     monkeypatch.setattr(ArithTask, "reward", lambda self, completion, answer: float(next(counter) % 2 == 0))
     out = tmp_path / "run"
@@ -338,6 +342,7 @@ def test_two_training_steps_end_to_end(tmp_path, ws_cache, monkeypatch, extra):
                                               "train.lr=0.01", *extra])
     summary = train(cfg)
     assert summary["algorithm"] == "sdpo" and summary["steps"] == 2
+    assert built == [("live" if extra else "ema", 0.95)]
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2]
     for r in recs:

@@ -26,7 +26,7 @@ REWARDS = [[1, 0, 0, 1], [0, 1, 0, 0], [0, 0, 0, 0]]  # two mixed groups (target
 def _build(tok, model, kind, *overrides):
     cfg = Config.load(None, ["steering.tail_tokens=5", *overrides])
     pb = PromptBuilder(tok, cfg.templates, TEMPLATES)
-    teacher = Teacher(model, cfg.teacher.resolve("ogls_sd") if kind == "auto" else kind, cfg.teacher.ema_decay)
+    teacher = Teacher(model, cfg.teacher.resolve("ogls_sd") if kind == "auto" else kind, cfg.teacher.resolve_ema_decay("ogls_sd"))
     return cfg, pb, teacher, build_algorithm(cfg, model, teacher, pb)
 
 

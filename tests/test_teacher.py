@@ -124,7 +124,7 @@ def test_frozen_teacher_is_the_adapter_disabled_policy_under_lora(tok, tiny_mode
                              "model.lora_r=4", "model.lora_alpha=8"])
     policy = get_peft_model(tiny_model, LoraConfig(r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha,
                                                    target_modules=list(cfg.model.lora_target_modules), task_type="CAUSAL_LM"))
-    teacher = Teacher(policy, cfg.teacher.resolve(cfg.train.algorithm), cfg.teacher.ema_decay, lora=cfg.model.lora)
+    teacher = Teacher(policy, cfg.teacher.resolve(cfg.train.algorithm), cfg.teacher.resolve_ema_decay(cfg.train.algorithm), lora=cfg.model.lora)
     assert teacher.kind == "frozen" and teacher.copy is None  # no second copy in memory
     pb = PromptBuilder(tok, cfg.templates, TEMPLATES)
     algo = build_algorithm(cfg, policy, teacher, pb)

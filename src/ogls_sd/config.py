@@ -324,9 +324,15 @@ class RolloutConfig(_Section):
 @dataclass
 class TeacherConfig(_Section):
     _section = "teacher"
-    _unit = ("ema_decay",)
     kind: str = opt("auto", "Teacher weights phi (for OGLS-SD: the anchor's and the contexts' weights): frozen initial policy theta_0, EMA of the policy, or the live policy (detached, no grad). auto = live for ogls_sd (docs/algorithms/ogls_sd.md: a frozen anchor pulls every incorrect rollout back toward theta_0), frozen for opsd / opsd_grpo / grpo's KL term (method.md section 1). With LoRA: frozen = adapter disabled, live = adapter enabled, ema = an EMA of the adapter weights swapped in for teacher passes.", choices=("auto", "frozen", "ema", "live"))
-    ema_decay: float = opt(0.999, "EMA decay when teacher.kind=ema: phi <- decay*phi + (1-decay)*theta after every optimizer step (0.9-0.99 = a fast-moving anchor; 0.999 over ~100 steps stays close to theta_0).")
+    ema_decay: float | str = opt("auto", "EMA decay when teacher.kind=ema: phi <- decay*phi + (1-decay)*theta after every optimizer step (0.9-0.99 = a fast-moving anchor; 0.999 over ~100 steps stays close to theta_0). auto = the algorithm's registered default: 0.95 for sdpo (TRL's teacher_update_rate 0.05), 0.999 for the others.")
+
+    def validate(self) -> None:
+        d = self.ema_decay
+        if isinstance(d, str) and d != "auto":
+            raise ConfigError(f"teacher.ema_decay: expected a number in [0, 1] or auto, got {_brief_value(d)}")
+        if not isinstance(d, str) and not (0 <= d <= 1):
+            raise ConfigError(f"teacher.ema_decay: must be in [0, 1], got {d!r}")
 
     def resolve(self, algorithm: str) -> str:
         """The teacher kind a run of ``algorithm`` uses: ``kind``, or with ``auto`` the algorithm's
@@ -334,6 +340,11 @@ class TeacherConfig(_Section):
         if self.kind != "auto":
             return self.kind
         return ALGORITHMS[algorithm].default_teacher
+
+    def resolve_ema_decay(self, algorithm: str) -> float:
+        """The EMA decay a run of ``algorithm`` uses: ``ema_decay``, or with ``auto`` the algorithm's
+        registered default (0.95 for sdpo, as TRL; 0.999 for the others)."""
+        return ALGORITHMS[algorithm].default_ema_decay if self.ema_decay == "auto" else self.ema_decay
 
 
 @dataclass
@@ -769,6 +780,13 @@ def _coerce(key: str, value: Any, f: dataclasses.Field, owner: type) -> Any:
                 return int(value)
             raise ConfigError(f"{key}: expected an integer, got {shown}")
         return value
+    if t == float | str:  # a number or a word (teacher.ema_decay: auto); the section's validate() checks the word
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return value
+        t = float
     if t is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
             try:

@@ -520,7 +520,7 @@ class Run:
         self.policy.to(accel.device)
         self.prompts = PromptBuilder(self.tok, cfg.templates, self.task_tpl)
         # algorithms that never read the teacher (SFT, RFT, GRPO without KL) get no teacher copy
-        self.teacher = Teacher(self.policy, teacher_kind(cfg), cfg.teacher.ema_decay, lora=cfg.model.lora)
+        self.teacher = Teacher(self.policy, teacher_kind(cfg), cfg.teacher.resolve_ema_decay(cfg.train.algorithm), lora=cfg.model.lora)
         if self.resume.active:  # after the teacher copy (θ₀), before sharding
             load_model_weights(self.resume.ckpt, self.policy)
         self.parallel = choose_parallelism(accel, self.fsdp, self.policy, self.teacher, cfg)  # FSDP2: shards here

@@ -182,14 +182,15 @@ class AlgorithmSpec:
     needs_teacher: Callable = _always  # cfg -> bool; False: the trainer keeps no teacher copy
     needs_siblings: bool = False  # learns from differences between a prompt's rollouts (G >= 2)
     default_teacher: str = "frozen"  # what teacher.kind=auto resolves to
+    default_ema_decay: float = 0.999  # what teacher.ema_decay=auto resolves to
     noop_hint: str = "raise rollout.num_generations or use an easier task"
     config_section: type | None = None
     methods: tuple[tuple[str, CompareMethod], ...] = ()
 
 
 def register_algorithm(name: str, summary: str, *, needs_teacher: Callable = _always, needs_siblings: bool = False,
-                       default_teacher: str = "frozen", noop_hint: str | None = None, config_section: type | None = None,
-                       methods: dict | None = None):
+                       default_teacher: str = "frozen", default_ema_decay: float = 0.999, noop_hint: str | None = None,
+                       config_section: type | None = None, methods: dict | None = None):
     """Decorator of an algorithm's builder ``build(cfg, policy, teacher, prompts) -> Algorithm``:
     registers ``train.algorithm=name`` with everything the trainer, config validation, ``compare``
     and the CLI help read about it. ``config_section``: a ``config._Section`` dataclass whose
@@ -197,13 +198,16 @@ def register_algorithm(name: str, summary: str, *, needs_teacher: Callable = _al
     ``(overrides, description[, in_default_list])``, each applied on top of ``train.algorithm=name``."""
     if default_teacher not in ("frozen", "ema", "live"):
         raise ValueError(f"register_algorithm({name!r}): default_teacher must be frozen, ema or live")
+    if not 0 <= default_ema_decay <= 1:
+        raise ValueError(f"register_algorithm({name!r}): default_ema_decay must be in [0, 1]")
     named = tuple((m, CompareMethod(name, tuple(v[0]), v[1], *v[2:])) for m, v in (methods or {}).items())
 
     def wrap(build: Callable) -> Callable:
         if config_section is not None:
             SECTIONS.register(config_section._section, config_section)
         ALGORITHMS.register(name, AlgorithmSpec(name, summary, build, needs_teacher, needs_siblings, default_teacher,
-                                                noop_hint or AlgorithmSpec.noop_hint, config_section, named))
+                                                default_ema_decay, noop_hint or AlgorithmSpec.noop_hint,
+                                                config_section, named))
         return build
 
     return wrap

@@ -203,6 +203,7 @@ class SDPO(Algorithm):
     needs_teacher=lambda cfg: True,
     needs_siblings=True,
     default_teacher="ema",
+    default_ema_decay=0.95,  # TRL's teacher_update_rate 0.05
     noop_hint=("no rollout had a successful sibling (groups without a success, or a success alone in its group): "
                "raise rollout.num_generations, use an easier task, lower sdpo.success_threshold or set "
                "sdpo.dont_reprompt_on_self_success=false"),
