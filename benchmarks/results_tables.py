@@ -7,7 +7,9 @@ method table (mean ± std over seeds of held-out greedy accuracy before, final, 
 final accuracy per seed), the paired differences of ``--reference`` against every other method, and
 issue 19's goal check (reference ≥ max(grpo, rft, sdpo, rlcsd) + 2 points, SDPO at the better of
 ``sdpo`` and ``sdpo_ctx``, and ≥ ogls_lambda0 + 3
-points on the mean final accuracy). Nothing is typed by hand: results.md copies these lines.
+points on the mean final accuracy); with ``--tuning`` (a dev sweep of ``NAME+section.key=value``
+variants) also every method's configurations and its best. Nothing is typed by hand: results.md
+copies these lines.
 """
 from __future__ import annotations
 
@@ -79,16 +81,42 @@ def goal_line(methods: dict, ref: str) -> str:
             f"{final.get('ogls_lambda0', float('nan')):.1f} ({margin_l0:+.1f}, needs +3)")
 
 
+def family(method: str) -> str:
+    """The method a tuned configuration belongs to: ``grpo+train.lr=3e-4`` -> grpo, ``ogls_lam2`` ->
+    ogls_sd (lambda), ``sdpo_ctx`` -> sdpo (its two reported configurations)."""
+    name = method.split("+")[0]
+    if name == "ogls_sd" or name.startswith("ogls_lam"):
+        return "ogls_sd"
+    return "sdpo" if name.startswith("sdpo") else name
+
+
+def tuning_lines(methods: dict) -> list[str]:
+    """Per method: the configurations tried (mean final accuracy) and the best one."""
+    by_family: dict[str, list[str]] = {}
+    for name in methods:
+        by_family.setdefault(family(name), []).append(name)
+    final = {m: 100 * row["accuracy_final"]["mean"] for m, row in methods.items()}
+    lines = ["| method | configurations | mean final accuracy per configuration (%) | best |", "|---|---|---|---|"]
+    for fam, names in by_family.items():
+        best = max(names, key=final.get)
+        lines.append(f"| {fam} | {len(names)} | {', '.join(f'{n} {final[n]:.1f}' for n in names)} | {best} |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("json", type=Path, help="a comparison JSON (docs/results/*.json)")
     ap.add_argument("--reference", default="ogls_sd", help="the method the differences are taken from")
+    ap.add_argument("--tuning", action="store_true",
+                    help="a dev sweep: also print each method's configurations and the best one")
     args = ap.parse_args()
     data = json.loads(args.json.read_text())
     methods = data["methods"]
     if data.get("warm_start"):
         print("\n".join(warm_start_lines(data["warm_start"])), end="\n\n")
     print("\n".join(method_lines(methods)), end="\n\n")
+    if args.tuning:
+        print("\n".join(tuning_lines(methods)), end="\n\n")
     if args.reference in methods:
         print("\n".join(difference_lines(methods, args.reference)), end="\n\n")
         print(goal_line(methods, args.reference))

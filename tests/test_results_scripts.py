@@ -79,3 +79,12 @@ def test_tables_print_from_a_committed_json():
     final = 100 * data["methods"]["ogls_sd"]["accuracy_final"]["mean"]
     assert f"| ogls_sd | {data['methods']['ogls_sd']['n']} |" in res.stdout and f"{final:.1f} ±" in res.stdout
     assert res.stdout.strip().splitlines()[-1].startswith("goal ")
+
+
+def test_tuning_groups_configurations_by_method_and_names_the_best():
+    methods = _methods({"ogls_sd": [0.7, 0.7], "ogls_lam2": [0.8, 0.8], "grpo": [0.6, 0.6],
+                        "grpo+train.lr=3e-4": [0.5, 0.5], "sdpo": [0.1, 0.1], "sdpo_ctx": [0.65, 0.65]})
+    rows = {r.split(" | ")[0].strip("| "): r for r in results_tables.tuning_lines(methods)[2:]}
+    assert set(rows) == {"ogls_sd", "grpo", "sdpo"}
+    assert rows["ogls_sd"].endswith("| 2 | ogls_sd 70.0, ogls_lam2 80.0 | ogls_lam2 |")
+    assert rows["grpo"].endswith("| grpo |") and rows["sdpo"].endswith("| sdpo_ctx |")
