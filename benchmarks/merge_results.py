@@ -1,7 +1,7 @@
 """Merge comparison JSONs (``report.json`` of ``ogls-sd report``) of disjoint seeds into one, with its
 accuracy-vs-step plot drawn from the runs' recorded curves.
 
-    python benchmarks/merge_results.py docs/results/plain_rc09.json runs/rc09_plain_89/report.json \\
+    python benchmarks/merge_results.py runs/plain_s57/report.json runs/plain_s89/report.json \\
         -o docs/results/plain.json --plot docs/img/plain_accuracy_vs_step.png
 
 Every input must use the same accuracy threshold (``ogls-sd report --threshold``) and hold each method
