@@ -88,3 +88,28 @@ def test_tuning_groups_configurations_by_method_and_names_the_best():
     assert set(rows) == {"ogls_sd", "grpo", "sdpo"}
     assert rows["ogls_sd"].endswith("| 2 | ogls_sd 70.0, ogls_lam2 80.0 | ogls_lam2 |")
     assert rows["grpo"].endswith("| grpo |") and rows["sdpo"].endswith("| sdpo_ctx |")
+
+
+@pytest.mark.parametrize("style", ["plain", "templated"])
+def test_committed_comparison_runs_the_shipped_default(style):
+    """docs/results/<style>.json: ogls_sd is today's default config (compare's shared settings applied), on
+    >= 5 test seeds, every warm start reading a correct attempt at >= 85%, every run with config and curve.
+    A changed default fails here until the comparison is re-run (or the difference is shown to be inert)."""
+    from ogls_sd.compare import base_overrides, method_settings
+    from ogls_sd.config import Config
+
+    data = json.loads((ROOT / "docs" / "results" / f"{style}.json").read_text())
+    assert {"ogls_sd", "ogls_lambda0", "grpo", "rft", "sdpo", "rlcsd", "opsd"} <= set(data["methods"])
+    assert all(row["n"] >= 5 and min(row["seeds"]) >= 5 for row in data["methods"].values())  # test seeds only
+    assert all(w["accuracy"]["context_correct"] >= 0.85 for w in data["warm_start"].values())
+    assert all(r["config"] and len(r["curve"]) >= 13 for r in data["runs"])
+    algo, own, _ = method_settings("ogls_sd")
+    for run in (r for r in data["runs"] if r["method"] == "ogls_sd"):
+        cfg = Config.load(None, base_overrides(style, 60, 5) + [f"train.algorithm={algo}", *own, f"train.seed={run['seed']}",
+                                                                f"train.output_dir={run['config']['train']['output_dir']}"])
+        shipped = json.loads(json.dumps(cfg.to_dict()))
+        recorded = json.loads(json.dumps(run["config"]))
+        # teacher.ema_decay became `auto` after these runs; auto resolves to the 0.999 they recorded
+        assert cfg.teacher.resolve_ema_decay("ogls_sd") == recorded["teacher"]["ema_decay"] == 0.999
+        shipped["teacher"]["ema_decay"] = recorded["teacher"]["ema_decay"]
+        assert recorded == shipped, run["seed"]
