@@ -20,21 +20,12 @@ import json
 import statistics
 from pathlib import Path
 
-import yaml
+from ogls_sd.report import RunLog, load_run
 
 
-def curve(run: Path) -> list[list[float]]:
-    points = []
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "eval/accuracy" in rec:
-            points.append([int(rec["step"]), float(rec["eval/accuracy"])])
-    return points
-
-
-def profile_row(run: Path, method: str) -> str:
+def profile_row(log: RunLog, method: str) -> str:
     """One markdown row of where a run's steps went (medians over its steps)."""
-    steps = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "time/step_s" in r]
+    steps = [r for r in log.records if "time/step_s" in r]
 
     def med(key: str) -> float:
         return statistics.median(r[key] for r in steps) if steps else float("nan")
@@ -44,23 +35,21 @@ def profile_row(run: Path, method: str) -> str:
             f"{100 * statistics.mean(r['completion/truncated'] for r in steps):.0f}% |")
 
 
-def collect(run: Path, budget: int) -> dict:
+def collect(log: RunLog, budget: int) -> dict:
     """One run's evidence. A run stopped before its configured steps (no summary.json) is recorded up
     to its last held-out measurement, its wall time from its config.yaml (written at start) to its
     metrics.jsonl's last write."""
-    config = yaml.safe_load((run / "config.yaml").read_text())
-    points = curve(run)
-    summary_path = run / "summary.json"
-    if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
-        before, after, wall = summary.get("accuracy_before"), summary.get("accuracy_after"), summary.get("wall_seconds")
+    run, config = log.dir, log.config
+    points = [[s, a] for s, a in log.series("eval/accuracy")]
+    if log.summary:
+        before, after, wall = (log.summary.get(k) for k in ("accuracy_before", "accuracy_after", "wall_seconds"))
     else:
         before, after = points[0][1], points[-1][1]
         wall = round((run / "metrics.jsonl").stat().st_mtime - (run / "config.yaml").stat().st_mtime, 1)
     at_budget = [a for s, a in points if s == budget]
     return {"method": config["train"]["algorithm"], "seed": config["train"]["seed"], "run": run.name,
             "steps_configured": config["train"]["steps"], "steps_run": points[-1][0] if points else 0,
-            "stopped_early": not summary_path.exists(), "accuracy_before": before, "accuracy_after": after,
+            "stopped_early": not log.summary, "accuracy_before": before, "accuracy_after": after,
             f"accuracy_at_step_{budget}": at_budget[0] if at_budget else None,
             "wall_seconds": wall, "config": config, "curve": points}
 
@@ -97,7 +86,8 @@ def main() -> None:
                     help="how run directory RUN (its name) was run, e.g. 'alone, OMP_NUM_THREADS=2'; repeatable")
     args = ap.parse_args()
     conditions = dict(c.split("=", 1) for c in args.conditions)
-    runs = [collect(r, args.budget) for r in args.runs]
+    logs = [load_run(r) for r in args.runs]  # each metrics.jsonl read once
+    runs = [collect(log, args.budget) for log in logs]
     for r in runs:
         r["conditions"] = conditions.get(r["run"], "")
     first = runs[0]["config"]
@@ -138,8 +128,8 @@ def main() -> None:
     print()
     print("| method | seed | steps | step (s) | rollout (s) | loss + backward + teacher passes (s) | rollout tok/s | truncated |")
     print("|---|---|---|---|---|---|---|---|")
-    for path, r in zip(args.runs, runs):
-        print(profile_row(path, f"{r['method']} | {r['seed']}"))
+    for log, r in zip(logs, runs):
+        print(profile_row(log, f"{r['method']} | {r['seed']}"))
 
 
 if __name__ == "__main__":

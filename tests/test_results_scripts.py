@@ -113,3 +113,41 @@ def test_committed_comparison_runs_the_shipped_default(style):
         assert cfg.teacher.resolve_ema_decay("ogls_sd") == recorded["teacher"]["ema_decay"] == 0.999
         shipped["teacher"]["ema_decay"] = recorded["teacher"]["ema_decay"]
         assert recorded == shipped, run["seed"]
+
+
+def _fake_run(d: Path, algorithm: str, seed: int, finished: bool):
+    """A run directory as the trainer writes it: config.yaml, metrics.jsonl (with a torn last line), summary."""
+    import yaml
+
+    d.mkdir(parents=True)
+    cfg = {"train": {"algorithm": algorithm, "seed": seed, "steps": 10},
+           "model": {"name": "m"}, "data": {"task": "t", "task_options": {}, "eval_size": 50}}
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    recs = [{"step": 0, "eval/accuracy": 0.2}]
+    recs += [{"step": s, "time/step_s": 10.0 + s, "time/rollout_s": 6.0, "time/train_s": 4.0,
+              "throughput/rollout_tok_s": 50.0, "completion/truncated": 0.5,
+              **({"eval/accuracy": round(0.2 + s / 100, 2)} if s % 5 == 0 else {})} for s in range(1, 11 if finished else 7)]
+    (d / "metrics.jsonl").write_text("\n".join(map(json.dumps, recs)) + '\n{"step": 7, "eval/acc')
+    if finished:
+        (d / "summary.json").write_text(json.dumps({"accuracy_before": 0.2, "accuracy_after": 0.3, "wall_seconds": 99.0}))
+
+
+def test_collect_real_model_reads_each_run_once(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import collect_real_model
+    finally:
+        sys.path.pop(0)
+    from ogls_sd.report import load_run
+
+    _fake_run(tmp_path / "a", "ogls_sd", 0, finished=True)
+    _fake_run(tmp_path / "b", "grpo", 1, finished=False)
+    done = collect_real_model.collect(load_run(tmp_path / "a"), budget=10)
+    assert done["curve"] == [[0, 0.2], [5, 0.25], [10, 0.3]] and done["accuracy_at_step_10"] == 0.3
+    assert (done["accuracy_before"], done["accuracy_after"], done["wall_seconds"]) == (0.2, 0.3, 99.0)
+    assert not done["stopped_early"] and done["method"] == "ogls_sd"
+    cut = collect_real_model.collect(load_run(tmp_path / "b"), budget=10)  # stopped at step 6, torn line skipped
+    assert cut["stopped_early"] and cut["steps_run"] == 5 and cut["accuracy_at_step_10"] is None
+    assert cut["accuracy_after"] == 0.25
+    row = collect_real_model.profile_row(load_run(tmp_path / "a"), "ogls_sd | 0")
+    assert row == "| ogls_sd | 0 | 10 | 16 | 6 | 4 | 50 | 50% |"  # median step 15.5 s rounds to 16
