@@ -74,11 +74,13 @@ def goal_line(methods: dict, ref: str) -> str:
     peers = [p for p in PEERS if p in final]
     best_peer = max(peers, key=final.get)
     margin_peer = final[ref] - final[best_peer]
-    margin_l0 = final[ref] - final["ogls_lambda0"] if "ogls_lambda0" in final else float("nan")
+    line = f"{ref} {final[ref]:.1f} vs best peer {best_peer} {final[best_peer]:.1f} ({margin_peer:+.1f}, needs +2)"
+    if "ogls_lambda0" not in final:
+        return f"goal not judged (no ogls_lambda0 run): {line}"
+    margin_l0 = final[ref] - final["ogls_lambda0"]
     met = margin_peer >= 2 and margin_l0 >= 3
-    return (f"goal {'MET' if met else 'NOT met'}: {ref} {final[ref]:.1f} vs best peer {best_peer} "
-            f"{final[best_peer]:.1f} ({margin_peer:+.1f}, needs +2) and ogls_lambda0 "
-            f"{final.get('ogls_lambda0', float('nan')):.1f} ({margin_l0:+.1f}, needs +3)")
+    return (f"goal {'MET' if met else 'NOT met'}: {line} and ogls_lambda0 {final['ogls_lambda0']:.1f} "
+            f"({margin_l0:+.1f}, needs +3)")
 
 
 def family(method: str) -> str:

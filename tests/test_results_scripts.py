@@ -68,6 +68,8 @@ def test_goal_counts_the_best_sdpo_configuration_and_both_margins():
     finals.update(sdpo_ctx=[0.7, 0.7], ogls_lambda0=[0.78, 0.78])  # the lambda = 0 margin alone fails it
     line = results_tables.goal_line(_methods(finals), "ogls_sd")
     assert line.startswith("goal NOT met") and "(+2.0, needs +3)" in line
+    del finals["ogls_lambda0"]
+    assert results_tables.goal_line(_methods(finals), "ogls_sd").startswith("goal not judged (no ogls_lambda0 run)")
     assert results_tables.paired(_methods({"a": [0.8, 0.6], "b": [0.7, 0.7]}), "a", "b") == pytest.approx([10.0, -10.0])
 
 
