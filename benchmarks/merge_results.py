@@ -48,12 +48,12 @@ def plot_accuracy(merged: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=80)
-    colours = plt.get_cmap("tab10")
+    colours = plt.get_cmap("tab20")  # 20 distinct colours: a dev sweep draws a dozen methods
     for i, m in enumerate(merged["methods"]):
         curves = [dict(map(tuple, r["curve"])) for r in merged["runs"] if r["method"] == m]
         steps = sorted(set.intersection(*[set(c) for c in curves]))
         vals = [[c[s] for c in curves] for s in steps]
-        col = colours(i % 10)
+        col = colours(i % 20)
         ax.plot(steps, [statistics.fmean(v) for v in vals], label=f"{m} (n={len(curves)})", color=col, lw=1.6,
                 marker="o", ms=3)
         if len(curves) > 1:

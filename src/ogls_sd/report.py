@@ -311,7 +311,7 @@ def plot_all(runs: list[RunLog], out: Path) -> list[Path]:
     for r in runs:
         by_method.setdefault(r.method, []).append(r)
     written = []
-    colours = plt.get_cmap("tab10")
+    colours = plt.get_cmap("tab20")  # 20 distinct colours: a dev sweep draws a dozen methods
     for fname, (title, key, x, ylabel) in PLOTS.items():
         fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=80)
         drawn = 0
@@ -324,7 +324,7 @@ def plot_all(runs: list[RunLog], out: Path) -> list[Path]:
                 continue  # no distillation term: nothing measured
             if key.startswith("markers/") and not any(r.series("reward/mean") for r in rs):
                 continue  # no rollouts (SFT): nothing was generated to count markers in
-            col = colours(i % 10)
+            col = colours(i % 20)
             sparse = len(xs) < 3  # two measurements joined by a line would suggest a curve that was not measured
             ax.plot(xs, mu, label=f"{m} (n={len(rs)})", color=col, lw=1.6, ls="none" if sparse else "-",
                     marker="o" if key == "eval/accuracy" or sparse else None, ms=5 if sparse else 3)
