@@ -2,7 +2,7 @@
 
     python benchmarks/results_tables.py docs/results/plain.json [--reference ogls_sd]
 
-Prints, in this order: the warm start of every seed (steps, student and context_correct accuracy), the
+Prints, in this order: the warm start of every seed (``ogls_sd.report.warm_start_table``), the
 method table (mean ± std over seeds of held-out greedy accuracy before, final, best and AUC, and the
 final accuracy per seed), the paired differences of ``--reference`` against every other method, and
 issue 19's goal check (reference ≥ max(grpo, rft, sdpo, rlcsd) + 2 points, SDPO at the better of
@@ -18,6 +18,8 @@ import json
 import statistics
 from pathlib import Path
 
+from ogls_sd.report import warm_start_table
+
 # the public peers of the goal; SDPO counts with both reported configurations (TRL's template and ours)
 PEERS = ("grpo", "rft", "sdpo", "sdpo_ctx", "rlcsd")
 
@@ -28,15 +30,6 @@ def pct(x: float) -> str:
 
 def mean_std(d: dict) -> str:
     return f"{pct(d['mean'])} ± {pct(d['std'] or 0.0)}"
-
-
-def warm_start_lines(ws: dict) -> list[str]:
-    lines = ["| seed | warm-start steps | student (%) | context_correct (%) | context_wrong (%) |", "|---|---|---|---|---|"]
-    for seed, w in sorted(ws.items(), key=lambda kv: int(kv[0])):
-        acc = w.get("accuracy", {})
-        get = lambda k: pct(acc[k]) if k in acc else "–"  # noqa: E731
-        lines.append(f"| {seed} | {w.get('steps', '–')} | {get('student')} | {get('context_correct')} | {get('context_wrong')} |")
-    return lines
 
 
 def method_lines(methods: dict) -> list[str]:
@@ -115,7 +108,8 @@ def main() -> None:
     data = json.loads(args.json.read_text())
     methods = data["methods"]
     if data.get("warm_start"):
-        print("\n".join(warm_start_lines(data["warm_start"])), end="\n\n")
+        ws = dict(sorted(data["warm_start"].items(), key=lambda kv: int(kv[0])))  # JSON keys are strings
+        print(warm_start_table(ws), end="\n\n")
     print("\n".join(method_lines(methods)), end="\n\n")
     if args.tuning:
         print("\n".join(tuning_lines(methods)), end="\n\n")
