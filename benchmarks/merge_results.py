@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
-from ogls_sd.report import aggregate_stats
+from ogls_sd.report import RunLog, aggregate_stats, plot_metric
 
 
 def merge(parts: list[dict], names: list[str]) -> dict:
@@ -42,32 +41,12 @@ def merge(parts: list[dict], names: list[str]) -> dict:
 
 
 def plot_accuracy(merged: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=80)
-    colours = plt.get_cmap("tab20")  # 20 distinct colours: a dev sweep draws a dozen methods
-    for i, m in enumerate(merged["methods"]):
-        curves = [dict(map(tuple, r["curve"])) for r in merged["runs"] if r["method"] == m]
-        steps = sorted(set.intersection(*[set(c) for c in curves]))
-        vals = [[c[s] for c in curves] for s in steps]
-        col = colours(i % 20)
-        ax.plot(steps, [statistics.fmean(v) for v in vals], label=f"{m} (n={len(curves)})", color=col, lw=1.6,
-                marker="o", ms=3)
-        if len(curves) > 1:
-            ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=col, alpha=0.15, lw=0)
-    seeds = sorted({r["seed"] for r in merged["runs"]})
-    ax.set_title(f"Held-out greedy accuracy vs step\nmean over seeds {seeds}, shaded min..max", fontsize=10)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    """The report's accuracy-vs-step plot (``report.plot_metric``) from the runs' recorded curves."""
+    logs = [RunLog(Path(r["dir"]), r["method"], r["seed"], [{"step": s, "eval/accuracy": a} for s, a in r["curve"]],
+                   config=r["config"]) for r in merged["runs"]]
+    order = list(merged["methods"])
+    logs.sort(key=lambda log: order.index(log.method))  # methods in the table's order, seeds in order within
+    plot_metric(logs, "accuracy_vs_step.png", out)
 
 
 def main() -> None:

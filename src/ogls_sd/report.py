@@ -302,52 +302,55 @@ def _method_curve(runs: list[RunLog], key: str, x: str):
 
 
 def plot_all(runs: list[RunLog], out: Path) -> list[Path]:
+    """Every plot of :data:`PLOTS` into ``out``, one curve per method (mean over its seeds)."""
+    return [plot_metric(runs, fname, out / fname) for fname in PLOTS]
+
+
+def plot_metric(runs: list[RunLog], fname: str, path: Path) -> Path:
+    """One plot of :data:`PLOTS` (``fname`` names which) of ``runs`` into ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    title, key, x, ylabel = PLOTS[fname]
     by_method: dict[str, list[RunLog]] = {}
     for r in runs:
         by_method.setdefault(r.method, []).append(r)
-    written = []
     colours = plt.get_cmap("tab20")  # 20 distinct colours: a dev sweep draws a dozen methods
-    for fname, (title, key, x, ylabel) in PLOTS.items():
-        fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=80)
-        drawn = 0
-        for i, (m, rs) in enumerate(by_method.items()):
-            c = _method_curve(rs, key, x)
-            if c is None:
-                continue
-            xs, mu, lo, hi = c
-            if key in ("kl/token", "entropy/student") and not any(v != 0 for v in mu):
-                continue  # no distillation term: nothing measured
-            if key.startswith("markers/") and not any(r.series("reward/mean") for r in rs):
-                continue  # no rollouts (SFT): nothing was generated to count markers in
-            col = colours(i % 20)
-            sparse = len(xs) < 3  # two measurements joined by a line would suggest a curve that was not measured
-            ax.plot(xs, mu, label=f"{m} (n={len(rs)})", color=col, lw=1.6, ls="none" if sparse else "-",
-                    marker="o" if key == "eval/accuracy" or sparse else None, ms=5 if sparse else 3)
-            if len(rs) > 1:
-                ax.fill_between(xs, lo, hi, color=col, alpha=0.15, lw=0)
-            drawn += 1
-        seeds = sorted({r.seed for r in runs})
-        ax.set_title(title + (f"\nmean over seeds {seeds}, shaded min..max" if len(seeds) > 1 else f"\nseed {seeds}"), fontsize=10)
-        ax.set_xlabel("cumulative rollout tokens" if x == "tokens" else "optimizer step")
-        ax.set_ylabel(ylabel)
-        if key == "eval/accuracy":
-            ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-        if drawn:
-            ax.legend(fontsize=7, loc="best")
-        else:
-            ax.text(0.5, 0.5, "no run logged this metric", ha="center", va="center", transform=ax.transAxes)
-        fig.tight_layout()
-        p = out / fname
-        fig.savefig(p)
-        plt.close(fig)
-        written.append(p)
-    return written
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=80)
+    drawn = 0
+    for i, (m, rs) in enumerate(by_method.items()):
+        c = _method_curve(rs, key, x)
+        if c is None:
+            continue
+        xs, mu, lo, hi = c
+        if key in ("kl/token", "entropy/student") and not any(v != 0 for v in mu):
+            continue  # no distillation term: nothing measured
+        if key.startswith("markers/") and not any(r.series("reward/mean") for r in rs):
+            continue  # no rollouts (SFT): nothing was generated to count markers in
+        col = colours(i % 20)
+        sparse = len(xs) < 3  # two measurements joined by a line would suggest a curve that was not measured
+        ax.plot(xs, mu, label=f"{m} (n={len(rs)})", color=col, lw=1.6, ls="none" if sparse else "-",
+                marker="o" if key == "eval/accuracy" or sparse else None, ms=5 if sparse else 3)
+        if len(rs) > 1:
+            ax.fill_between(xs, lo, hi, color=col, alpha=0.15, lw=0)
+        drawn += 1
+    seeds = sorted({r.seed for r in runs})
+    ax.set_title(title + (f"\nmean over seeds {seeds}, shaded min..max" if len(seeds) > 1 else f"\nseed {seeds}"), fontsize=10)
+    ax.set_xlabel("cumulative rollout tokens" if x == "tokens" else "optimizer step")
+    ax.set_ylabel(ylabel)
+    if key == "eval/accuracy":
+        ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(fontsize=7, loc="best")
+    else:
+        ax.text(0.5, 0.5, "no run logged this metric", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def write_report(paths: list[str | Path], out: str | Path, threshold: float | None = None) -> dict:
@@ -393,4 +396,4 @@ def write_report(paths: list[str | Path], out: str | Path, threshold: float | No
     return agg
 
 
-__all__ = ["RunLog", "aggregate", "aggregate_stats", "find_runs", "load_run", "markdown_table", "plot_all", "write_report"]
+__all__ = ["RunLog", "aggregate", "aggregate_stats", "find_runs", "load_run", "markdown_table", "plot_all", "plot_metric", "write_report"]
