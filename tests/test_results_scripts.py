@@ -68,6 +68,11 @@ def test_goal_counts_the_best_sdpo_configuration_and_both_margins():
     finals.update(sdpo_ctx=[0.7, 0.7], ogls_lambda0=[0.78, 0.78])  # the lambda = 0 margin alone fails it
     line = results_tables.goal_line(_methods(finals), "ogls_sd")
     assert line.startswith("goal NOT met") and "(+2.0, needs +3)" in line
+    finals.update(ogls_lambda0=[0.76, 0.76], **{"rlcsd+rlcsd.scale=1.0": [0.785, 0.785]})  # a tuned RLCSD run counts
+    line = results_tables.goal_line(_methods(finals), "ogls_sd")
+    assert line.startswith("goal NOT met") and "best peer rlcsd+rlcsd.scale=1.0 78.5 (+1.5, needs +2)" in line
+    finals["rlcsd_meanlog"] = [0.9, 0.9]  # our contrast-in-the-advantage ablation is not a peer
+    assert "best peer rlcsd+rlcsd.scale=1.0" in results_tables.goal_line(_methods(finals), "ogls_sd")
     del finals["ogls_lambda0"]
     assert results_tables.goal_line(_methods(finals), "ogls_sd").startswith("goal not judged (no ogls_lambda0 run)")
     assert results_tables.paired(_methods({"a": [0.8, 0.6], "b": [0.7, 0.7]}), "a", "b") == pytest.approx([10.0, -10.0])
@@ -81,6 +86,18 @@ def test_tables_print_from_a_committed_json():
     final = 100 * data["methods"]["ogls_sd"]["accuracy_final"]["mean"]
     assert f"| ogls_sd | {data['methods']['ogls_sd']['n']} |" in res.stdout and f"{final:.1f} ±" in res.stdout
     assert res.stdout.strip().splitlines()[-1].startswith("goal ")
+
+
+def test_method_table_names_the_seeds_of_each_row_when_they_differ():
+    def row(seeds, finals):
+        stat = {"mean": statistics.fmean(finals), "std": 0.0, "values": finals}
+        return {"seeds": seeds, "n": len(seeds), "accuracy_before": stat, "accuracy_final": stat,
+                "accuracy_best": stat, "auc": stat}
+    same = results_tables.method_lines({"a": row([0, 1], [0.5, 0.6]), "b": row([0, 1], [0.7, 0.8])})
+    assert "final per seed (0, 1)" in same[0] and same[2].endswith("| 50.0 / 60.0 |")
+    mixed = results_tables.method_lines({"a": row([0, 1, 2], [0.5, 0.6, 0.7]), "abl": row([2], [0.9])})
+    assert mixed[0].endswith("| final per seed |")
+    assert mixed[2].endswith("| s0 50.0 / s1 60.0 / s2 70.0 |") and mixed[3].endswith("| s2 90.0 |")
 
 
 def test_tuning_groups_configurations_by_method_and_names_the_best():
