@@ -45,6 +45,23 @@ def test_merge_recomputes_every_statistic_from_the_united_runs(tmp_path):
     assert (tmp_path / "acc.png").stat().st_size > 1000
 
 
+def test_merge_renames_at_once_and_orders_the_tables():
+    """A changed default: the old ogls_sd runs become ogls_lam1 and the ogls_lam0_5 runs become ogls_sd."""
+    old = _part([5, 6], {"ogls_sd": [0.7, 0.8], "rft": [0.6, 0.65]})
+    new = _part([5, 6], {"ogls_lam0_5": [0.75, 0.85]})
+    merged = merge_results.merge([old, new], ["old", "new"], {"ogls_sd": "ogls_lam1", "ogls_lam0_5": "ogls_sd"},
+                                 ["ogls_sd", "rft"])
+    assert list(merged["methods"]) == ["ogls_sd", "rft", "ogls_lam1"]
+    assert merged["methods"]["ogls_sd"]["accuracy_final"]["values"] == [0.75, 0.85]
+    assert merged["methods"]["ogls_lam1"]["accuracy_final"]["values"] == [0.7, 0.8]
+    assert merged["renamed"] == [{"ogls_sd": "ogls_lam1", "ogls_lam0_5": "ogls_sd"}]
+    assert old["runs"][0]["method"] == "ogls_sd"  # the inputs are left as they were
+    again = merge_results.merge([merged], ["merged"], {"rft": "rft_lr1e-4"})
+    assert again["renamed"][-1] == {"rft": "rft_lr1e-4"} and len(again["renamed"]) == 2
+    with pytest.raises(SystemExit, match="ogls_sd seed 5 is also in old"):  # a rename onto a held name is refused
+        merge_results.merge([old, new], ["old", "new"], {"ogls_lam0_5": "ogls_sd"})
+
+
 def test_merge_refuses_overlapping_seeds_and_mixed_thresholds():
     a = _part([5], {"ogls_sd": [0.7]})
     with pytest.raises(SystemExit, match="seed 5 is also in a"):
