@@ -5,10 +5,10 @@ accuracy-vs-step plot drawn from the runs' recorded curves.
         -o docs/results/plain.json --plot docs/img/plain_accuracy_vs_step.png
 
     python benchmarks/merge_results.py docs/results/plain.json runs/plain_lam05/report.json -o docs/results/plain.json \
-        --rename ogls_sd=ogls_lam1 --rename ogls_lam0_5=ogls_sd --order ogls_sd,ogls_lam1
+        --rename ogls_sd ogls_lam1 --rename ogls_lam0_5 ogls_sd --order ogls_sd,ogls_lam1
 
 Every input must use the same accuracy threshold (``ogls-sd report --threshold``) and hold each method
-on seeds no other input holds (after ``--rename``, which renames runs of every input at once, so a
+on seeds no other input holds (after ``--rename OLD NEW``, which renames runs of every input at once, so a
 default that changed can keep the name ``ogls_sd`` for the runs that ran its settings; a rename is
 recorded under ``renamed``); the methods' statistics are recomputed from the merged runs with the
 report's own aggregation (``ogls_sd.report.aggregate_stats``), warm starts are united. A run keeps its
@@ -68,14 +68,14 @@ def main() -> None:
     ap.add_argument("inputs", nargs="+", type=Path, help="report.json files (or merged JSONs) holding disjoint (method, seed) runs")
     ap.add_argument("-o", "--out", type=Path, required=True, help="the merged JSON")
     ap.add_argument("--plot", type=Path, help="write the accuracy-vs-step plot here")
-    ap.add_argument("--rename", action="append", default=[], metavar="OLD=NEW",
-                    help="rename method OLD to NEW in every input (repeatable; applied at once, so swaps work)")
+    ap.add_argument("--rename", action="append", nargs=2, default=[], metavar=("OLD", "NEW"),
+                    help="rename method OLD to NEW in every input (repeatable; applied at once, so swaps work; "
+                         "names may hold '=': ogls_ema+steering.strength=1)")
     ap.add_argument("--order", default="", help="comma-separated methods to list first (the rest follow)")
     args = ap.parse_args()
-    bad = [r for r in args.rename if r.count("=") != 1 or not all(r.split("="))]
-    if bad:
-        ap.error(f"--rename {bad[0]!r}: expected OLD=NEW")
-    rename = dict(r.split("=") for r in args.rename)
+    rename = dict(args.rename)
+    if len(rename) != len(args.rename):
+        ap.error("--rename: a method is renamed twice")
     merged = merge([json.loads(p.read_text()) for p in args.inputs], [str(p) for p in args.inputs], rename,
                    [m for m in args.order.split(",") if m])
     if args.plot:

@@ -62,6 +62,20 @@ def test_merge_renames_at_once_and_orders_the_tables():
         merge_results.merge([old, new], ["old", "new"], {"ogls_lam0_5": "ogls_sd"})
 
 
+def test_merge_cli_renames_names_that_hold_settings(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_part([0], {"ogls_ema": [0.7]})))
+    b.write_text(json.dumps(_part([0], {"ogls_ema+steering.strength=0.5": [0.8]})))
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "merge_results.py"), str(a), str(b), "-o", str(tmp_path / "m.json"),
+           "--rename", "ogls_ema", "ogls_ema+steering.strength=1", "--rename", "ogls_ema+steering.strength=0.5", "ogls_ema",
+           "--order", "ogls_ema"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    methods = json.loads((tmp_path / "m.json").read_text())["methods"]
+    assert list(methods) == ["ogls_ema", "ogls_ema+steering.strength=1"]
+    assert methods["ogls_ema"]["accuracy_final"]["values"] == [0.8]
+
+
 def test_merge_refuses_overlapping_seeds_and_mixed_thresholds():
     a = _part([5], {"ogls_sd": [0.7]})
     with pytest.raises(SystemExit, match="seed 5 is also in a"):
