@@ -47,7 +47,7 @@ def merge(parts: list[dict], names: list[str], rename: dict[str, str] | None = N
     for part in parts:
         warm.update(part.get("warm_start") or {})
     merged["warm_start"] = dict(sorted(warm.items(), key=lambda kv: int(kv[0])))
-    merged["merged_from"] = names
+    merged["merged_from"] = [src for part, name in zip(parts, names) for src in part.get("merged_from", [name])]
     renamed = [step for part in parts for step in part.get("renamed", [])] + ([rename] if rename else [])
     if renamed:
         merged["renamed"] = renamed  # every rename applied on the way here, oldest first
