@@ -91,15 +91,19 @@ def family(method: str) -> str:
 
 
 def tuning_lines(methods: dict) -> list[str]:
-    """Per method: the configurations tried (mean final accuracy) and the best one."""
+    """Per method: the configurations tried (mean final accuracy) and the best one, chosen among the
+    configurations run on the most seeds (one run on fewer seeds is shown with its seed count, not chosen)."""
     by_family: dict[str, list[str]] = {}
     for name in methods:
         by_family.setdefault(family(name), []).append(name)
     final = {m: 100 * row["accuracy_final"]["mean"] for m, row in methods.items()}
     lines = ["| method | configurations | mean final accuracy per configuration (%) | best |", "|---|---|---|---|"]
     for fam, names in by_family.items():
-        best = max(names, key=final.get)
-        lines.append(f"| {fam} | {len(names)} | {', '.join(f'{n} {final[n]:.1f}' for n in names)} | {best} |")
+        most = max(methods[n]["n"] for n in names)
+        best = max((n for n in names if methods[n]["n"] == most), key=final.get)
+        tried = ", ".join(f"{n} {final[n]:.1f}" + ("" if methods[n]["n"] == most else f" ({methods[n]['n']} of {most} seeds)")
+                          for n in names)
+        lines.append(f"| {fam} | {len(names)} | {tried} | {best} |")
     return lines
 
 

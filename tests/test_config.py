@@ -16,10 +16,10 @@ def test_defaults_validate_and_round_trip(tmp_path):
 def test_overrides_are_typed_and_applied(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump({"loss": {"clip": "entry"}, "train": {"steps": 7}}))
-    cfg = Config.load(p, ["steering.strength=0.5", "train.steps=9", "model.lora_target_modules=q_proj,v_proj"])
+    cfg = Config.load(p, ["steering.strength=0.75", "train.steps=9", "model.lora_target_modules=q_proj,v_proj"])
     assert cfg.loss.clip == "entry"
     assert cfg.train.steps == 9
-    assert cfg.steering.strength == 0.5
+    assert cfg.steering.strength == 0.75
     assert cfg.model.lora_target_modules == ["q_proj", "v_proj"]
 
 

@@ -139,6 +139,9 @@ def test_tuning_groups_configurations_by_method_and_names_the_best():
     assert set(rows) == {"ogls_sd", "grpo", "sdpo"}
     assert rows["ogls_sd"].endswith("| 2 | ogls_sd 70.0, ogls_lam2 80.0 | ogls_lam2 |")
     assert rows["grpo"].endswith("| grpo |") and rows["sdpo"].endswith("| sdpo_ctx |")
+    methods["sdpo_live"] = {"seeds": [6], "n": 1, "accuracy_final": {"mean": 0.9, "values": [0.9]}}  # fewer seeds
+    row = [r for r in results_tables.tuning_lines(methods) if r.startswith("| sdpo |")][0]
+    assert row.endswith("sdpo_live 90.0 (1 of 2 seeds) | sdpo_ctx |")
 
 
 @pytest.mark.parametrize("style", ["plain", "templated"])

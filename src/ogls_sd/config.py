@@ -378,7 +378,7 @@ class SteeringConfig(_Section):
     _nonneg = ("tail_tokens", "tail_weight", "prefix_cache_max_tokens")
     anchor: str = opt("unprivileged", "Anchor logits z0: teacher weights on the student prompt, the OPSD privileged teacher, or none (zero).", choices=("unprivileged", "privileged", "none"))
     pooling: str = opt("context", "Steering direction: per-position contrast of contexts built from correct vs incorrect rollouts, or one global vocabulary vector per group.", choices=("context", "global"))
-    strength: float = opt(1.0, "lambda: z_steered = z0 + lambda * d.")
+    strength: float = opt(0.5, "lambda: z_steered = z0 + lambda * d (0.5: the best of 0, 0.5, 1, 2, 4 on the miniature's dev seeds, docs/results.md; the real-model presets keep 1.0, the value measured on SmolLM2).")
     normalize: str = opt("none", "Rescale d to unit RMS over the vocabulary before lambda.", choices=("none", "rms"))
     max_contexts: int = opt(4, "Cap on contexts per pool (seeded random subset).")
     max_context_tokens: int = opt(256, "Context rollouts are truncated to this many tokens.")

@@ -407,7 +407,8 @@ def build_ogls(cfg, policy, teacher: Teacher, prompts: PromptBuilder, steering: 
                      True),
         # issue 19's ablations at equal budgets: the dose-response in lambda (0 = ogls_lambda0, 1 = ogls_sd),
         # the negative branch as RLCSD marginalises it; the EMA anchor is ogls_ema above
-        "ogls_lam0_5": (["steering.strength=0.5"], "OGLS-SD as shipped with lambda = 0.5 (dose-response)"),
+        "ogls_lam0_5": (["steering.strength=0.5"], "OGLS-SD with lambda = 0.5 (dose-response; the default since 2026-12-02)"),
+        "ogls_lam1": (["steering.strength=1"], "OGLS-SD with lambda = 1 (dose-response; the earlier default)"),
         "ogls_lam2": (["steering.strength=2"], "OGLS-SD as shipped with lambda = 2 (dose-response)"),
         "ogls_lam4": (["steering.strength=4"], "OGLS-SD as shipped with lambda = 4 (dose-response)"),
         "ogls_logmean": (["steering.negative_branch=log_mean"],
