@@ -405,7 +405,7 @@ def build_ogls(cfg, policy, teacher: Teacher, prompts: PromptBuilder, steering: 
         "ogls_ref": (["steering.no_positive=reference", "steering.fallback_reference=plain"],
                      "OGLS-SD as shipped, but all-wrong groups use the task's student-style reference as the positive context",
                      True),
-        # issue 19's ablations at equal budgets: the dose-response in lambda (0 = ogls_lambda0, 1 = ogls_sd),
+        # issue 19's ablations at equal budgets: the dose-response in lambda (0 = ogls_lambda0, 0.5 = ogls_sd),
         # the negative branch as RLCSD marginalises it; the EMA anchor is ogls_ema above
         "ogls_lam0_5": (["steering.strength=0.5"], "OGLS-SD with lambda = 0.5 (dose-response; the default since 2026-12-02)"),
         "ogls_lam1": (["steering.strength=1"], "OGLS-SD with lambda = 1 (dose-response; the earlier default)"),
