@@ -76,10 +76,13 @@ def test_sdpo_preset_trains_on_the_tiny_model(tmp_path):
 
 
 def test_smollm2_preset_runs_the_shipped_ogls_sd_settings():
-    """The shipped settings except lambda, which stays at the 1.0 its committed results were measured with."""
+    """The shipped settings except lambda and the negative branch, which stay at the 1.0 and mean_log its
+    committed results were measured with."""
     c, default = Config.load(CONFIGS / "smollm2_cpu.yaml"), Config()
     assert c.train.algorithm == "ogls_sd" and c.model.name == "smollm2-135m" and c.model.lora
     assert c.steering.strength == 1.0 != default.steering.strength
-    assert (replace(c.steering, strength=default.steering.strength), c.loss, c.teacher) == (
+    assert c.steering.negative_branch == "mean_log" != default.steering.negative_branch
+    assert (replace(c.steering, strength=default.steering.strength, negative_branch=default.steering.negative_branch),
+            c.loss, c.teacher) == (
         default.steering, default.loss, default.teacher)
     assert c.data.task.startswith("reasoning_gym:") and c.data.eval_size == 200 and c.eval.every > 0

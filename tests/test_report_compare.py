@@ -96,9 +96,9 @@ def test_method_variants_carry_their_own_settings(tmp_path):
 
 
 def test_ablation_methods_resolve_to_their_settings(tmp_path):
-    """Issue 19's ablations: λ ∈ {0, 0.5, 1, 2, 4}, RLCSD's negative branch, the EMA anchor; each is
+    """Issue 19's ablations: λ ∈ {0, 0.5, 1, 2, 4}, our first negative branch (mean of log-probabilities), the EMA anchor; each is
     the shipped OGLS-SD (λ = 0.5) with one knob changed."""
-    names = ["ogls_lambda0", "ogls_lam0_5", "ogls_lam1", "ogls_lam2", "ogls_lam4", "ogls_sd", "ogls_logmean", "ogls_ema"]
+    names = ["ogls_lambda0", "ogls_lam0_5", "ogls_lam1", "ogls_lam2", "ogls_lam4", "ogls_sd", "ogls_meanlog", "ogls_ema"]
     runs = plan_runs(tmp_path, names, [0], "plain", 3, 1, [])
     cfgs = {r.method: Config.load(None, r.overrides) for r in runs}
     assert [cfgs[m].steering.strength for m in names[:5]] == [0.0, 0.5, 1.0, 2.0, 4.0]
@@ -107,10 +107,10 @@ def test_ablation_methods_resolve_to_their_settings(tmp_path):
         assert cfg.train.algorithm == "ogls_sd"
         d = cfg.to_dict()
         changed = {(sec, k) for sec in d for k in d[sec] if d[sec][k] != shipped[sec][k] and (sec, k) != ("train", "output_dir")}
-        want = {"ogls_sd": set(), "ogls_lam0_5": set(), "ogls_logmean": {("steering", "negative_branch")},
+        want = {"ogls_sd": set(), "ogls_lam0_5": set(), "ogls_meanlog": {("steering", "negative_branch")},
                 "ogls_ema": {("teacher", "kind"), ("teacher", "ema_decay")}}.get(m, {("steering", "strength")})
         assert changed == want, m
-    assert cfgs["ogls_logmean"].steering.negative_branch == "log_mean"
+    assert cfgs["ogls_meanlog"].steering.zneg_branch == "mean_log" != cfgs["ogls_sd"].steering.zneg_branch
     assert cfgs["ogls_ema"].teacher.kind == "ema"
 
 

@@ -105,11 +105,12 @@ def test_noop_cause_names_the_lambda0_skip():
     assert "steering.strength=0" in msg and "teacher.kind=frozen|ema" in msg
 
 
-def test_log_mean_negative_branch_target_matches_naive(tok, tiny_model):
-    """z̃ = z0 + λ(zpos − log((1/2)(p_neg1 + p_neg2))) from the model's own logits (frozen = θ here)."""
+@pytest.mark.parametrize("branch", ["steering.negative_branch=log_mean", "steering.negative_branch=auto"])
+def test_log_mean_negative_branch_target_matches_naive(tok, tiny_model, branch):
+    """z̃ = z0 + λ(zpos − log((1/2)(p_neg1 + p_neg2))) from the model's own logits (frozen = θ here), spelled
+    out and as the default (auto) resolves it under context pooling."""
     lam = 0.7
-    _, pb, _, algo = _build(tok, tiny_model, "frozen", f"steering.strength={lam}", "steering.tail_weight=0",
-                            "steering.negative_branch=log_mean")
+    _, pb, _, algo = _build(tok, tiny_model, "frozen", f"steering.strength={lam}", "steering.tail_weight=0", branch)
     batch = make_batch(tok, pb, [[1, 0, 0, 0]])
     plan = algo.plan(batch, 0)
     assert len(plan.targets[1].neg) == 2  # N' = N \ {1} = {2, 3}

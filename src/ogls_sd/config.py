@@ -384,7 +384,7 @@ class SteeringConfig(_Section):
     max_context_tokens: int = opt(256, "Context rollouts are truncated to this many tokens.")
     strip_think: bool = opt(True, "Strip <think>...</think> blocks from context rollouts.")
     negative_pool: bool = opt(True, "Subtract the negative pool (False: d = zpos).")
-    negative_branch: str = opt("mean_log", "pooling=context: how the negative contexts are pooled into zneg: mean_log = mean over contexts of log-probabilities (default), log_mean = log of the mean probability, log((1/K) sum_k p_k) (RLCSD's marginalisation). The positive pool is always mean_log.", choices=("mean_log", "log_mean"))
+    negative_branch: str = opt("auto", "pooling=context: how the negative contexts are pooled into zneg: log_mean = log of the mean probability, log((1/K) sum_k p_k) (RLCSD's marginalisation), mean_log = mean over contexts of log-probabilities; auto (default) = log_mean under context pooling (it beat mean_log on the miniature's dev seeds, docs/results.md) and nothing under global pooling, which has no negative contexts. The positive pool is always mean_log.", choices=("auto", "mean_log", "log_mean"))
     distill_on: str = opt("incorrect", "Which rollouts receive the distillation term.", choices=("incorrect", "all"))
     tail_tokens: int = opt(128, "Positive-tail SFT: last N tokens of short correct rollouts.")
     tail_weight: float = opt(1.0, "mu: weight of the positive-tail SFT term (0 = off).")
@@ -393,9 +393,16 @@ class SteeringConfig(_Section):
     fallback_reference: str = opt("reference", "no_positive=reference: which reference is the positive context: the privileged reference as given, or the task's plain (student-style) reference when it provides one (method.md §3 item 7, §7).", choices=("reference", "plain"))
 
     def validate(self) -> None:
-        if self.negative_branch != "mean_log" and self.pooling != "context":
+        if self.negative_branch == "log_mean" and self.pooling != "context":
             raise ConfigError(f"steering.negative_branch: {self.negative_branch} pools negative contexts, which only "
                               f"steering.pooling=context has (got pooling={self.pooling})")
+
+    @property
+    def zneg_branch(self) -> str:
+        """``negative_branch`` with ``auto`` resolved: log_mean under context pooling, else mean_log (inert there)."""
+        if self.negative_branch == "auto":
+            return "log_mean" if self.pooling == "context" else "mean_log"
+        return self.negative_branch
 
 
 @dataclass

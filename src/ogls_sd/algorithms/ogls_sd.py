@@ -321,7 +321,7 @@ class OGLSSD(Algorithm):
                 anchor_scale[sl] = 1.0
         strength = torch.cat([torch.full((n,), tp.strength, dtype=w.dtype) for tp, n in zip(tps, lens)]).to(dev)
         tgt = TeacherTarget(weight=w, bias=b, anchor_hidden=anchor_hidden, anchor_scale=anchor_scale,
-                            negative_pool=self.steering.negative_pool, negative_branch=self.steering.negative_branch,
+                            negative_pool=self.steering.negative_pool, negative_branch=self.steering.zneg_branch,
                             strength=strength, normalize=self.steering.normalize)
         if self.steering.pooling == "context":
             tgt.pos_hidden, tgt.pos_mask = self._pool_hidden([tp.pos for tp in tps], lens, run, dev, w.dtype)
@@ -406,14 +406,14 @@ def build_ogls(cfg, policy, teacher: Teacher, prompts: PromptBuilder, steering: 
                      "OGLS-SD as shipped, but all-wrong groups use the task's student-style reference as the positive context",
                      True),
         # issue 19's ablations at equal budgets: the dose-response in lambda (0 = ogls_lambda0, 0.5 = ogls_sd),
-        # the negative branch as RLCSD marginalises it; the EMA anchor is ogls_ema above
+        # the negative branch as we first pooled it (mean of log-probabilities); the EMA anchor is ogls_ema above
         "ogls_lam0_5": (["steering.strength=0.5"], "OGLS-SD with lambda = 0.5 (dose-response; the default since 2026-12-02)"),
         "ogls_lam1": (["steering.strength=1"], "OGLS-SD with lambda = 1 (dose-response; the earlier default)"),
         "ogls_lam2": (["steering.strength=2"], "OGLS-SD as shipped with lambda = 2 (dose-response)"),
         "ogls_lam4": (["steering.strength=4"], "OGLS-SD as shipped with lambda = 4 (dose-response)"),
-        "ogls_logmean": (["steering.negative_branch=log_mean"],
-                         "OGLS-SD as shipped with RLCSD's negative branch: zneg = log of the mean probability over the "
-                         "negative contexts (ours: mean of log-probabilities)"),
+        "ogls_meanlog": (["steering.negative_branch=mean_log"],
+                         "OGLS-SD as shipped with the mean of log-probabilities over the negative contexts as zneg (the "
+                         "default until 2026-12-02; shipped: RLCSD's log of the mean probability)"),
         # the clip comparison (docs/results.md "Clipping")
         "ogls_safe": (["loss.clip=safe", "loss.clip_tau=0.05"], "OGLS-SD as shipped with the gradient-safe clip (tau 0.05)"),
         "ogls_global": (["steering.pooling=global"], "OGLS-SD with global pooling (live anchor)"),
