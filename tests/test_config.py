@@ -84,8 +84,8 @@ def test_negative_branch_choices_are_the_loss_modules():
 
     f = {f.name: f for f in dataclasses.fields(SteeringConfig)}["negative_branch"]
     assert f.metadata["choices"] == ("auto", *NEGATIVE_BRANCHES)
-    assert Config().steering.zneg_branch == "log_mean"  # auto: RLCSD's marginalisation under context pooling
-    assert Config.load(None, ["steering.pooling=global"]).steering.zneg_branch == "mean_log"  # no contexts: inert
+    assert Config().steering.resolve_negative_branch() == "log_mean"  # auto: RLCSD's marginalisation under context pooling
+    assert Config.load(None, ["steering.pooling=global"]).steering.resolve_negative_branch() == "mean_log"  # no contexts: inert
     assert Config.load(None, ["steering.negative_branch=log_mean"]).steering.negative_branch == "log_mean"
     assert Config.load(None, ["train.algorithm=opsd", "steering.negative_branch=log_mean"]).steering.negative_branch == "log_mean"
 

@@ -110,7 +110,7 @@ def test_ablation_methods_resolve_to_their_settings(tmp_path):
         want = {"ogls_sd": set(), "ogls_lam0_5": set(), "ogls_meanlog": {("steering", "negative_branch")},
                 "ogls_ema": {("teacher", "kind"), ("teacher", "ema_decay")}}.get(m, {("steering", "strength")})
         assert changed == want, m
-    assert cfgs["ogls_meanlog"].steering.zneg_branch == "mean_log" != cfgs["ogls_sd"].steering.zneg_branch
+    assert cfgs["ogls_meanlog"].steering.resolve_negative_branch() == "mean_log" != cfgs["ogls_sd"].steering.resolve_negative_branch()
     assert cfgs["ogls_ema"].teacher.kind == "ema"
 
 

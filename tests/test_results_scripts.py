@@ -167,7 +167,7 @@ def test_committed_comparison_runs_the_shipped_default(style):
             assert cfg.teacher.resolve_ema_decay("ogls_sd") == recorded["teacher"]["ema_decay"] == 0.999  # what auto gives
             shipped["teacher"]["ema_decay"] = recorded["teacher"]["ema_decay"]
         if recorded["steering"]["negative_branch"] != "auto":  # runs with the branch spelled out, as auto resolves it
-            assert cfg.steering.zneg_branch == recorded["steering"]["negative_branch"] == "log_mean"
+            assert cfg.steering.resolve_negative_branch() == recorded["steering"]["negative_branch"] == "log_mean"
             shipped["steering"]["negative_branch"] = recorded["steering"]["negative_branch"]
         assert recorded == shipped, run["seed"]
 

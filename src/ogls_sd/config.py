@@ -397,9 +397,9 @@ class SteeringConfig(_Section):
             raise ConfigError(f"steering.negative_branch: {self.negative_branch} pools negative contexts, which only "
                               f"steering.pooling=context has (got pooling={self.pooling})")
 
-    @property
-    def zneg_branch(self) -> str:
-        """``negative_branch`` with ``auto`` resolved: log_mean under context pooling, else mean_log (inert there)."""
+    def resolve_negative_branch(self) -> str:
+        """The negative branch a run uses: ``negative_branch``, or with ``auto`` log_mean under context pooling
+        and mean_log otherwise (inert there: global pooling has no negative contexts)."""
         if self.negative_branch == "auto":
             return "log_mean" if self.pooling == "context" else "mean_log"
         return self.negative_branch

@@ -321,7 +321,7 @@ class OGLSSD(Algorithm):
                 anchor_scale[sl] = 1.0
         strength = torch.cat([torch.full((n,), tp.strength, dtype=w.dtype) for tp, n in zip(tps, lens)]).to(dev)
         tgt = TeacherTarget(weight=w, bias=b, anchor_hidden=anchor_hidden, anchor_scale=anchor_scale,
-                            negative_pool=self.steering.negative_pool, negative_branch=self.steering.zneg_branch,
+                            negative_pool=self.steering.negative_pool, negative_branch=self.steering.resolve_negative_branch(),
                             strength=strength, normalize=self.steering.normalize)
         if self.steering.pooling == "context":
             tgt.pos_hidden, tgt.pos_mask = self._pool_hidden([tp.pos for tp in tps], lens, run, dev, w.dtype)
@@ -408,7 +408,7 @@ def build_ogls(cfg, policy, teacher: Teacher, prompts: PromptBuilder, steering: 
         # issue 19's ablations at equal budgets: the dose-response in lambda (0 = ogls_lambda0, 0.5 = ogls_sd),
         # the negative branch as we first pooled it (mean of log-probabilities); the EMA anchor is ogls_ema above
         "ogls_lam0_5": (["steering.strength=0.5"], "OGLS-SD with lambda = 0.5 (dose-response; the default since 2026-12-02)"),
-        "ogls_lam1": (["steering.strength=1"], "OGLS-SD with lambda = 1 (dose-response; the earlier default)"),
+        "ogls_lam1": (["steering.strength=1"], "OGLS-SD as shipped with lambda = 1 (dose-response; the default lambda until 2026-12-02)"),
         "ogls_lam2": (["steering.strength=2"], "OGLS-SD as shipped with lambda = 2 (dose-response)"),
         "ogls_lam4": (["steering.strength=4"], "OGLS-SD as shipped with lambda = 4 (dose-response)"),
         "ogls_meanlog": (["steering.negative_branch=mean_log"],
